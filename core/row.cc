@@ -1,0 +1,119 @@
+#include "core/row.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace tokensampler {
+
+void RowScratch::Reserve(int vocab_size) {
+  const size_t v = static_cast<size_t>(vocab_size);
+  if (logits.size() < v) {
+    logits.resize(v);
+    work.resize(v);
+    counts.resize(v, 0);
+    marks.resize(v, 0);
+    weights.resize(v);
+  }
+}
+
+int DecodeRow(const LogitsView& view, int row, absl::Span<float> out) {
+  const int v = view.vocab_size();
+  const uint8_t* src = view.RowBytes(row);
+  switch (view.dtype()) {
+    case DType::kFloat32:
+      std::memcpy(out.data(), src, static_cast<size_t>(v) * sizeof(float));
+      break;
+    case DType::kBFloat16:
+      for (int i = 0; i < v; ++i) {
+        uint16_t bits;
+        std::memcpy(&bits, src + 2 * static_cast<size_t>(i), 2);
+        out[static_cast<size_t>(i)] = Bf16ToFloat(bits);
+      }
+      break;
+    case DType::kFloat16:
+      for (int i = 0; i < v; ++i) {
+        uint16_t bits;
+        std::memcpy(&bits, src + 2 * static_cast<size_t>(i), 2);
+        out[static_cast<size_t>(i)] = Fp16ToFloat(bits);
+      }
+      break;
+  }
+  for (int i = 0; i < v; ++i) {
+    if (std::isnan(out[static_cast<size_t>(i)])) return i;
+  }
+  return -1;
+}
+
+std::pair<float, int32_t> Argmax(absl::Span<const float> logits) {
+  float best = kNegInf;
+  int32_t best_id = -1;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (logits[i] > best) {
+      best = logits[i];
+      best_id = static_cast<int32_t>(i);
+    }
+  }
+  return {best, best_id};
+}
+
+double LogSumExp(absl::Span<const float> logits, float max) {
+  double sum = 0.0;
+  for (float l : logits) sum += std::exp(static_cast<double>(l) - max);
+  return static_cast<double>(max) + std::log(sum);
+}
+
+double Weights(absl::Span<const float> logits, float max, std::vector<double>& weights) {
+  double sum = 0.0;
+  for (size_t i = 0; i < logits.size(); ++i) {
+    const double w = std::exp(static_cast<double>(logits[i]) - max);
+    weights[i] = w;
+    sum += w;
+  }
+  return sum;
+}
+
+int32_t CountKept(absl::Span<const float> logits) {
+  int32_t n = 0;
+  for (float l : logits) n += l != kNegInf;
+  return n;
+}
+
+void RemoveBelow(absl::Span<float> logits, const std::vector<double>& weights, double threshold) {
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (weights[i] < threshold) logits[i] = kNegInf;
+  }
+}
+
+Normalizer Normalizer::Of(absl::Span<const float> logits) {
+  Normalizer n;
+  n.max = Argmax(logits).first;
+  if (n.max == std::numeric_limits<float>::infinity()) {
+    for (float l : logits) n.inf_count += l == n.max;
+    n.log_total = std::log(static_cast<double>(n.inf_count));
+  } else if (n.max != kNegInf) {
+    n.log_total = LogSumExp(logits, n.max) - static_cast<double>(n.max);
+  }
+  return n;
+}
+
+float Normalizer::LogProb(float logit) const {
+  if (max == kNegInf || logit == kNegInf) return kNegInf;
+  if (inf_count > 0) return logit == max ? static_cast<float>(-log_total) : kNegInf;
+  return static_cast<float>(static_cast<double>(logit) - static_cast<double>(max) - log_total);
+}
+
+int32_t DrawFromWeights(const std::vector<double>& weights, size_t vocab_size, double total,
+                        double u) {
+  const double target = u * total;
+  double cumulative = 0.0;
+  int32_t last_positive = -1;
+  for (size_t i = 0; i < vocab_size; ++i) {
+    if (weights[i] <= 0.0) continue;
+    cumulative += weights[i];
+    last_positive = static_cast<int32_t>(i);
+    if (cumulative > target) return last_positive;
+  }
+  return last_positive;  // rounding left target ≥ the running sum: the last kept token
+}
+
+}  // namespace tokensampler

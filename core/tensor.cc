@@ -1,0 +1,81 @@
+#include "core/tensor.h"
+
+#include <cmath>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+
+namespace tokensampler {
+
+absl::string_view DTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kFloat32:
+      return "float32";
+    case DType::kBFloat16:
+      return "bfloat16";
+    case DType::kFloat16:
+      return "float16";
+  }
+  return "unknown";
+}
+
+uint16_t FloatToBf16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  if (std::isnan(value)) return static_cast<uint16_t>((bits >> 16) | 0x40u);  // quiet NaN
+  const uint32_t rounding = 0x7fffu + ((bits >> 16) & 1u);                    // to nearest even
+  return static_cast<uint16_t>((bits + rounding) >> 16);
+}
+
+uint16_t FloatToFp16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof(bits));
+  const uint16_t sign = static_cast<uint16_t>((bits >> 16) & 0x8000u);
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs >= 0x7f800000u) {  // Inf or NaN
+    return static_cast<uint16_t>(sign | 0x7c00u | (abs > 0x7f800000u ? 0x200u : 0u));
+  }
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to ≥ 65520 → Inf
+  if (abs < 0x38800000u) {
+    // Result is subnormal (or zero): value / 2^-24 rounded to nearest even.
+    if (abs < 0x33000000u) return sign;  // < 2^-25: rounds to zero
+    const uint32_t exp = abs >> 23;
+    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - exp;  // 113 - exp + 13
+    uint32_t half = mant >> shift;
+    const uint32_t rem = mant & ((1u << shift) - 1u);
+    const uint32_t mid = 1u << (shift - 1u);
+    if (rem > mid || (rem == mid && (half & 1u))) ++half;
+    return static_cast<uint16_t>(sign | half);
+  }
+  // Normal: rebias and round the 13 dropped bits to nearest even.
+  const uint32_t rebased = abs - (112u << 23);
+  const uint32_t rounding = 0xfffu + ((rebased >> 13) & 1u);
+  return static_cast<uint16_t>(sign | ((rebased + rounding) >> 13));
+}
+
+absl::StatusOr<LogitsView> LogitsView::Create(DType dtype, uint32_t rows, uint32_t vocab_size,
+                                              absl::Span<const uint8_t> bytes) {
+  if (vocab_size == 0) {
+    return absl::InvalidArgumentError("logits.vocab_size must be > 0, got 0");
+  }
+  if (vocab_size > static_cast<uint32_t>(INT32_MAX)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logits.vocab_size must be < 2^31, got ", vocab_size));
+  }
+  const uint64_t expected = uint64_t{rows} * vocab_size * DTypeSize(dtype);
+  if (bytes.size() != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "logits.data has ", bytes.size(), " bytes, expected rows × vocab_size × ",
+        DTypeSize(dtype), " = ", rows, " × ", vocab_size, " × ", DTypeSize(dtype), " = ",
+        expected, " for ", DTypeName(dtype)));
+  }
+  LogitsView view;
+  view.data_ = bytes.data();
+  view.dtype_ = dtype;
+  view.rows_ = static_cast<int>(rows);
+  view.vocab_size_ = static_cast<int>(vocab_size);
+  return view;
+}
+
+}  // namespace tokensampler

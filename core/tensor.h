@@ -1,0 +1,114 @@
+// Logits tensors: element types and a read-only view over caller-owned bytes.
+// LogitsView is a value (pointer + shape); it is thread-safe to read from many threads as long
+// as the bytes it views outlive it and are not written meanwhile.
+#ifndef TOKENSAMPLER_CORE_TENSOR_H_
+#define TOKENSAMPLER_CORE_TENSOR_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace tokensampler {
+
+enum class DType : uint8_t { kFloat32, kBFloat16, kFloat16 };
+
+// Bytes per element.
+constexpr size_t DTypeSize(DType dtype) { return dtype == DType::kFloat32 ? 4 : 2; }
+absl::string_view DTypeName(DType dtype);
+
+// bfloat16 is the upper half of an IEEE float32: exact.
+inline float Bf16ToFloat(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &wide, sizeof(out));
+  return out;
+}
+
+// IEEE binary16 → float32, exact for every input including subnormals, ±Inf and NaN.
+inline float Fp16ToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);  // Inf / NaN
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);  // normal: rebias 15 → 127
+  } else if (mant == 0) {
+    bits = sign;  // ±0
+  } else {
+    // Subnormal: value = mant · 2^-24, which is a normal float32.
+    uint32_t m = mant;
+    uint32_t e = 113;  // 127 - 14
+    while ((m & 0x400u) == 0) {
+      m <<= 1;
+      --e;
+    }
+    bits = sign | (e << 23) | ((m & 0x3ffu) << 13);
+  }
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
+// float32 → bfloat16 / float16 with round-to-nearest-even (used by clients, tests, benchmarks).
+uint16_t FloatToBf16(float value);
+uint16_t FloatToFp16(float value);
+
+// A dense [rows × vocab] tensor of `dtype` elements, row-major, little-endian, over bytes owned by
+// the caller (a request's `data`, a shared-memory mapping). Never copies the bytes.
+class LogitsView {
+ public:
+  LogitsView() = default;
+
+  // Returns a view, or INVALID_ARGUMENT naming the field when vocab_size is 0 or
+  // bytes.size() != rows × vocab_size × DTypeSize(dtype).
+  static absl::StatusOr<LogitsView> Create(DType dtype, uint32_t rows, uint32_t vocab_size,
+                                           absl::Span<const uint8_t> bytes);
+
+  DType dtype() const { return dtype_; }
+  int rows() const { return rows_; }
+  int vocab_size() const { return vocab_size_; }
+
+  // The logit of `token` in `row`, decoded to float. REQUIRES: indices in range.
+  float At(int row, int token) const {
+    const uint8_t* p = RowBytes(row) + static_cast<size_t>(token) * DTypeSize(dtype_);
+    switch (dtype_) {
+      case DType::kFloat32: {
+        float f;
+        std::memcpy(&f, p, sizeof(f));
+        return f;
+      }
+      case DType::kBFloat16:
+        return Bf16ToFloat(Load16(p));
+      case DType::kFloat16:
+        return Fp16ToFloat(Load16(p));
+    }
+    return 0.0f;
+  }
+
+  // The raw bytes of one row. REQUIRES: 0 <= row < rows().
+  const uint8_t* RowBytes(int row) const {
+    return data_ + static_cast<size_t>(row) * static_cast<size_t>(vocab_size_) * DTypeSize(dtype_);
+  }
+
+ private:
+  static uint16_t Load16(const uint8_t* p) {
+    uint16_t v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+
+  const uint8_t* data_ = nullptr;
+  DType dtype_ = DType::kFloat32;
+  int rows_ = 0;
+  int vocab_size_ = 0;
+};
+
+}  // namespace tokensampler
+
+#endif  // TOKENSAMPLER_CORE_TENSOR_H_
