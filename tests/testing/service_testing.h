@@ -126,7 +126,7 @@ inline std::optional<int> HealthCheck(const std::shared_ptr<grpc::Channel>& chan
                                       grpc::Status* status_out = nullptr) {
   std::string request;
   if (!service.empty()) {
-    request.push_back(0x0a);  // field 1, length-delimited
+    request.push_back(0x0a);                               // field 1, length-delimited
     request.push_back(static_cast<char>(service.size()));  // REQUIRES: < 128 bytes
     request += service;
   }

@@ -1,0 +1,272 @@
+#include "service/convert.h"
+
+#include <algorithm>
+#include <string>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
+
+namespace tokensampler::service {
+namespace {
+
+// Returns `status` with `prefix` in front of its message (same code).
+absl::Status Prefixed(absl::string_view prefix, const absl::Status& status) {
+  return absl::Status(status.code(), absl::StrCat(prefix, status.message()));
+}
+
+// Copies a repeated int32 field.
+std::vector<int32_t> ToVector(const google::protobuf::RepeatedField<int32_t>& ids) {
+  return std::vector<int32_t>(ids.begin(), ids.end());
+}
+
+std::vector<TokenSequence> ToSequences(
+    const google::protobuf::RepeatedPtrField<v1::TokenSequence>& seqs) {
+  std::vector<TokenSequence> out;
+  out.reserve(static_cast<size_t>(seqs.size()));
+  for (const v1::TokenSequence& seq : seqs) out.push_back(ToVector(seq.token_ids()));
+  return out;
+}
+
+// A borrowed span over a repeated int32 field (no copy).
+absl::Span<const int32_t> SpanOf(const google::protobuf::RepeatedField<int32_t>& ids) {
+  return absl::Span<const int32_t>(ids.data(), static_cast<size_t>(ids.size()));
+}
+
+absl::StatusOr<LogprobsMode> LogprobsModeFromProto(int mode) {
+  switch (mode) {
+    case v1::RAW_LOGPROBS:
+      return LogprobsMode::kRawLogprobs;
+    case v1::PROCESSED_LOGPROBS:
+      return LogprobsMode::kProcessedLogprobs;
+    case v1::RAW_LOGITS:
+      return LogprobsMode::kRawLogits;
+    case v1::PROCESSED_LOGITS:
+      return LogprobsMode::kProcessedLogits;
+    default:
+      break;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("logprobs_mode must be one of RAW_LOGPROBS, PROCESSED_LOGPROBS, RAW_LOGITS, "
+                   "PROCESSED_LOGITS, got ",
+                   mode));
+}
+
+absl::StatusOr<Stage> StageFromProto(int stage, int index) {
+  switch (stage) {
+    case v1::SAMPLER_STAGE_TOP_K:
+      return Stage::kTopK;
+    case v1::SAMPLER_STAGE_TOP_P:
+      return Stage::kTopP;
+    case v1::SAMPLER_STAGE_MIN_P:
+      return Stage::kMinP;
+    case v1::SAMPLER_STAGE_TYPICAL_P:
+      return Stage::kTypicalP;
+    case v1::SAMPLER_STAGE_EPSILON_CUTOFF:
+      return Stage::kEpsilonCutoff;
+    case v1::SAMPLER_STAGE_ETA_CUTOFF:
+      return Stage::kEtaCutoff;
+    case v1::SAMPLER_STAGE_TOP_N_SIGMA:
+      return Stage::kTopNSigma;
+    case v1::SAMPLER_STAGE_XTC:
+      return Stage::kXtc;
+    case v1::SAMPLER_STAGE_TEMPERATURE:
+      return Stage::kTemperature;
+    default:
+      break;
+  }
+  const std::string value = stage == v1::SAMPLER_STAGE_UNSPECIFIED
+                                ? std::string("SAMPLER_STAGE_UNSPECIFIED")
+                                : absl::StrCat(stage);
+  return absl::InvalidArgumentError(absl::StrCat("sampler_order[", index,
+                                                 "] must be a SamplerStage other than ",
+                                                 "SAMPLER_STAGE_UNSPECIFIED, got ", value));
+}
+
+// Copies every field of `proto` that is explicitly set into `p`; converts enums.
+absl::Status MergeExplicitFields(const v1::SamplingParams& proto, SamplingParams& p) {
+  // The vLLM core.
+  if (proto.has_temperature()) p.temperature = proto.temperature();
+  if (proto.has_top_k()) p.top_k = proto.top_k();
+  if (proto.has_top_p()) p.top_p = proto.top_p();
+  if (proto.has_min_p()) p.min_p = proto.min_p();
+  if (proto.has_repetition_penalty()) p.repetition_penalty = proto.repetition_penalty();
+  if (proto.has_frequency_penalty()) p.frequency_penalty = proto.frequency_penalty();
+  if (proto.has_presence_penalty()) p.presence_penalty = proto.presence_penalty();
+  if (proto.has_seed()) p.seed = proto.seed();
+  if (!proto.logit_bias().empty()) {
+    // A proto map has unique keys in unspecified order; core wants them sorted.
+    p.logit_bias.clear();
+    p.logit_bias.reserve(proto.logit_bias().size());
+    for (const auto& [token, bias] : proto.logit_bias()) p.logit_bias.emplace_back(token, bias);
+    std::sort(p.logit_bias.begin(), p.logit_bias.end());
+  }
+  if (proto.has_logprobs()) p.logprobs = proto.logprobs();
+  if (proto.logprobs_mode() != v1::LOGPROBS_MODE_UNSPECIFIED) {
+    ASSIGN_OR_RETURN(p.logprobs_mode, LogprobsModeFromProto(proto.logprobs_mode()));
+  }
+
+  // Truncation and shaping.
+  if (proto.has_typical_p()) p.typical_p = proto.typical_p();
+  if (proto.has_epsilon_cutoff()) p.epsilon_cutoff = proto.epsilon_cutoff();
+  if (proto.has_eta_cutoff()) p.eta_cutoff = proto.eta_cutoff();
+  if (proto.has_top_n_sigma()) p.top_n_sigma = proto.top_n_sigma();
+  if (proto.has_xtc_threshold()) p.xtc_threshold = proto.xtc_threshold();
+  if (proto.has_xtc_probability()) p.xtc_probability = proto.xtc_probability();
+  if (proto.has_dynatemp_range()) p.dynatemp_range = proto.dynatemp_range();
+  if (proto.has_dynatemp_exponent()) p.dynatemp_exponent = proto.dynatemp_exponent();
+
+  // Mirostat.
+  if (proto.has_mirostat_mode()) p.mirostat_mode = proto.mirostat_mode();
+  if (proto.has_mirostat_tau()) p.mirostat_tau = proto.mirostat_tau();
+  if (proto.has_mirostat_eta()) p.mirostat_eta = proto.mirostat_eta();
+
+  // Repetition.
+  if (proto.has_dry_multiplier()) p.dry_multiplier = proto.dry_multiplier();
+  if (proto.has_dry_base()) p.dry_base = proto.dry_base();
+  if (proto.has_dry_allowed_length()) p.dry_allowed_length = proto.dry_allowed_length();
+  if (proto.has_dry_penalty_last_n()) p.dry_penalty_last_n = proto.dry_penalty_last_n();
+  if (!proto.dry_sequence_breakers().empty()) {
+    p.dry_sequence_breakers = ToSequences(proto.dry_sequence_breakers());
+  }
+  if (proto.has_no_repeat_ngram_size()) p.no_repeat_ngram_size = proto.no_repeat_ngram_size();
+  if (proto.has_penalty_last_n()) p.penalty_last_n = proto.penalty_last_n();
+
+  // Masks.
+  if (!proto.allowed_token_ids().empty()) p.allowed_token_ids = ToVector(proto.allowed_token_ids());
+  if (!proto.bad_words().empty()) p.bad_words = ToSequences(proto.bad_words());
+  if (!proto.eos_token_ids().empty()) p.eos_token_ids = ToVector(proto.eos_token_ids());
+  if (proto.has_min_tokens()) p.min_tokens = proto.min_tokens();
+  if (proto.has_ignore_eos()) p.ignore_eos = proto.ignore_eos();
+  if (!proto.token_bitmask().empty()) p.token_bitmask = proto.token_bitmask();
+
+  // Stopping.
+  if (proto.has_max_tokens()) p.max_tokens = proto.max_tokens();
+  if (!proto.stop_token_ids().empty()) p.stop_token_ids = ToVector(proto.stop_token_ids());
+  if (!proto.stop_token_sequences().empty()) {
+    p.stop_token_sequences = ToSequences(proto.stop_token_sequences());
+  }
+
+  // Samples and order.
+  if (proto.has_n()) p.n = proto.n();
+  if (!proto.sampler_order().empty()) {
+    p.sampler_order.clear();
+    p.sampler_order.reserve(static_cast<size_t>(proto.sampler_order_size()));
+    for (int i = 0; i < proto.sampler_order_size(); ++i) {
+      ASSIGN_OR_RETURN(Stage stage, StageFromProto(proto.sampler_order(i), i));
+      p.sampler_order.push_back(stage);
+    }
+  }
+  return absl::OkStatus();
+}
+
+v1::FinishReason FinishReasonToProto(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone:
+      return v1::FINISH_REASON_UNSPECIFIED;
+    case FinishReason::kEos:
+      return v1::FINISH_REASON_EOS;
+    case FinishReason::kStop:
+      return v1::FINISH_REASON_STOP;
+    case FinishReason::kLength:
+      return v1::FINISH_REASON_LENGTH;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+}  // namespace
+
+absl::StatusOr<DType> DTypeFromProto(v1::DType dtype) {
+  switch (dtype) {
+    case v1::DTYPE_FLOAT32:
+      return DType::kFloat32;
+    case v1::DTYPE_BFLOAT16:
+      return DType::kBFloat16;
+    case v1::DTYPE_FLOAT16:
+      return DType::kFloat16;
+    case v1::DTYPE_UNSPECIFIED:
+      return absl::InvalidArgumentError("logits.dtype must be set, got DTYPE_UNSPECIFIED");
+    default:
+      break;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("logits.dtype must be one of DTYPE_FLOAT32, DTYPE_BFLOAT16, DTYPE_FLOAT16, got ",
+                   static_cast<int>(dtype)));
+}
+
+absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits) {
+  ASSIGN_OR_RETURN(const DType dtype, DTypeFromProto(logits.dtype()));
+  const std::string& data = logits.data();
+  return LogitsView::Create(
+      dtype, logits.rows(), logits.vocab_size(),
+      absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(data.data()), data.size()));
+}
+
+absl::StatusOr<SamplingParams> ParamsFromProto(const v1::SamplingParams& proto,
+                                               int32_t vocab_size) {
+  SamplingParams params;
+  if (!proto.preset().empty()) {
+    ASSIGN_OR_RETURN(params, PresetParams(proto.preset()));
+  }
+  RETURN_IF_ERROR(MergeExplicitFields(proto, params));
+  RETURN_IF_ERROR(ValidateParams(params, vocab_size));
+  return params;
+}
+
+absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request) {
+  Batch batch;
+  ASSIGN_OR_RETURN(batch.logits, LogitsFromProto(request.logits()));
+  const size_t num_rows = static_cast<size_t>(request.rows_size());
+  if (num_rows != request.logits().rows()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rows has ", num_rows, " entries but logits.rows is ", request.logits().rows(),
+                     "; they must be equal"));
+  }
+  batch.params.reserve(num_rows);
+  for (int i = 0; i < request.rows_size(); ++i) {
+    absl::StatusOr<SamplingParams> params =
+        ParamsFromProto(request.rows(i).params(), batch.logits.vocab_size());
+    if (!params.ok()) return Prefixed(absl::StrCat("rows[", i, "].params."), params.status());
+    batch.params.push_back(*std::move(params));
+  }
+  // Only now that `params` has its final size are pointers into it stable.
+  batch.rows.reserve(num_rows);
+  for (int i = 0; i < request.rows_size(); ++i) {
+    const v1::SampleRow& row = request.rows(i);
+    RowRequest& out = batch.rows.emplace_back();
+    out.params = &batch.params[static_cast<size_t>(i)];
+    out.prompt_token_ids = SpanOf(row.prompt_token_ids());
+    out.output_token_ids = SpanOf(row.output_token_ids());
+    if (row.has_mirostat_mu()) out.mirostat_mu = row.mirostat_mu();
+  }
+  return batch;
+}
+
+v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens) {
+  v1::SampleResponse response;
+  response.mutable_results()->Reserve(static_cast<int>(tokens.size()));
+  for (const SampledToken& token : tokens) {
+    v1::SampledToken& out = *response.add_results();
+    out.set_token_id(token.token_id);
+    out.set_logprob(token.logprob);
+    out.mutable_top_logprobs()->Reserve(static_cast<int>(token.top_logprobs.size()));
+    for (const TokenLogprob& top : token.top_logprobs) {
+      v1::TokenLogprob& top_out = *out.add_top_logprobs();
+      top_out.set_token_id(top.token_id);
+      top_out.set_logprob(top.logprob);
+    }
+    out.set_finish_reason(FinishReasonToProto(token.finish_reason));
+    if (token.stop_token_id.has_value()) {
+      out.set_stop_token_id(*token.stop_token_id);
+    } else if (token.stop_sequence_index.has_value()) {
+      out.set_stop_sequence_index(*token.stop_sequence_index);
+    }
+    out.set_row_index(token.row_index);
+    out.set_sample_index(token.sample_index);
+    if (token.mirostat_mu.has_value()) out.set_mirostat_mu(*token.mirostat_mu);
+  }
+  return response;
+}
+
+}  // namespace tokensampler::service

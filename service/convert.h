@@ -1,0 +1,70 @@
+// Conversions between the wire contract (tokensampler.v1 messages) and core values.
+//
+// Everything here is a pure function over its arguments: thread-safe. Nothing copies logits or
+// token histories: the core values returned borrow from the request message, which must outlive
+// them (see each function's ownership note).
+#ifndef TOKENSAMPLER_SERVICE_CONVERT_H_
+#define TOKENSAMPLER_SERVICE_CONVERT_H_
+
+#include <cstdint>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "core/params.h"
+#include "core/sampler.h"
+#include "core/tensor.h"
+#include "tokensampler/v1/sampler.pb.h"
+
+namespace tokensampler::service {
+
+// Returns the core dtype of `dtype`, or INVALID_ARGUMENT
+// "logits.dtype must be set, got DTYPE_UNSPECIFIED" (or naming an unknown number).
+absl::StatusOr<DType> DTypeFromProto(v1::DType dtype);
+
+// Returns a view over `logits.data()` (no copy), or INVALID_ARGUMENT naming the `logits.` field
+// and value: dtype unset, vocab_size 0, data size != rows × vocab_size × dtype size.
+// Ownership: the view borrows `logits.data()`; `logits` must outlive it and stay unmodified.
+absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits);
+
+// Returns the core parameters of `proto` for a vocabulary of `vocab_size` tokens, validated with
+// ValidateParams(). Built from PresetParams(proto.preset()) when a preset is named, else from the
+// defaults; every explicitly set field (proto3 `optional` present, repeated/map/bytes non-empty,
+// enum not UNSPECIFIED) then overrides it. LOGPROBS_MODE_UNSPECIFIED keeps the preset's mode
+// (raw logprobs by default).
+// Returns INVALID_ARGUMENT whose message is the field path relative to SamplingParams plus the
+// value ("top_p must be in (0, 1], got 1.5"); callers prefix the path of the message
+// ("rows[3].params.").
+absl::StatusOr<SamplingParams> ParamsFromProto(const v1::SamplingParams& proto, int32_t vocab_size);
+
+// A SampleRequest converted to what Sampler::Run takes.
+// Ownership: `logits` and the spans in `rows` borrow from the SampleRequest it was made from,
+// which must outlive it; `rows[i].params` points into `params`, so the batch is move-only (a move
+// keeps the vector's buffer, a copy would dangle).
+struct Batch {
+  Batch() = default;
+  Batch(Batch&&) = default;
+  Batch& operator=(Batch&&) = default;
+  Batch(const Batch&) = delete;
+  Batch& operator=(const Batch&) = delete;
+
+  LogitsView logits;
+  std::vector<SamplingParams> params;  // one per row
+  std::vector<RowRequest> rows;        // rows[i].params == &params[i]
+};
+
+// Converts and validates a whole request: the logits tensor, rows.size() == logits.rows, and
+// every row's parameters. Token ids in the histories and NaN logits are checked by the core
+// during Sampler::Run (which names the row).
+// Returns the batch, or INVALID_ARGUMENT naming the field path and value, e.g.
+// "rows[3].params.top_p must be in (0, 1], got 1.5".
+// Ownership: the batch borrows from `request` (see Batch).
+absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request);
+
+// Returns the response holding `tokens` in order (Σ n results, row-major as Sampler::Run returns
+// them).
+v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens);
+
+}  // namespace tokensampler::service
+
+#endif  // TOKENSAMPLER_SERVICE_CONVERT_H_
