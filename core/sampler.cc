@@ -182,7 +182,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req,
   for (int32_t s = 0; s < p.n; ++s) {
     SampledToken& out = results[s];
     out.row_index = static_cast<uint32_t>(row);
-    out.sample_index = static_cast<uint32_t>(s);
+    out.sample_index = req.first_sample_index + static_cast<uint32_t>(s);
     absl::Span<const float> processed = logits;
     float mu = mu_in;
     if (p.greedy()) {
@@ -194,7 +194,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req,
         std::copy(logits.begin(), logits.end(), work.begin());
       }
       out.token_id =
-          SampleOne(p, work, seed, step, static_cast<uint32_t>(s), mu_in, &mu, scratch);
+          SampleOne(p, work, seed, step, out.sample_index, mu_in, &mu, scratch);
       processed = work;
     }
     if (p.mirostat_mode != 0) out.mirostat_mu = mu;

@@ -28,6 +28,7 @@ struct RowRequest {
   absl::Span<const int32_t> prompt_token_ids;
   absl::Span<const int32_t> output_token_ids;  // its length is the RNG step
   std::optional<float> mirostat_mu;            // unset = 2·tau
+  uint32_t first_sample_index = 0;  // sample s of the row draws with index first + s (forks)
 };
 
 struct TokenLogprob {

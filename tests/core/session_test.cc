@@ -1,0 +1,221 @@
+// SequenceTable: server-side sequence state gives exactly what Sample gives with full histories.
+#include "core/session.h"
+
+#include <map>
+#include <random>
+#include <vector>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/core_testing.h"
+
+namespace tokensampler {
+namespace {
+
+using ::testing::HasSubstr;
+using ::tokensampler::testing::F32Bytes;
+
+// Row `step` of a toy model for sequence `id`: a deterministic function of (id, step, last token).
+std::vector<float> ToyLogits(uint64_t id, size_t step, int32_t last, int vocab) {
+  std::vector<float> row(static_cast<size_t>(vocab));
+  for (int i = 0; i < vocab; ++i) {
+    row[static_cast<size_t>(i)] = static_cast<float>(
+        3.0 * std::sin(0.37 * static_cast<double>(i) * static_cast<double>(id % 7 + 1) +
+                       0.11 * static_cast<double>(step) + 0.05 * last));
+  }
+  return row;
+}
+
+SamplingParams RandomParams(std::mt19937_64& rng, int vocab) {
+  SamplingParams p;
+  p.seed = rng();
+  switch (rng() % 6) {
+    case 0:
+      p.temperature = 0.0f;
+      break;
+    case 1:
+      p.top_k = 5;
+      p.top_p = 0.9f;
+      break;
+    case 2:
+      p.min_p = 0.1f;
+      p.temperature = 0.8f;
+      break;
+    case 3:
+      p.mirostat_mode = static_cast<int32_t>(1 + rng() % 2);
+      p.mirostat_tau = 3.0f;
+      break;
+    case 4:
+      p.dry_multiplier = 0.8f;
+      p.no_repeat_ngram_size = 3;
+      break;
+    default:
+      p.xtc_probability = 0.5f;
+      p.typical_p = 0.8f;
+      break;
+  }
+  p.repetition_penalty = 1.0f + static_cast<float>(rng() % 3) * 0.2f;
+  p.frequency_penalty = static_cast<float>(rng() % 3) * 0.3f;
+  p.presence_penalty = static_cast<float>(rng() % 2) * 0.5f;
+  p.eos_token_ids = {static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab))};
+  p.min_tokens = 3;
+  p.max_tokens = 50;
+  p.logprobs = 2;
+  return p;
+}
+
+// The acceptance test of issue 5 at the core level: 200 random sequences decoded for up to 50
+// steps through a SequenceTable give exactly the tokens of Sample with full histories.
+TEST(SequenceTableTest, EquivalentToSampleWithFullHistories) {
+  constexpr int kVocab = 64;
+  std::mt19937_64 rng(2024);
+  SequenceTable table(SessionLimits{});
+  Sampler sampler;
+  struct Ref {
+    SamplingParams params;
+    std::vector<int32_t> prompt, output;
+    std::optional<float> mu;
+    bool done = false;
+  };
+  std::map<uint64_t, Ref> refs;
+  for (uint64_t id = 100; id < 300; ++id) {
+    Ref ref;
+    ref.params = RandomParams(rng, kVocab);
+    for (int i = 0; i < 5; ++i) ref.prompt.push_back(static_cast<int32_t>(rng() % kVocab));
+    ASSERT_TRUE(table.Add(id, ref.params, ref.prompt).ok());
+    refs[id] = ref;
+  }
+  int finished = 0;
+  for (size_t step = 0; step < 50 && table.size() > 0; ++step) {
+    std::vector<uint64_t> ids;
+    std::vector<float> logits;
+    for (auto& [id, ref] : refs) {
+      if (ref.done) continue;
+      ids.push_back(id);
+      const int32_t last = ref.output.empty() ? ref.prompt.back() : ref.output.back();
+      const auto row = ToyLogits(id, step, last, kVocab);
+      logits.insert(logits.end(), row.begin(), row.end());
+    }
+    const auto bytes = F32Bytes(logits);
+    auto view = LogitsView::Create(DType::kFloat32, static_cast<uint32_t>(ids.size()), kVocab, bytes);
+    // Reference: a stateless batch with full histories.
+    std::vector<RowRequest> rows;
+    for (uint64_t id : ids) {
+      const Ref& ref = refs[id];
+      rows.push_back({&ref.params, ref.prompt, ref.output, ref.mu});
+    }
+    auto want = sampler.Run(*view, rows);
+    ASSERT_TRUE(want.ok()) << want.status();
+    auto got = table.Step(sampler, *view, ids);
+    ASSERT_TRUE(got.ok()) << got.status();
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const SampledToken& w = (*want)[i];
+      const SampledToken& g = (*got)[i];
+      ASSERT_EQ(g.token_id, w.token_id) << "sequence " << ids[i] << " step " << step;
+      ASSERT_EQ(g.logprob, w.logprob);
+      ASSERT_EQ(g.finish_reason, w.finish_reason);
+      ASSERT_EQ(g.mirostat_mu, w.mirostat_mu);
+      Ref& ref = refs[ids[i]];
+      ref.output.push_back(w.token_id);
+      if (w.mirostat_mu) ref.mu = w.mirostat_mu;
+      if (w.finish_reason != FinishReason::kNone) {
+        ref.done = true;
+        ++finished;
+        EXPECT_FALSE(table.contains(ids[i]));  // released automatically
+      }
+    }
+  }
+  EXPECT_GT(finished, 20);  // EOS and max_tokens both occur
+  EXPECT_EQ(table.size(), 0);  // everything finished by max_tokens = 50
+}
+
+std::vector<uint8_t> FlatRows(int rows, int vocab) {
+  std::vector<float> logits(static_cast<size_t>(rows * vocab), 0.0f);
+  return F32Bytes(logits);
+}
+
+TEST(SequenceTableTest, ForkedChildrenAreTheNSamplesOfSample) {
+  constexpr int kVocab = 1000;
+  SamplingParams p;
+  p.seed = 31;
+  SequenceTable table(SessionLimits{});
+  Sampler sampler;
+  ASSERT_TRUE(table.Add(1, p, {3, 4}).ok());
+  ASSERT_TRUE(table.Fork(1, std::vector<uint64_t>{2, 3, 4}).ok());
+  const auto bytes = FlatRows(4, kVocab);
+  auto view = LogitsView::Create(DType::kFloat32, 4, kVocab, bytes);
+  const std::vector<uint64_t> ids = {1, 2, 3, 4};
+  auto got = table.Step(sampler, *view, ids);
+  ASSERT_TRUE(got.ok());
+  SamplingParams n4 = p;
+  n4.n = 4;
+  const std::vector<int32_t> prompt = {3, 4};
+  auto want = testing::SampleRow(std::vector<float>(kVocab, 0.0f), n4, prompt, {});
+  ASSERT_TRUE(want.ok());
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ((*got)[i].token_id, (*want)[i].token_id) << i;
+}
+
+TEST(SequenceTableTest, ErrorsChangeNothing) {
+  SequenceTable table(SessionLimits{.max_sequences = 3, .max_history_tokens = 6});
+  Sampler sampler;
+  SamplingParams p;
+  p.seed = 1;
+  ASSERT_TRUE(table.Add(1, p, {0, 1}).ok());
+  EXPECT_EQ(table.Add(1, p, {}).code(), absl::StatusCode::kAlreadyExists);
+  SamplingParams bad = p;
+  bad.top_p = 2.0f;
+  EXPECT_EQ(table.Add(2, bad, {}).message(), "top_p must be in (0, 1], got 2");
+  bad = p;
+  bad.n = 2;
+  EXPECT_THAT(std::string(table.Add(2, bad, {}).message()), HasSubstr("n must be 1 in a session"));
+  EXPECT_EQ(table.Add(2, p, std::vector<int32_t>(7, 0)).code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(table.Fork(9, std::vector<uint64_t>{5}).code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(table.Fork(1, std::vector<uint64_t>{5, 6, 7}).code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(table.Fork(1, std::vector<uint64_t>{5, 5}).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(table.size(), 1);
+
+  const auto bytes = FlatRows(2, 10);
+  auto view2 = LogitsView::Create(DType::kFloat32, 2, 10, bytes);
+  auto unknown = table.Step(sampler, *view2, std::vector<uint64_t>{1, 42});
+  EXPECT_EQ(unknown.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_EQ(unknown.status().message(),
+            "sequence 42 is not in this session (never added, released or finished)");
+  EXPECT_EQ(table.Step(sampler, *view2, std::vector<uint64_t>{1, 1}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(table.Step(sampler, *view2, std::vector<uint64_t>{1}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+
+  // Token ids are checked against the real vocabulary at the step.
+  SamplingParams big = p;
+  big.eos_token_ids = {50};
+  ASSERT_TRUE(table.Add(3, big, {}).ok());
+  auto view1 = LogitsView::Create(DType::kFloat32, 1, 10, absl::MakeConstSpan(bytes).subspan(0, 40));
+  EXPECT_EQ(table.Step(sampler, *view1, std::vector<uint64_t>{3}).status().message(),
+            "sequence 3: params.eos_token_ids[0] = 50 is out of range [0, 10)");
+
+  // History limit: 2 prompt + 4 outputs = 6, the fifth step would make 7.
+  for (int i = 0; i < 4; ++i) ASSERT_TRUE(table.Step(sampler, *view1, std::vector<uint64_t>{1}).ok());
+  EXPECT_EQ(table.Step(sampler, *view1, std::vector<uint64_t>{1}).status().code(),
+            absl::StatusCode::kResourceExhausted);
+  EXPECT_TRUE(table.Release(1).ok());
+  EXPECT_EQ(table.Release(1).code(), absl::StatusCode::kNotFound);
+}
+
+TEST(SequenceTableTest, RowErrorsNameTheSequence) {
+  SequenceTable table(SessionLimits{});
+  Sampler sampler;
+  SamplingParams p;
+  p.allowed_token_ids = {1};
+  p.logit_bias = {{1, -std::numeric_limits<float>::infinity()}};
+  ASSERT_TRUE(table.Add(77, p, {}).ok());
+  const auto bytes = FlatRows(1, 4);
+  auto view = LogitsView::Create(DType::kFloat32, 1, 4, bytes);
+  EXPECT_THAT(std::string(table.Step(sampler, *view, std::vector<uint64_t>{77}).status().message()),
+              ::testing::StartsWith("sequence 77, rows[0]: every token is masked"));
+  EXPECT_TRUE(table.contains(77));
+}
+
+}  // namespace
+}  // namespace tokensampler
