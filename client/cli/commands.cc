@@ -1,0 +1,441 @@
+#include "client/cli/commands.h"
+
+#include <cerrno>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <sstream>
+
+#include "absl/flags/flag.h"
+#include "absl/status/status.h"
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
+#include "absl/time/time.h"
+#include "client/cli/random_logits.h"
+#include "client/client.h"
+#include "client/logits.h"
+#include "google/protobuf/util/json_util.h"
+
+// --- connection and output ---
+ABSL_FLAG(std::string, target, "127.0.0.1:50051",
+          "Server address: host:port or unix:/path/to.sock.");
+ABSL_FLAG(int64_t, timeout_ms, 10000, "Deadline of each call, in milliseconds (> 0).");
+ABSL_FLAG(int32_t, max_message_bytes, 256 << 20,
+          "Largest message the client sends or receives; -1 = no limit.");
+ABSL_FLAG(bool, wait_for_ready, false,
+          "Wait (up to --timeout_ms) for the server to become reachable instead of failing at "
+          "once with UNAVAILABLE.");
+ABSL_FLAG(bool, json, false, "sample: print the response as one line of JSON.");
+ABSL_FLAG(std::string, service, "",
+          "health: the service to ask about (\"\" = the whole server, or "
+          "tokensampler.v1.Sampler).");
+
+// --- logits source ---
+ABSL_FLAG(std::string, logits, "",
+          "sample: a file of raw little-endian logits in --dtype, row-major [rows x --vocab] "
+          "(e.g. numpy's arr.astype('<f4').tofile(FILE)).");
+ABSL_FLAG(bool, random, false,
+          "sample: generate realistic random logits (bulk sigma*N(0,1), sigma ~ U[2,3), 1-8 "
+          "peaked tokens) from --seed instead of reading --logits.");
+ABSL_FLAG(std::optional<uint32_t>, rows, std::nullopt,
+          "sample: number of rows (--random: default 1; --logits: checked against the file).");
+ABSL_FLAG(std::optional<uint32_t>, vocab, std::nullopt, "sample: vocabulary size (required).");
+ABSL_FLAG(std::string, dtype, "f32",
+          "sample: element type on the wire (and of the --logits file): f32, bf16 or f16.");
+ABSL_FLAG(uint64_t, seed, 0, "sample: seed of the --random logits.");
+
+// --- row history (the same for every row) ---
+ABSL_FLAG(std::vector<std::string>, prompt_token_ids, {},
+          "sample: prompt token ids of every row, comma-separated (repetition penalty, DRY).");
+ABSL_FLAG(std::vector<std::string>, output_token_ids, {},
+          "sample: tokens generated so far, comma-separated (penalties; its length is the "
+          "seeded RNG step).");
+
+// --- SamplingParams: only flags given on the command line are set in the request ---
+ABSL_FLAG(std::optional<float>, temperature, std::nullopt, "1.0; 0 = greedy; >= 0.");
+ABSL_FLAG(std::optional<int32_t>, top_k, std::nullopt, "0 or -1 = off.");
+ABSL_FLAG(std::optional<float>, top_p, std::nullopt, "1.0; (0, 1].");
+ABSL_FLAG(std::optional<float>, min_p, std::nullopt, "0; [0, 1].");
+ABSL_FLAG(std::optional<float>, repetition_penalty, std::nullopt,
+          "1.0; > 0; over prompt and output.");
+ABSL_FLAG(std::optional<float>, frequency_penalty, std::nullopt, "0; [-2, 2]; output only.");
+ABSL_FLAG(std::optional<float>, presence_penalty, std::nullopt, "0; [-2, 2]; output only.");
+ABSL_FLAG(std::optional<uint64_t>, sample_seed, std::nullopt,
+          "SamplingParams.seed: seeded, reproducible draws (unset = fresh entropy).");
+ABSL_FLAG(std::vector<std::string>, logit_bias, {},
+          "token:bias pairs, comma-separated, e.g. 12:-100,7:2.5.");
+ABSL_FLAG(std::optional<int32_t>, logprobs, std::nullopt,
+          "Number of top logprobs to return; -1 = every token with non-zero probability.");
+ABSL_FLAG(std::optional<std::string>, logprobs_mode, std::nullopt,
+          "raw_logprobs (default), processed_logprobs, raw_logits or processed_logits.");
+ABSL_FLAG(std::optional<float>, typical_p, std::nullopt, "1.0 = off; (0, 1].");
+ABSL_FLAG(std::optional<float>, epsilon_cutoff, std::nullopt, "0 = off; [0, 1).");
+ABSL_FLAG(std::optional<float>, eta_cutoff, std::nullopt, "0 = off; [0, 1).");
+ABSL_FLAG(std::optional<float>, top_n_sigma, std::nullopt, "Off when unset; > 0.");
+ABSL_FLAG(std::optional<float>, xtc_threshold, std::nullopt, "0.1; [0, 1].");
+ABSL_FLAG(std::optional<float>, xtc_probability, std::nullopt, "0 = off; [0, 1].");
+ABSL_FLAG(std::optional<float>, dynatemp_range, std::nullopt, "0 = off; >= 0.");
+ABSL_FLAG(std::optional<float>, dynatemp_exponent, std::nullopt, "1.0; > 0.");
+ABSL_FLAG(std::optional<int32_t>, mirostat_mode, std::nullopt, "0 = off, 1 or 2.");
+ABSL_FLAG(std::optional<float>, mirostat_tau, std::nullopt, "5.0; > 0.");
+ABSL_FLAG(std::optional<float>, mirostat_eta, std::nullopt, "0.1; > 0.");
+ABSL_FLAG(std::optional<float>, dry_multiplier, std::nullopt, "0 = off; >= 0.");
+ABSL_FLAG(std::optional<float>, dry_base, std::nullopt, "1.75; > 1.");
+ABSL_FLAG(std::optional<int32_t>, dry_allowed_length, std::nullopt, "2; >= 1.");
+ABSL_FLAG(std::optional<int32_t>, dry_penalty_last_n, std::nullopt, "-1 = whole history; 0 = off.");
+ABSL_FLAG(std::optional<int32_t>, no_repeat_ngram_size, std::nullopt, "0 = off; >= 0.");
+ABSL_FLAG(std::optional<int32_t>, penalty_last_n, std::nullopt, "0 = whole history; >= 0.");
+ABSL_FLAG(std::vector<std::string>, allowed_token_ids, {},
+          "Only these tokens may be sampled (comma-separated; empty = all).");
+ABSL_FLAG(std::vector<std::string>, eos_token_ids, {}, "EOS token ids, comma-separated.");
+ABSL_FLAG(std::optional<int32_t>, min_tokens, std::nullopt,
+          "0; EOS and stop ids are masked while the output is shorter.");
+ABSL_FLAG(std::optional<bool>, ignore_eos, std::nullopt, "false; --ignore_eos=true to set.");
+ABSL_FLAG(std::optional<int32_t>, max_tokens, std::nullopt, "Unset = no limit; >= 1.");
+ABSL_FLAG(std::vector<std::string>, stop_token_ids, {}, "Stop token ids, comma-separated.");
+ABSL_FLAG(std::optional<int32_t>, n, std::nullopt, "1; independent samples per row, [1, 128].");
+ABSL_FLAG(std::vector<std::string>, sampler_order, {},
+          "Custom stage order, e.g. top_k,top_p,temperature (empty = default order).");
+ABSL_FLAG(std::optional<std::string>, preset, std::nullopt,
+          "Named preset (greedy, precise, balanced, creative, brainstorm, ...); explicit flags "
+          "override it.");
+
+namespace tokensampler::cli {
+namespace {
+
+absl::Status BadFlag(absl::string_view flag, absl::string_view rule, absl::string_view value) {
+  return absl::InvalidArgumentError(
+      absl::StrCat("--", flag, " must be ", rule, ", got \"", value, "\""));
+}
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) {
+    return absl::NotFoundError(
+        absl::StrCat("--logits: cannot open \"", path, "\": ", std::strerror(errno)));
+  }
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (in.bad()) return absl::DataLossError(absl::StrCat("--logits: error reading \"", path, "\""));
+  return bytes;
+}
+
+absl::Duration TimeoutFromFlags() { return absl::Milliseconds(absl::GetFlag(FLAGS_timeout_ms)); }
+
+absl::StatusOr<Client> ClientFromFlags() {
+  if (absl::GetFlag(FLAGS_timeout_ms) <= 0) {
+    return BadFlag("timeout_ms", "> 0", absl::StrCat(absl::GetFlag(FLAGS_timeout_ms)));
+  }
+  ClientOptions options;
+  options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
+  options.wait_for_ready = absl::GetFlag(FLAGS_wait_for_ready);
+  return Client::Create(absl::GetFlag(FLAGS_target), options);
+}
+
+// Appends `ids` to a repeated int32 field.
+void AddAll(const std::vector<int32_t>& ids, google::protobuf::RepeatedField<int32_t>* field) {
+  field->Add(ids.begin(), ids.end());
+}
+
+// Parses the token-id list --`flag` into `field`.
+absl::Status AddTokenIds(absl::string_view flag, const std::vector<std::string>& items,
+                         google::protobuf::RepeatedField<int32_t>* field) {
+  absl::StatusOr<std::vector<int32_t>> ids = ParseTokenIds(flag, items);
+  if (!ids.ok()) return ids.status();
+  AddAll(*ids, field);
+  return absl::OkStatus();
+}
+
+// Prints `status` as FormatError does and returns the exit code of a failed command.
+int Fail(std::ostream& err, const absl::Status& status) {
+  err << FormatError(status) << "\n";
+  return 1;
+}
+
+}  // namespace
+
+absl::StatusOr<v1::DType> ParseDType(absl::string_view name) {
+  if (name == "f32" || name == "fp32" || name == "float32") return v1::DTYPE_FLOAT32;
+  if (name == "bf16" || name == "bfloat16") return v1::DTYPE_BFLOAT16;
+  if (name == "f16" || name == "fp16" || name == "float16") return v1::DTYPE_FLOAT16;
+  return BadFlag("dtype", "f32, bf16 or f16", name);
+}
+
+absl::StatusOr<v1::LogprobsMode> ParseLogprobsMode(absl::string_view name) {
+  if (name == "raw_logprobs") return v1::RAW_LOGPROBS;
+  if (name == "processed_logprobs") return v1::PROCESSED_LOGPROBS;
+  if (name == "raw_logits") return v1::RAW_LOGITS;
+  if (name == "processed_logits") return v1::PROCESSED_LOGITS;
+  return BadFlag("logprobs_mode",
+                 "raw_logprobs, processed_logprobs, raw_logits or processed_logits", name);
+}
+
+absl::StatusOr<std::vector<int32_t>> ParseTokenIds(absl::string_view flag,
+                                                   absl::Span<const std::string> items) {
+  std::vector<int32_t> ids;
+  ids.reserve(items.size());
+  for (const std::string& item : items) {
+    int32_t id;
+    if (!absl::SimpleAtoi(item, &id)) return BadFlag(flag, "a list of int32 token ids", item);
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+absl::StatusOr<std::vector<std::pair<int32_t, float>>> ParseLogitBias(
+    absl::Span<const std::string> items) {
+  std::vector<std::pair<int32_t, float>> bias;
+  bias.reserve(items.size());
+  for (const std::string& item : items) {
+    const std::pair<absl::string_view, absl::string_view> parts =
+        absl::StrSplit(item, absl::MaxSplits(':', 1));
+    int32_t id;
+    float value;
+    if (!absl::StrContains(item, ':') || !absl::SimpleAtoi(parts.first, &id) ||
+        !absl::SimpleAtof(parts.second, &value)) {
+      return BadFlag("logit_bias", "a list of token:bias pairs such as 12:-100", item);
+    }
+    bias.emplace_back(id, value);
+  }
+  return bias;
+}
+
+absl::StatusOr<std::vector<v1::SamplerStage>> ParseSamplerOrder(
+    absl::Span<const std::string> items) {
+  std::vector<v1::SamplerStage> stages;
+  stages.reserve(items.size());
+  for (const std::string& item : items) {
+    v1::SamplerStage stage;
+    if (item.empty() || absl::AsciiStrToLower(item) != item ||
+        !v1::SamplerStage_Parse(absl::StrCat("SAMPLER_STAGE_", absl::AsciiStrToUpper(item)),
+                                &stage) ||
+        stage == v1::SAMPLER_STAGE_UNSPECIFIED) {
+      return BadFlag("sampler_order",
+                     "a list of top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff, "
+                     "top_n_sigma, xtc, temperature",
+                     item);
+    }
+    stages.push_back(stage);
+  }
+  return stages;
+}
+
+absl::StatusOr<v1::SamplingParams> SamplingParamsFromFlags() {
+  v1::SamplingParams params;
+// Sets params.<field> when --<field> was given.
+#define TS_SET_IF_GIVEN(field) \
+  if (const auto value = absl::GetFlag(FLAGS_##field); value.has_value()) params.set_##field(*value)
+
+  TS_SET_IF_GIVEN(temperature);
+  TS_SET_IF_GIVEN(top_k);
+  TS_SET_IF_GIVEN(top_p);
+  TS_SET_IF_GIVEN(min_p);
+  TS_SET_IF_GIVEN(repetition_penalty);
+  TS_SET_IF_GIVEN(frequency_penalty);
+  TS_SET_IF_GIVEN(presence_penalty);
+  TS_SET_IF_GIVEN(logprobs);
+  TS_SET_IF_GIVEN(typical_p);
+  TS_SET_IF_GIVEN(epsilon_cutoff);
+  TS_SET_IF_GIVEN(eta_cutoff);
+  TS_SET_IF_GIVEN(top_n_sigma);
+  TS_SET_IF_GIVEN(xtc_threshold);
+  TS_SET_IF_GIVEN(xtc_probability);
+  TS_SET_IF_GIVEN(dynatemp_range);
+  TS_SET_IF_GIVEN(dynatemp_exponent);
+  TS_SET_IF_GIVEN(mirostat_mode);
+  TS_SET_IF_GIVEN(mirostat_tau);
+  TS_SET_IF_GIVEN(mirostat_eta);
+  TS_SET_IF_GIVEN(dry_multiplier);
+  TS_SET_IF_GIVEN(dry_base);
+  TS_SET_IF_GIVEN(dry_allowed_length);
+  TS_SET_IF_GIVEN(dry_penalty_last_n);
+  TS_SET_IF_GIVEN(no_repeat_ngram_size);
+  TS_SET_IF_GIVEN(penalty_last_n);
+  TS_SET_IF_GIVEN(min_tokens);
+  TS_SET_IF_GIVEN(ignore_eos);
+  TS_SET_IF_GIVEN(max_tokens);
+  TS_SET_IF_GIVEN(n);
+  TS_SET_IF_GIVEN(preset);
+#undef TS_SET_IF_GIVEN
+
+  if (const auto seed = absl::GetFlag(FLAGS_sample_seed); seed.has_value()) params.set_seed(*seed);
+  if (const auto mode = absl::GetFlag(FLAGS_logprobs_mode); mode.has_value()) {
+    absl::StatusOr<v1::LogprobsMode> parsed = ParseLogprobsMode(*mode);
+    if (!parsed.ok()) return parsed.status();
+    params.set_logprobs_mode(*parsed);
+  }
+
+  absl::StatusOr<std::vector<std::pair<int32_t, float>>> bias =
+      ParseLogitBias(absl::GetFlag(FLAGS_logit_bias));
+  if (!bias.ok()) return bias.status();
+  for (const auto& [id, value] : *bias) (*params.mutable_logit_bias())[id] = value;
+
+  absl::Status status = AddTokenIds("allowed_token_ids", absl::GetFlag(FLAGS_allowed_token_ids),
+                                    params.mutable_allowed_token_ids());
+  if (status.ok()) {
+    status = AddTokenIds("eos_token_ids", absl::GetFlag(FLAGS_eos_token_ids),
+                         params.mutable_eos_token_ids());
+  }
+  if (status.ok()) {
+    status = AddTokenIds("stop_token_ids", absl::GetFlag(FLAGS_stop_token_ids),
+                         params.mutable_stop_token_ids());
+  }
+  if (!status.ok()) return status;
+
+  absl::StatusOr<std::vector<v1::SamplerStage>> order =
+      ParseSamplerOrder(absl::GetFlag(FLAGS_sampler_order));
+  if (!order.ok()) return order.status();
+  for (v1::SamplerStage stage : *order) params.add_sampler_order(stage);
+  return params;
+}
+
+absl::StatusOr<v1::Logits> LogitsFromFlags() {
+  const std::string path = absl::GetFlag(FLAGS_logits);
+  const bool random = absl::GetFlag(FLAGS_random);
+  if (path.empty() == !random) {
+    return absl::InvalidArgumentError("exactly one of --logits FILE or --random is required");
+  }
+  const std::optional<uint32_t> vocab = absl::GetFlag(FLAGS_vocab);
+  if (!vocab.has_value()) return absl::InvalidArgumentError("--vocab is required");
+  if (*vocab == 0) return BadFlag("vocab", "> 0", "0");
+  absl::StatusOr<v1::DType> dtype = ParseDType(absl::GetFlag(FLAGS_dtype));
+  if (!dtype.ok()) return dtype.status();
+  const std::optional<uint32_t> rows = absl::GetFlag(FLAGS_rows);
+
+  if (random) {
+    if (rows.has_value() && *rows == 0) return BadFlag("rows", "> 0", "0");
+    const std::vector<float> values =
+        RandomLogits(rows.value_or(1), *vocab, absl::GetFlag(FLAGS_seed));
+    return MakeLogits(values, *vocab, *dtype);
+  }
+
+  absl::StatusOr<std::string> bytes = ReadFile(path);
+  if (!bytes.ok()) return bytes.status();
+  absl::StatusOr<v1::Logits> logits = MakeLogitsFromBytes(*bytes, *vocab, *dtype);
+  if (!logits.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--logits \"", path, "\": ", logits.status().message()));
+  }
+  if (logits->rows() == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--logits \"", path, "\" is empty"));
+  }
+  if (rows.has_value() && *rows != logits->rows()) {
+    return absl::InvalidArgumentError(absl::StrCat("--logits \"", path, "\" holds ", logits->rows(),
+                                                   " rows of --vocab ", *vocab, ", but --rows is ",
+                                                   *rows));
+  }
+  return logits;
+}
+
+absl::StatusOr<v1::SampleRequest> SampleRequestFromFlags() {
+  absl::StatusOr<v1::Logits> logits = LogitsFromFlags();
+  if (!logits.ok()) return logits.status();
+  absl::StatusOr<v1::SamplingParams> params = SamplingParamsFromFlags();
+  if (!params.ok()) return params.status();
+  absl::StatusOr<std::vector<int32_t>> prompt =
+      ParseTokenIds("prompt_token_ids", absl::GetFlag(FLAGS_prompt_token_ids));
+  if (!prompt.ok()) return prompt.status();
+  absl::StatusOr<std::vector<int32_t>> output =
+      ParseTokenIds("output_token_ids", absl::GetFlag(FLAGS_output_token_ids));
+  if (!output.ok()) return output.status();
+
+  v1::SampleRequest request;
+  const uint32_t rows = logits->rows();
+  *request.mutable_logits() = *std::move(logits);
+  request.mutable_rows()->Reserve(static_cast<int>(rows));
+  for (uint32_t i = 0; i < rows; ++i) {
+    v1::SampleRow* row = request.add_rows();
+    *row->mutable_params() = *params;
+    AddAll(*prompt, row->mutable_prompt_token_ids());
+    AddAll(*output, row->mutable_output_token_ids());
+  }
+  return request;
+}
+
+std::string FinishReasonName(v1::FinishReason reason) {
+  if (reason == v1::FINISH_REASON_UNSPECIFIED) return "none";
+  if (!v1::FinishReason_IsValid(reason)) return absl::StrCat(static_cast<int>(reason));
+  return std::string(absl::StripPrefix(v1::FinishReason_Name(reason), "FINISH_REASON_"));
+}
+
+std::string FormatResult(const v1::SampledToken& result, bool with_logprobs) {
+  std::string line = absl::StrCat("row ", result.row_index(), " sample ", result.sample_index(),
+                                  ": token ", result.token_id());
+  if (with_logprobs) absl::StrAppend(&line, " logprob ", result.logprob());
+  if (!result.top_logprobs().empty()) {
+    absl::StrAppend(&line, " [top:");
+    for (const v1::TokenLogprob& top : result.top_logprobs()) {
+      absl::StrAppend(&line, " ", top.token_id(), ":", top.logprob());
+    }
+    absl::StrAppend(&line, "]");
+  }
+  absl::StrAppend(&line, " finish=", FinishReasonName(result.finish_reason()));
+  switch (result.matched_stop_case()) {
+    case v1::SampledToken::kStopTokenId:
+      absl::StrAppend(&line, " stop_token_id=", result.stop_token_id());
+      break;
+    case v1::SampledToken::kStopSequenceIndex:
+      absl::StrAppend(&line, " stop_sequence_index=", result.stop_sequence_index());
+      break;
+    case v1::SampledToken::MATCHED_STOP_NOT_SET:
+      break;
+  }
+  if (result.has_mirostat_mu()) absl::StrAppend(&line, " mirostat_mu=", result.mirostat_mu());
+  return line;
+}
+
+std::string FormatResponseText(const v1::SampleResponse& response, bool with_logprobs) {
+  std::string text;
+  for (const v1::SampledToken& result : response.results()) {
+    absl::StrAppend(&text, FormatResult(result, with_logprobs), "\n");
+  }
+  return text;
+}
+
+absl::StatusOr<std::string> FormatResponseJson(const v1::SampleResponse& response) {
+  google::protobuf::util::JsonPrintOptions options;
+  options.preserve_proto_field_names = true;
+  options.always_print_primitive_fields = true;
+  std::string json;
+  const auto status = google::protobuf::util::MessageToJsonString(response, &json, options);
+  if (!status.ok()) {
+    return absl::InternalError(absl::StrCat("printing JSON failed: ", status.ToString()));
+  }
+  json.push_back('\n');
+  return json;
+}
+
+std::string FormatError(const absl::Status& status) {
+  return absl::StrCat("error: ", absl::StatusCodeToString(status.code()), ": ", status.message());
+}
+
+int RunSample(std::ostream& out, std::ostream& err) {
+  absl::StatusOr<v1::SampleRequest> request = SampleRequestFromFlags();
+  if (!request.ok()) return Fail(err, request.status());
+  absl::StatusOr<Client> client = ClientFromFlags();
+  if (!client.ok()) return Fail(err, client.status());
+  absl::StatusOr<v1::SampleResponse> response = client->Sample(*request, TimeoutFromFlags());
+  if (!response.ok()) return Fail(err, response.status());
+  if (!absl::GetFlag(FLAGS_json)) {
+    out << FormatResponseText(*response, absl::GetFlag(FLAGS_logprobs).has_value());
+    return 0;
+  }
+  absl::StatusOr<std::string> json = FormatResponseJson(*response);
+  if (!json.ok()) return Fail(err, json.status());
+  out << *json;
+  return 0;
+}
+
+int RunHealth(std::ostream& out, std::ostream& err) {
+  absl::StatusOr<Client> client = ClientFromFlags();
+  if (!client.ok()) return Fail(err, client.status());
+  absl::StatusOr<bool> serving = client->Health(absl::GetFlag(FLAGS_service), TimeoutFromFlags());
+  if (!serving.ok()) return Fail(err, serving.status());
+  out << (*serving ? "SERVING" : "NOT_SERVING") << "\n";
+  return *serving ? 0 : 1;
+}
+
+}  // namespace tokensampler::cli

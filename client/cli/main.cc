@@ -1,0 +1,46 @@
+// `tokensampler`: command-line client of the tokensampler service.
+//
+//   tokensampler sample --target 127.0.0.1:50051 --random --vocab 32000 --temperature 0 --logprobs
+//   5 tokensampler health --target unix:/run/tokensampler.sock
+//
+// Exit codes: 0 success (health: SERVING); 1 an error, printed as "error: CODE: message" (health:
+// also NOT_SERVING); 2 a usage error (no or unknown subcommand).
+#include <iostream>
+#include <string_view>
+#include <vector>
+
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/string_view.h"
+#include "client/cli/commands.h"
+
+namespace {
+
+constexpr absl::string_view kUsage =
+    "tokensampler <sample|health> [flags]\n"
+    "\n"
+    "  sample  sample next tokens from logits (--logits FILE or --random, --vocab V) with\n"
+    "          sampling-parameter flags; prints one line per result, or --json\n"
+    "  health  print SERVING (exit 0) or NOT_SERVING (exit 1)\n"
+    "\n"
+    "Run `tokensampler --helpfull` for every flag.";
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage(kUsage);
+  // The flags live in commands.cc; let --help list them (absl's default: only main's file).
+  absl::FlagsUsageConfig usage_config;
+  usage_config.contains_help_flags = [](absl::string_view path) {
+    return absl::StrContains(path, "client/cli/");
+  };
+  absl::SetFlagsUsageConfig(usage_config);
+  const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  const std::string_view command = args.size() == 2 ? args[1] : "";
+  if (command == "sample") return tokensampler::cli::RunSample(std::cout, std::cerr);
+  if (command == "health") return tokensampler::cli::RunHealth(std::cout, std::cerr);
+  std::cerr << "usage: " << kUsage << "\n";
+  return 2;
+}

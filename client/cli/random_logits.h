@@ -1,0 +1,23 @@
+// Synthetic next-token logits for the CLI (`tokensampler sample --random`), shaped like real
+// model output as DESIGN.md's "Benchmark data" describes: per row, bulk values σ·N(0,1) with σ
+// drawn from U[2, 3), plus 1–8 peaked tokens, the top one at ln V + σ²/2 + U[-1, 6) and each next
+// one lower by an Exp(1) gap.
+// Reproducible: the values depend only on (seed, row, vocab_size), through our own generator
+// (SplitMix64) and our own bits → uniform / normal / exponential conversions, never on
+// standard-library distributions (whose output differs between implementations). Row r is the
+// same whatever the number of rows.
+// Pure functions: thread-safe.
+#ifndef TOKENSAMPLER_CLIENT_CLI_RANDOM_LOGITS_H_
+#define TOKENSAMPLER_CLIENT_CLI_RANDOM_LOGITS_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace tokensampler::cli {
+
+// Returns rows × vocab_size logits, row-major. REQUIRES: vocab_size > 0.
+std::vector<float> RandomLogits(uint32_t rows, uint32_t vocab_size, uint64_t seed);
+
+}  // namespace tokensampler::cli
+
+#endif  // TOKENSAMPLER_CLIENT_CLI_RANDOM_LOGITS_H_

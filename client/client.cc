@@ -1,0 +1,101 @@
+#include "client/client.h"
+
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/security/credentials.h>
+#include <grpcpp/support/channel_arguments.h>
+#include <grpcpp/support/stub_options.h>
+
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/notification.h"
+#include "client/health_check.pb.h"
+
+namespace tokensampler {
+namespace {
+
+namespace health = client_internal::health;
+
+// The full method name on the wire; our message copy lives in another package (see the proto).
+constexpr absl::string_view kHealthCheckMethod = "/grpc.health.v1.Health/Check";
+
+// Prepares `context` for one call: deadline and wait-for-ready.
+void Configure(grpc::ClientContext& context, absl::Duration timeout, const ClientOptions& options) {
+  const absl::Time deadline = absl::Now() + timeout;
+  if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
+  context.set_wait_for_ready(options.wait_for_ready);
+}
+
+}  // namespace
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  const int code = static_cast<int>(status.error_code());
+  // Both enums number the canonical codes 0..16 identically.
+  const auto absl_code = (code > 0 && code <= static_cast<int>(absl::StatusCode::kUnauthenticated))
+                             ? static_cast<absl::StatusCode>(code)
+                             : absl::StatusCode::kUnknown;
+  return {absl_code, status.error_message()};
+}
+
+absl::StatusOr<Client> Client::Create(absl::string_view target, const ClientOptions& options) {
+  if (target.empty() || target == "unix:" || target == "unix://") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("target must be host:port or unix:/path, got \"", target, "\""));
+  }
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, options.use_http_proxy ? 1 : 0);
+  std::shared_ptr<grpc::Channel> channel =
+      grpc::CreateCustomChannel(std::string(target), grpc::InsecureChannelCredentials(), args);
+  if (channel == nullptr) {
+    return absl::InternalError(absl::StrCat("could not create a channel to \"", target, "\""));
+  }
+  return Client(std::string(target), options, std::move(channel));
+}
+
+Client::Client(std::string target, const ClientOptions& options,
+               std::shared_ptr<grpc::Channel> channel)
+    : target_(std::move(target)),
+      options_(options),
+      channel_(std::move(channel)),
+      stub_(v1::Sampler::NewStub(channel_)) {}
+
+absl::StatusOr<v1::SampleResponse> Client::Sample(const v1::SampleRequest& request,
+                                                  absl::Duration timeout) const {
+  grpc::ClientContext context;
+  Configure(context, timeout, options_);
+  v1::SampleResponse response;
+  const grpc::Status status = stub_->Sample(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+absl::StatusOr<bool> Client::Health(absl::string_view service, absl::Duration timeout) const {
+  grpc::ClientContext context;
+  Configure(context, timeout, options_);
+  health::HealthCheckRequest request;
+  request.set_service(std::string(service));
+  health::HealthCheckResponse response;
+
+  // gRPC 1.51's generic stub has no blocking unary call: start the callback one and wait.
+  grpc::TemplatedGenericStub<health::HealthCheckRequest, health::HealthCheckResponse> stub(
+      channel_);
+  absl::Notification done;
+  grpc::Status status;
+  stub.UnaryCall(&context, std::string(kHealthCheckMethod), grpc::StubOptions(), &request,
+                 &response, [&status, &done](grpc::Status s) {
+                   status = std::move(s);
+                   done.Notify();
+                 });
+  done.WaitForNotification();
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response.status() == health::HealthCheckResponse::SERVING;
+}
+
+}  // namespace tokensampler

@@ -1,0 +1,91 @@
+// tokensampler::Client: the C++ client of the tokensampler.v1.Sampler service, for model workers.
+//
+// A Client owns one gRPC channel (insecure: TCP `host:port` or a Unix socket `unix:/path`) and
+// turns every RPC outcome into absl::Status / absl::StatusOr with the gRPC code and message
+// unchanged. The channel connects lazily and reconnects by itself; creating a Client does no I/O.
+//
+// Thread-safety: thread-safe. One Client may be shared by any number of threads; calls run
+// concurrently over the one channel (HTTP/2 multiplexes them).
+#ifndef TOKENSAMPLER_CLIENT_CLIENT_H_
+#define TOKENSAMPLER_CLIENT_CLIENT_H_
+
+#include <grpcpp/channel.h>
+#include <grpcpp/support/status.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "tokensampler/v1/sampler.grpc.pb.h"
+#include "tokensampler/v1/sampler.pb.h"
+
+namespace tokensampler {
+
+struct ClientOptions {
+  // Largest message the client sends or receives, in bytes; -1 = no limit. A bigger request
+  // fails locally with RESOURCE_EXHAUSTED. The server has its own limit (--max_message_bytes,
+  // default 256 MiB), which answers RESOURCE_EXHAUSTED as well.
+  int max_message_bytes = 256 << 20;
+
+  // When false (gRPC's default) a call fails at once with UNAVAILABLE while the channel cannot
+  // connect. When true it waits for the server until the call's timeout instead (useful right
+  // after starting a server).
+  bool wait_for_ready = false;
+
+  // gRPC honours http_proxy / https_proxy from the environment unless told not to. A worker
+  // talks to its sidecar or an in-cluster Service directly, so proxies are off by default.
+  bool use_http_proxy = false;
+};
+
+// Returns the absl::Status with the same code and message as `status` (gRPC and Abseil share the
+// canonical code numbers). OK maps to OK; a code outside the canonical set maps to UNKNOWN.
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+class Client {
+ public:
+  // Returns a client for `target`: "host:port" (e.g. "127.0.0.1:50051", "[::1]:50051"),
+  // "unix:/path/to.sock", or any other gRPC target URI ("dns:///name:port").
+  // Returns INVALID_ARGUMENT for an empty target or "unix:" without a path. Does not connect:
+  // an unreachable server shows up as UNAVAILABLE on the first call.
+  static absl::StatusOr<Client> Create(absl::string_view target, const ClientOptions& options = {});
+
+  Client(Client&&) = default;
+  Client& operator=(Client&&) = default;
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+  ~Client() = default;
+
+  // Runs one stateless sampling step (Sampler.Sample) and returns the response: Σ n results,
+  // row-major. `timeout` bounds the whole call; absl::InfiniteDuration() sets no deadline.
+  // Returns the server's status otherwise, e.g. INVALID_ARGUMENT naming the bad field and value,
+  // RESOURCE_EXHAUSTED over a message-size limit, UNAVAILABLE when the server is unreachable or
+  // shutting down, DEADLINE_EXCEEDED when `timeout` passes first.
+  absl::StatusOr<v1::SampleResponse> Sample(const v1::SampleRequest& request,
+                                            absl::Duration timeout) const;
+
+  // Asks the server's grpc.health.v1 health service (Health.Check) about `service`: "" for the
+  // server as a whole, or a service name such as "tokensampler.v1.Sampler".
+  // Returns true when SERVING, false for any other serving status (NOT_SERVING while shutting
+  // down, UNKNOWN). Returns NOT_FOUND when the server does not know `service`, and the call's
+  // status for any other failure (UNAVAILABLE, DEADLINE_EXCEEDED, UNIMPLEMENTED without a health
+  // service).
+  absl::StatusOr<bool> Health(absl::string_view service, absl::Duration timeout) const;
+
+  // The target this client was created with.
+  const std::string& target() const { return target_; }
+
+ private:
+  Client(std::string target, const ClientOptions& options, std::shared_ptr<grpc::Channel> channel);
+
+  std::string target_;
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::Sampler::Stub> stub_;
+};
+
+}  // namespace tokensampler
+
+#endif  // TOKENSAMPLER_CLIENT_CLIENT_H_

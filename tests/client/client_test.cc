@@ -1,0 +1,185 @@
+// The client library without a tokensampler server: status mapping, target validation, local
+// failures, and Health() against a plain gRPC server running gRPC's own health service (which
+// proves our copy of the grpc.health.v1 messages is wire-compatible).
+#include "client/client.h"
+
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <unistd.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
+#include "client/logits.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace tokensampler {
+namespace {
+
+using ::testing::HasSubstr;
+
+TEST(FromGrpcStatusTest, OkIsOk) { EXPECT_TRUE(FromGrpcStatus(grpc::Status::OK).ok()); }
+
+TEST(FromGrpcStatusTest, KeepsEveryCanonicalCodeAndMessage) {
+  for (int code = 1; code <= 16; ++code) {
+    const absl::Status status = FromGrpcStatus(
+        grpc::Status(static_cast<grpc::StatusCode>(code), absl::StrCat("message ", code)));
+    EXPECT_EQ(static_cast<int>(status.code()), code);
+    EXPECT_EQ(status.message(), absl::StrCat("message ", code));
+  }
+  EXPECT_EQ(FromGrpcStatus(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "x")).code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(FromGrpcStatus(grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, "x")).code(),
+            absl::StatusCode::kResourceExhausted);
+}
+
+TEST(FromGrpcStatusTest, UnknownCodeBecomesUnknown) {
+  const absl::Status status = FromGrpcStatus(grpc::Status(static_cast<grpc::StatusCode>(42), "m"));
+  EXPECT_EQ(status.code(), absl::StatusCode::kUnknown);
+  EXPECT_EQ(status.message(), "m");
+}
+
+TEST(ClientCreateTest, RejectsEmptyTargets) {
+  for (const char* target : {"", "unix:", "unix://"}) {
+    absl::StatusOr<Client> client = Client::Create(target);
+    EXPECT_EQ(client.status().code(), absl::StatusCode::kInvalidArgument) << target;
+    EXPECT_THAT(client.status().message(), HasSubstr("host:port or unix:/path")) << target;
+  }
+}
+
+TEST(ClientCreateTest, AcceptsTcpAndUnixTargetsWithoutConnecting) {
+  for (const char* target : {"127.0.0.1:50051", "localhost:1", "[::1]:50051",
+                             "unix:/nonexistent/ts.sock", "dns:///localhost:50051"}) {
+    absl::StatusOr<Client> client = Client::Create(target);
+    ASSERT_TRUE(client.ok()) << target << ": " << client.status();
+    EXPECT_EQ(client->target(), target);
+  }
+}
+
+// A Unix socket path nobody listens on: connecting fails at once, no port races.
+std::string DeadSocket() {
+  return absl::StrCat("unix:", ::testing::TempDir(), "/tokensampler_client_test_dead.sock");
+}
+
+v1::SampleRequest SmallRequest(int vocab = 4) {
+  v1::SampleRequest request;
+  std::vector<float> values(static_cast<size_t>(vocab), 0.0f);
+  *request.mutable_logits() = *MakeLogits(values, static_cast<uint32_t>(vocab), v1::DTYPE_FLOAT32);
+  request.add_rows();
+  return request;
+}
+
+TEST(ClientSampleTest, UnreachableServerIsUnavailable) {
+  absl::StatusOr<Client> client = Client::Create(DeadSocket());
+  ASSERT_TRUE(client.ok());
+  absl::StatusOr<v1::SampleResponse> response = client->Sample(SmallRequest(), absl::Seconds(10));
+  EXPECT_EQ(response.status().code(), absl::StatusCode::kUnavailable) << response.status();
+}
+
+TEST(ClientSampleTest, WaitForReadyWaitsUntilTheDeadline) {
+  ClientOptions options;
+  options.wait_for_ready = true;
+  absl::StatusOr<Client> client = Client::Create(DeadSocket(), options);
+  ASSERT_TRUE(client.ok());
+  absl::StatusOr<v1::SampleResponse> response =
+      client->Sample(SmallRequest(), absl::Milliseconds(200));
+  EXPECT_EQ(response.status().code(), absl::StatusCode::kDeadlineExceeded) << response.status();
+}
+
+// A gRPC server on a Unix socket with gRPC's built-in health service and the generated Sampler
+// base class, whose methods all answer UNIMPLEMENTED (no tokensampler code involved).
+class GrpcOnlyServer {
+ public:
+  GrpcOnlyServer() {
+    address_ = absl::StrCat("unix:", ::testing::TempDir(), "/tokensampler_client_test_", ::getpid(),
+                            ".sock");
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(address_, grpc::InsecureServerCredentials());
+    builder.RegisterService(&unimplemented_sampler_);
+    server_ = builder.BuildAndStart();
+    if (server_ == nullptr) ADD_FAILURE() << "cannot start a gRPC server on " << address_;
+  }
+  ~GrpcOnlyServer() {
+    if (server_ != nullptr) server_->Shutdown();
+  }
+
+  bool started() const { return server_ != nullptr; }
+  const std::string& address() const { return address_; }
+  // REQUIRES: the server started (the constructor reports a failure).
+  grpc::Server& server() { return *server_; }
+
+ private:
+  std::string address_;
+  v1::Sampler::Service unimplemented_sampler_;
+  std::unique_ptr<grpc::Server> server_;
+};
+
+TEST(ClientHealthTest, ReadsServingStatusFromGrpcHealthService) {
+  GrpcOnlyServer server;
+  ASSERT_TRUE(server.started());
+  ASSERT_NE(server.server().GetHealthCheckService(), nullptr);
+  server.server().GetHealthCheckService()->SetServingStatus("tokensampler.v1.Sampler", true);
+  absl::StatusOr<Client> client = Client::Create(server.address());
+  ASSERT_TRUE(client.ok());
+
+  absl::StatusOr<bool> overall = client->Health("", absl::Seconds(10));
+  ASSERT_TRUE(overall.ok()) << overall.status();
+  EXPECT_TRUE(*overall);
+  absl::StatusOr<bool> sampler = client->Health("tokensampler.v1.Sampler", absl::Seconds(10));
+  ASSERT_TRUE(sampler.ok()) << sampler.status();
+  EXPECT_TRUE(*sampler);
+
+  server.server().GetHealthCheckService()->SetServingStatus("tokensampler.v1.Sampler", false);
+  sampler = client->Health("tokensampler.v1.Sampler", absl::Seconds(10));
+  ASSERT_TRUE(sampler.ok()) << sampler.status();
+  EXPECT_FALSE(*sampler);
+
+  server.server().GetHealthCheckService()->SetServingStatus(false);  // what shutdown does
+  overall = client->Health("", absl::Seconds(10));
+  ASSERT_TRUE(overall.ok()) << overall.status();
+  EXPECT_FALSE(*overall);
+}
+
+TEST(ClientHealthTest, UnknownServiceIsNotFound) {
+  GrpcOnlyServer server;
+  ASSERT_TRUE(server.started());
+  absl::StatusOr<Client> client = Client::Create(server.address());
+  ASSERT_TRUE(client.ok());
+  absl::StatusOr<bool> serving = client->Health("no.such.Service", absl::Seconds(10));
+  EXPECT_EQ(serving.status().code(), absl::StatusCode::kNotFound) << serving.status();
+}
+
+TEST(ClientHealthTest, SampleOnAServerWithoutTheSamplerIsUnimplemented) {
+  GrpcOnlyServer server;
+  ASSERT_TRUE(server.started());
+  absl::StatusOr<Client> client = Client::Create(server.address());
+  ASSERT_TRUE(client.ok());
+  absl::StatusOr<v1::SampleResponse> response = client->Sample(SmallRequest(), absl::Seconds(10));
+  EXPECT_EQ(response.status().code(), absl::StatusCode::kUnimplemented) << response.status();
+}
+
+TEST(ClientHealthTest, UnreachableServerIsUnavailable) {
+  absl::StatusOr<Client> client = Client::Create(DeadSocket());
+  ASSERT_TRUE(client.ok());
+  absl::StatusOr<bool> serving = client->Health("", absl::Seconds(10));
+  EXPECT_EQ(serving.status().code(), absl::StatusCode::kUnavailable) << serving.status();
+}
+
+TEST(ClientSampleTest, RequestOverTheClientLimitIsResourceExhaustedLocally) {
+  GrpcOnlyServer server;  // would answer UNIMPLEMENTED if the request reached it
+  ASSERT_TRUE(server.started());
+  ClientOptions options;
+  options.max_message_bytes = 1024;
+  absl::StatusOr<Client> client = Client::Create(server.address(), options);
+  ASSERT_TRUE(client.ok());
+  absl::StatusOr<v1::SampleResponse> response =
+      client->Sample(SmallRequest(/*vocab=*/1024), absl::Seconds(10));
+  EXPECT_EQ(response.status().code(), absl::StatusCode::kResourceExhausted) << response.status();
+}
+
+}  // namespace
+}  // namespace tokensampler

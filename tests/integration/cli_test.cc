@@ -1,0 +1,353 @@
+// Integration: the `tokensampler` CLI binary and the C++ client library (tokensampler::Client)
+// against the real tokensamplerd binary, on 127.0.0.1:0 and on a temporary Unix socket.
+// The CLI runs as a child process; its stdout, stderr and exit code are checked.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "absl/time/time.h"
+#include "client/client.h"
+#include "client/logits.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/integration/daemon_process.h"
+
+#ifndef TOKENSAMPLERD_PATH
+#error "TOKENSAMPLERD_PATH must name the tokensamplerd binary"
+#endif
+#ifndef TOKENSAMPLER_CLI_PATH
+#error "TOKENSAMPLER_CLI_PATH must name the tokensampler CLI binary"
+#endif
+
+namespace tokensampler {
+namespace {
+
+using ::testing::AllOf;
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using ::testing::MatchesRegex;
+using ::testing::SizeIs;
+using ::testing::StartsWith;
+using ::tokensampler::testing::DaemonProcess;
+using ::tokensampler::testing::ReadWholeFile;
+using ::tokensampler::testing::UniqueTempPath;
+
+constexpr absl::Duration kTimeout = absl::Seconds(20);
+
+struct CliResult {
+  int exit_code = -1;
+  std::string out;
+  std::string err;
+};
+
+// Runs the CLI with `args` to completion (≤ 60 s, then SIGKILL) and returns what it printed.
+CliResult RunCli(const std::vector<std::string>& args) {
+  CliResult result;
+  const std::string out_path = UniqueTempPath("cli_out.txt");
+  const std::string err_path = UniqueTempPath("cli_err.txt");
+  std::vector<std::string> argv = {TOKENSAMPLER_CLI_PATH};
+  argv.insert(argv.end(), args.begin(), args.end());
+  std::vector<char*> argv_ptrs;
+  for (std::string& arg : argv) argv_ptrs.push_back(arg.data());
+  argv_ptrs.push_back(nullptr);
+
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_addopen(&actions, STDOUT_FILENO, out_path.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  posix_spawn_file_actions_addopen(&actions, STDERR_FILENO, err_path.c_str(),
+                                   O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  pid_t pid = -1;
+  const int rc = posix_spawn(&pid, argv[0].c_str(), &actions, nullptr, argv_ptrs.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  if (rc != 0) {
+    ADD_FAILURE() << "posix_spawn " << argv[0] << ": " << std::strerror(rc);
+    return result;
+  }
+  int status = 0;
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (absl::Now() > deadline) {
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      ADD_FAILURE() << "the CLI did not exit within 60 s";
+      break;
+    }
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  result.out = ReadWholeFile(out_path);
+  result.err = ReadWholeFile(err_path);
+  std::remove(out_path.c_str());
+  std::remove(err_path.c_str());
+  return result;
+}
+
+std::vector<std::string> Lines(const std::string& text) {
+  return absl::StrSplit(text, '\n', absl::SkipEmpty());
+}
+
+// Two rows of vocab 8 whose argmaxes are tokens 5 and 2 (runner-ups 1 and 6).
+const std::vector<float>& TwoRows() {
+  static const auto* const kRows = new std::vector<float>{
+      0.0f, 3.0f, -1.0f, 0.5f, 0.0f, 4.0f, -2.0f, 1.0f,   // row 0: 5, then 1
+      0.0f, 1.0f, 6.0f,  0.5f, 0.0f, 2.0f, 5.0f,  -1.0f,  // row 1: 2, then 6
+  };
+  return *kRows;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  void StartDaemon(const std::vector<std::string>& extra_args = {}) {
+    socket_path_ = UniqueTempPath("cli.sock");
+    std::vector<std::string> args = {"--listen=127.0.0.1:0",
+                                     absl::StrCat("--listen=unix:", socket_path_), "--threads=2"};
+    args.insert(args.end(), extra_args.begin(), extra_args.end());
+    absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon =
+        DaemonProcess::Start(TOKENSAMPLERD_PATH, args);
+    ASSERT_TRUE(daemon.ok()) << daemon.status();
+    daemon_ = *std::move(daemon);
+    ASSERT_THAT(daemon_->addresses(), SizeIs(2));
+  }
+
+  // Writes TwoRows() as a raw float32 file and returns its path.
+  std::string WriteTwoRowsFile() {
+    logits_path_ = UniqueTempPath("logits.f32");
+    std::ofstream out(logits_path_, std::ios::binary);
+    out << MakeLogits(TwoRows(), 8, v1::DTYPE_FLOAT32)->data();
+    return logits_path_;
+  }
+
+  void TearDown() override {
+    daemon_.reset();
+    if (!socket_path_.empty()) std::remove(socket_path_.c_str());
+    if (!logits_path_.empty()) std::remove(logits_path_.c_str());
+  }
+
+  std::string tcp() const { return daemon_->addresses()[0]; }
+  std::string unix_socket() const { return daemon_->addresses()[1]; }
+
+  std::unique_ptr<DaemonProcess> daemon_;
+  std::string socket_path_;
+  std::string logits_path_;
+};
+
+// --- the CLI ---
+
+TEST_F(CliTest, HealthPrintsServingOnTcpAndUnix) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  for (const std::string& target : {tcp(), unix_socket()}) {
+    const CliResult r = RunCli({"health", absl::StrCat("--target=", target)});
+    EXPECT_EQ(r.exit_code, 0) << target << ": " << r.err;
+    EXPECT_EQ(r.out, "SERVING\n") << target;
+  }
+  const CliResult sampler =
+      RunCli({"health", "--target=" + tcp(), "--service=tokensampler.v1.Sampler"});
+  EXPECT_EQ(sampler.exit_code, 0) << sampler.err;
+  EXPECT_EQ(sampler.out, "SERVING\n");
+}
+
+TEST_F(CliTest, GreedyFromFileWithLogprobs) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const std::string file = WriteTwoRowsFile();
+  for (const std::string& target : {tcp(), unix_socket()}) {
+    const CliResult r = RunCli({"sample", "--target=" + target, "--logits=" + file, "--vocab=8",
+                                "--temperature=0", "--logprobs=2"});
+    ASSERT_EQ(r.exit_code, 0) << target << ": " << r.err;
+    const std::vector<std::string> lines = Lines(r.out);
+    ASSERT_THAT(lines, SizeIs(2)) << r.out;
+    EXPECT_THAT(lines[0], MatchesRegex("row 0 sample 0: token 5 logprob -[0-9.e-]+ "
+                                       "\\[top: 5:-[0-9.e-]+ 1:-[0-9.e-]+\\] finish=none"));
+    EXPECT_THAT(lines[1], MatchesRegex("row 1 sample 0: token 2 logprob -[0-9.e-]+ "
+                                       "\\[top: 2:-[0-9.e-]+ 6:-[0-9.e-]+\\] finish=none"));
+  }
+}
+
+TEST_F(CliTest, RawLogitsModeReportsTheLogitsAsSent) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const std::string file = WriteTwoRowsFile();
+  const CliResult r = RunCli({"sample", "--target=" + tcp(), "--logits=" + file, "--vocab=8",
+                              "--temperature=0", "--logprobs=1", "--logprobs_mode=raw_logits"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(Lines(r.out),
+              ElementsAre("row 0 sample 0: token 5 logprob 4 [top: 5:4] finish=none",
+                          "row 1 sample 0: token 2 logprob 6 [top: 2:6] finish=none"));
+}
+
+TEST_F(CliTest, JsonOutput) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const std::string file = WriteTwoRowsFile();
+  const CliResult r = RunCli({"sample", "--target=" + tcp(), "--logits=" + file, "--vocab=8",
+                              "--dtype=f32", "--temperature=0", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(Lines(r.out), SizeIs(1));
+  EXPECT_THAT(r.out, AllOf(StartsWith("{\"results\":["), HasSubstr("\"token_id\":5"),
+                           HasSubstr("\"token_id\":2"), HasSubstr("\"row_index\":1")));
+}
+
+TEST_F(CliTest, SeededRandomSamplingIsReproducibleAcrossTransportsAndDTypes) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const std::vector<std::string> args = {"sample",        "--random",     "--rows=3",
+                                         "--vocab=32000", "--seed=11",    "--sample_seed=7",
+                                         "--n=4",         "--top_p=0.95", "--logprobs=3"};
+  std::vector<std::string> on_tcp = args;
+  on_tcp.push_back("--target=" + tcp());
+  std::vector<std::string> on_unix = args;
+  on_unix.push_back("--target=" + unix_socket());
+  const CliResult first = RunCli(on_tcp);
+  ASSERT_EQ(first.exit_code, 0) << first.err;
+  EXPECT_THAT(Lines(first.out), SizeIs(12));  // 3 rows × n = 4
+  const CliResult again = RunCli(on_unix);
+  ASSERT_EQ(again.exit_code, 0) << again.err;
+  EXPECT_EQ(first.out, again.out);
+
+  for (const char* dtype : {"--dtype=bf16", "--dtype=f16"}) {
+    std::vector<std::string> half = on_tcp;
+    half.push_back(dtype);
+    const CliResult r = RunCli(half);
+    EXPECT_EQ(r.exit_code, 0) << dtype << ": " << r.err;
+    EXPECT_THAT(Lines(r.out), SizeIs(12)) << dtype;
+  }
+}
+
+TEST_F(CliTest, InvalidArgumentPrintsTheServerMessageAndExitsOne) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const CliResult r = RunCli({"sample", "--target=" + tcp(), "--random", "--vocab=8", "--top_p=0"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(r.out, "");
+  EXPECT_THAT(r.err, StartsWith("error: INVALID_ARGUMENT: "));
+  EXPECT_THAT(r.err, HasSubstr("top_p"));
+  EXPECT_THAT(r.err, HasSubstr("got 0"));
+
+  const CliResult bias =
+      RunCli({"sample", "--target=" + tcp(), "--random", "--vocab=8", "--logit_bias=8:1"});
+  EXPECT_EQ(bias.exit_code, 1);
+  EXPECT_THAT(bias.err, StartsWith("error: INVALID_ARGUMENT: "));
+
+  // The server keeps serving. Without --logprobs no logprob is printed.
+  const CliResult ok = RunCli({"sample", "--target=" + tcp(), "--logits=" + WriteTwoRowsFile(),
+                               "--vocab=8", "--preset=greedy"});
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(ok.out,
+            "row 0 sample 0: token 5 finish=none\n"
+            "row 1 sample 0: token 2 finish=none\n");
+}
+
+TEST_F(CliTest, OversizedRequestIsResourceExhausted) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon({"--max_message_bytes=4096"}));
+  const CliResult r = RunCli({"sample", "--target=" + tcp(), "--random", "--vocab=2048"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, StartsWith("error: RESOURCE_EXHAUSTED: "));
+  const CliResult ok = RunCli({"sample", "--target=" + tcp(), "--random", "--vocab=64"});
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+}
+
+TEST_F(CliTest, StoppedServerIsUnavailable) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const std::string target = tcp();
+  absl::StatusOr<int> exit = daemon_->Stop(SIGTERM);
+  ASSERT_TRUE(exit.ok()) << exit.status();
+  EXPECT_EQ(*exit, 0);
+  const CliResult r = RunCli({"health", "--target=" + target, "--timeout_ms=5000"});
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.err, StartsWith("error: UNAVAILABLE: "));
+}
+
+// --- the C++ client library ---
+
+TEST_F(CliTest, ClientSamplesEveryDTypeOnBothTransports) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  for (const std::string& target : {tcp(), unix_socket()}) {
+    absl::StatusOr<Client> client = Client::Create(target);
+    ASSERT_TRUE(client.ok()) << client.status();
+    for (const v1::DType dtype : {v1::DTYPE_FLOAT32, v1::DTYPE_BFLOAT16, v1::DTYPE_FLOAT16}) {
+      v1::SampleRequest request;
+      *request.mutable_logits() = *MakeLogits(TwoRows(), 8, dtype);
+      for (int i = 0; i < 2; ++i) request.add_rows()->mutable_params()->set_temperature(0.0f);
+      absl::StatusOr<v1::SampleResponse> response = client->Sample(request, kTimeout);
+      ASSERT_TRUE(response.ok()) << target << " " << v1::DType_Name(dtype) << ": "
+                                 << response.status();
+      ASSERT_EQ(response->results_size(), 2);
+      EXPECT_EQ(response->results(0).token_id(), 5) << v1::DType_Name(dtype);
+      EXPECT_EQ(response->results(1).token_id(), 2) << v1::DType_Name(dtype);
+      EXPECT_EQ(response->results(1).row_index(), 1u);
+    }
+  }
+}
+
+TEST_F(CliTest, ClientSeededRowsRepeat) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  absl::StatusOr<Client> client = Client::Create(unix_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  v1::SampleRequest request;
+  std::vector<float> flat(1000, 0.0f);  // uniform: the seed alone decides
+  *request.mutable_logits() = *MakeLogits(flat, 1000, v1::DTYPE_FLOAT32);
+  v1::SamplingParams* params = request.add_rows()->mutable_params();
+  params->set_seed(1234);
+  params->set_n(8);
+  absl::StatusOr<v1::SampleResponse> first = client->Sample(request, kTimeout);
+  absl::StatusOr<v1::SampleResponse> second = client->Sample(request, kTimeout);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(first->results_size(), 8);
+  std::vector<int32_t> a, b;
+  for (const v1::SampledToken& t : first->results()) a.push_back(t.token_id());
+  for (const v1::SampledToken& t : second->results()) b.push_back(t.token_id());
+  EXPECT_EQ(a, b);
+}
+
+TEST_F(CliTest, ClientErrorsKeepCodeAndMessage) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon({"--max_message_bytes=4096"}));
+  absl::StatusOr<Client> client = Client::Create(tcp());
+  ASSERT_TRUE(client.ok()) << client.status();
+
+  v1::SampleRequest bad;
+  *bad.mutable_logits() = *MakeLogits(TwoRows(), 8, v1::DTYPE_FLOAT32);
+  bad.add_rows()->mutable_params()->set_temperature(-1.0f);
+  bad.add_rows();
+  absl::StatusOr<v1::SampleResponse> invalid = client->Sample(bad, kTimeout);
+  EXPECT_EQ(invalid.status().code(), absl::StatusCode::kInvalidArgument) << invalid.status();
+  EXPECT_THAT(invalid.status().message(), HasSubstr("rows[0].params.temperature"));
+
+  v1::SampleRequest big;
+  *big.mutable_logits() = *MakeLogits(std::vector<float>(2048, 0.0f), 2048, v1::DTYPE_FLOAT32);
+  big.add_rows();
+  absl::StatusOr<v1::SampleResponse> exhausted = client->Sample(big, kTimeout);
+  EXPECT_EQ(exhausted.status().code(), absl::StatusCode::kResourceExhausted) << exhausted.status();
+}
+
+TEST_F(CliTest, ClientHealth) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  absl::StatusOr<Client> client = Client::Create(unix_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  absl::StatusOr<bool> overall = client->Health("", kTimeout);
+  ASSERT_TRUE(overall.ok()) << overall.status();
+  EXPECT_TRUE(*overall);
+  absl::StatusOr<bool> sampler = client->Health("tokensampler.v1.Sampler", kTimeout);
+  ASSERT_TRUE(sampler.ok()) << sampler.status();
+  EXPECT_TRUE(*sampler);
+  EXPECT_EQ(client->Health("no.such.Service", kTimeout).status().code(),
+            absl::StatusCode::kNotFound);
+
+  ASSERT_TRUE(daemon_->Stop(SIGTERM).ok());
+  EXPECT_EQ(client->Health("", kTimeout).status().code(), absl::StatusCode::kUnavailable);
+}
+
+}  // namespace
+}  // namespace tokensampler
