@@ -8,7 +8,8 @@ namespace {
 
 bool EndsWith(absl::Span<const int32_t> seq, absl::Span<const int32_t> suffix) {
   return suffix.size() <= seq.size() &&
-         std::equal(suffix.begin(), suffix.end(), seq.end() - static_cast<ptrdiff_t>(suffix.size()));
+         std::equal(suffix.begin(), suffix.end(),
+                    seq.end() - static_cast<ptrdiff_t>(suffix.size()));
 }
 
 }  // namespace

@@ -10,9 +10,9 @@
 namespace tokensampler {
 namespace {
 
-constexpr Stage kDefaultOrder[] = {Stage::kTemperature,   Stage::kTopK,      Stage::kTopP,
-                                   Stage::kMinP,          Stage::kTypicalP,  Stage::kEpsilonCutoff,
-                                   Stage::kEtaCutoff,     Stage::kTopNSigma, Stage::kXtc};
+constexpr Stage kDefaultOrder[] = {Stage::kTemperature, Stage::kTopK,      Stage::kTopP,
+                                   Stage::kMinP,        Stage::kTypicalP,  Stage::kEpsilonCutoff,
+                                   Stage::kEtaCutoff,   Stage::kTopNSigma, Stage::kXtc};
 
 absl::Status Invalid(absl::string_view field, absl::string_view rule, float value) {
   return absl::InvalidArgumentError(absl::StrCat(field, " must be ", rule, ", got ", value));
@@ -30,8 +30,8 @@ absl::Status CheckRange(absl::string_view field, float v, float lo, bool lo_open
   if (std::isinf(hi)) {
     return Invalid(field, absl::StrCat(lo_open ? "> " : ">= ", lo, " and finite"), v);
   }
-  return Invalid(field,
-                 absl::StrCat("in ", lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]"), v);
+  return Invalid(field, absl::StrCat("in ", lo_open ? "(" : "[", lo, ", ", hi, hi_open ? ")" : "]"),
+                 v);
 }
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -102,8 +102,8 @@ absl::Status ValidateParams(const SamplingParams& p, int32_t vocab_size) {
     const auto& [id, bias] = p.logit_bias[i];
     RETURN_IF_ERROR(CheckToken("logit_bias key", id, vocab_size));
     if (std::isnan(bias) || bias == kInf) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "logit_bias[", id, "] must be finite or -inf (a ban), got ", bias));
+      return absl::InvalidArgumentError(
+          absl::StrCat("logit_bias[", id, "] must be finite or -inf (a ban), got ", bias));
     }
   }
   if (p.logprobs.has_value() && *p.logprobs < -1) {
@@ -115,8 +115,7 @@ absl::Status ValidateParams(const SamplingParams& p, int32_t vocab_size) {
   RETURN_IF_ERROR(CheckRange("epsilon_cutoff", p.epsilon_cutoff, 0.0f, false, 1.0f, true));
   RETURN_IF_ERROR(CheckRange("eta_cutoff", p.eta_cutoff, 0.0f, false, 1.0f, true));
   if (p.top_n_sigma.has_value() && !(*p.top_n_sigma > 0.0f && std::isfinite(*p.top_n_sigma))) {
-    return Invalid("top_n_sigma", "> 0 and finite (leave it unset to turn it off)",
-                   *p.top_n_sigma);
+    return Invalid("top_n_sigma", "> 0 and finite (leave it unset to turn it off)", *p.top_n_sigma);
   }
   RETURN_IF_ERROR(CheckRange("xtc_threshold", p.xtc_threshold, 0.0f, false, 1.0f, false));
   RETURN_IF_ERROR(CheckRange("xtc_probability", p.xtc_probability, 0.0f, false, 1.0f, false));
@@ -175,9 +174,9 @@ absl::Status ValidateParams(const SamplingParams& p, int32_t vocab_size) {
   if (!p.token_bitmask.empty()) {
     const size_t expected = (static_cast<size_t>(vocab_size) + 7) / 8;
     if (p.token_bitmask.size() != expected) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "token_bitmask must be ceil(vocab_size / 8) = ", expected, " bytes, got ",
-          p.token_bitmask.size()));
+      return absl::InvalidArgumentError(
+          absl::StrCat("token_bitmask must be ceil(vocab_size / 8) = ", expected, " bytes, got ",
+                       p.token_bitmask.size()));
     }
   }
 
@@ -185,8 +184,8 @@ absl::Status ValidateParams(const SamplingParams& p, int32_t vocab_size) {
     return Invalid("max_tokens", ">= 1", int64_t{*p.max_tokens});
   }
   if (p.max_tokens.has_value() && p.min_tokens > *p.max_tokens) {
-    return absl::InvalidArgumentError(absl::StrCat("min_tokens must be <= max_tokens (",
-                                                   *p.max_tokens, "), got ", p.min_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("min_tokens must be <= max_tokens (", *p.max_tokens, "), got ", p.min_tokens));
   }
   RETURN_IF_ERROR(CheckTokens("stop_token_ids", p.stop_token_ids, vocab_size));
   RETURN_IF_ERROR(CheckSequences("stop_token_sequences", p.stop_token_sequences, vocab_size));
@@ -209,8 +208,8 @@ absl::Status ValidateParams(const SamplingParams& p, int32_t vocab_size) {
     for (const auto& [stage, set] : configured) {
       if (set && std::find(p.sampler_order.begin(), p.sampler_order.end(), stage) ==
                      p.sampler_order.end()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            StageName(stage), " is set but sampler_order does not list it"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(StageName(stage), " is set but sampler_order does not list it"));
       }
     }
   }
@@ -218,8 +217,8 @@ absl::Status ValidateParams(const SamplingParams& p, int32_t vocab_size) {
     for (size_t j = 0; j < i; ++j) {
       if (p.sampler_order[i] == p.sampler_order[j]) {
         return absl::InvalidArgumentError(absl::StrCat("sampler_order lists ",
-                                                       StageName(p.sampler_order[i]),
-                                                       " twice (at ", j, " and ", i, ")"));
+                                                       StageName(p.sampler_order[i]), " twice (at ",
+                                                       j, " and ", i, ")"));
       }
     }
   }

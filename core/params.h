@@ -17,7 +17,12 @@
 namespace tokensampler {
 
 // What `logprob` / `top_logprobs` report (vLLM's logprobs_mode).
-enum class LogprobsMode : uint8_t { kRawLogprobs, kProcessedLogprobs, kRawLogits, kProcessedLogits };
+enum class LogprobsMode : uint8_t {
+  kRawLogprobs,
+  kProcessedLogprobs,
+  kRawLogits,
+  kProcessedLogits
+};
 
 // A reorderable stage of step 4–5 of the pipeline (llama.cpp's --samplers).
 enum class Stage : uint8_t {

@@ -32,9 +32,8 @@ void Penalties::Apply(absl::Span<float> logits, RowScratch& scratch) const {
 
   // The window: the last penalty_last_n tokens of prompt ++ output (0 = all of them).
   const size_t total = prompt.size() + output.size();
-  const size_t window = p.penalty_last_n > 0
-                            ? std::min(total, static_cast<size_t>(p.penalty_last_n))
-                            : total;
+  const size_t window =
+      p.penalty_last_n > 0 ? std::min(total, static_cast<size_t>(p.penalty_last_n)) : total;
   const size_t start = total - window;
   const auto window_prompt = prompt.subspan(std::min(start, prompt.size()));
   const auto window_output = output.subspan(start > prompt.size() ? start - prompt.size() : 0);
@@ -75,9 +74,8 @@ void Dry::Apply(absl::Span<float> logits, RowScratch& scratch) const {
   if (p.dry_multiplier == 0.0f || p.dry_penalty_last_n == 0) return;
   const History history(prompt, output);
   const size_t total = history.size();
-  const size_t n = p.dry_penalty_last_n < 0
-                       ? total
-                       : std::min(total, static_cast<size_t>(p.dry_penalty_last_n));
+  const size_t n =
+      p.dry_penalty_last_n < 0 ? total : std::min(total, static_cast<size_t>(p.dry_penalty_last_n));
   const size_t allowed = static_cast<size_t>(p.dry_allowed_length);
   if (n <= allowed) return;
   const size_t start = total - n;
@@ -142,9 +140,9 @@ void Dry::Apply(absl::Span<float> logits, RowScratch& scratch) const {
     const size_t t = static_cast<size_t>(token);
     const int32_t len = longest[t] - 1;
     longest[t] = 0;
-    const bool single_breaker = std::any_of(
-        p.dry_sequence_breakers.begin(), p.dry_sequence_breakers.end(),
-        [&](const TokenSequence& b) { return b.size() == 1 && b[0] == token; });
+    const bool single_breaker =
+        std::any_of(p.dry_sequence_breakers.begin(), p.dry_sequence_breakers.end(),
+                    [&](const TokenSequence& b) { return b.size() == 1 && b[0] == token; });
     if (single_breaker) continue;
     int32_t exponent = len - p.dry_allowed_length;
     if (max_exponent > 0 && exponent > max_exponent) exponent = max_exponent;

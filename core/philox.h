@@ -17,10 +17,10 @@ PhiloxCounter Philox4x32(PhiloxCounter counter, PhiloxKey key);
 
 // Why a draw is made; part of the counter so that different uses in one step never share bits.
 enum class DrawPurpose : uint32_t {
-  kToken = 0,     // the categorical draw of the token
-  kXtc = 1,       // XTC's coin
-  kAccept = 2,    // speculative decoding: accept / reject coins (one per position)
-  kRecover = 3,   // speculative decoding: residual draw
+  kToken = 0,    // the categorical draw of the token
+  kXtc = 1,      // XTC's coin
+  kAccept = 2,   // speculative decoding: accept / reject coins (one per position)
+  kRecover = 3,  // speculative decoding: residual draw
 };
 
 // A uniform double in [0, 1) with 53 random bits, keyed by (seed, step, sample, purpose, lane).

@@ -20,17 +20,17 @@ namespace tokensampler {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 struct RowScratch {
-  std::vector<float> logits;  // the processed row (steps 1–2), then the working copy for n = 1
-  std::vector<float> work;    // per-sample copy of `logits` when n > 1
+  std::vector<float> logits;    // the processed row (steps 1–2), then the working copy for n = 1
+  std::vector<float> work;      // per-sample copy of `logits` when n > 1
   std::vector<int32_t> counts;  // all zero between uses (penalties reset what they touch)
   std::vector<uint8_t> marks;   // all zero between uses
-  std::vector<std::pair<float, int32_t>> pairs;  // selection / sort scratch
-  std::vector<double> weights;                   // exp(l - max) per token
-  std::vector<int32_t> ints;                     // DRY: Z-function
-  std::vector<int32_t> touched;                  // DRY: tokens with a penalty
+  std::vector<std::pair<float, int32_t>> pairs;    // selection / sort scratch
+  std::vector<double> weights;                     // exp(l - max) per token
+  std::vector<int32_t> ints;                       // DRY: Z-function
+  std::vector<int32_t> touched;                    // DRY: tokens with a penalty
   std::vector<std::pair<double, int32_t>> scored;  // typical_p: (score, id)
-  std::vector<TokenLogprob> raw_top;             // raw-mode top-N, shared by the row's samples
-  absl::BitGen entropy;                          // seeds for rows without a seed
+  std::vector<TokenLogprob> raw_top;               // raw-mode top-N, shared by the row's samples
+  absl::BitGen entropy;                            // seeds for rows without a seed
 
   // Sizes the per-vocabulary buffers for `vocab_size` (only ever grows).
   void Reserve(int vocab_size);

@@ -29,8 +29,8 @@ absl::Status CheckHistory(size_t row, absl::string_view field, absl::Span<const 
                           int32_t vocab_size) {
   for (size_t i = 0; i < ids.size(); ++i) {
     if (ids[i] < 0 || ids[i] >= vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("rows[", row, "].", field, "[", i, "] = ",
-                                                     ids[i], " is out of range [0, ",
+      return absl::InvalidArgumentError(absl::StrCat("rows[", row, "].", field, "[", i,
+                                                     "] = ", ids[i], " is out of range [0, ",
                                                      vocab_size, ")"));
     }
   }
@@ -112,26 +112,28 @@ void FillLogprobs(const SamplingParams& p, const LogitsView& view, int row, int3
       break;
     case LogprobsMode::kProcessedLogits:
       out.logprob = processed[static_cast<size_t>(token)];
-      TopValues(processed, n, [](float l) { return l; }, scratch.pairs, out.top_logprobs);
+      TopValues(
+          processed, n, [](float l) { return l; }, scratch.pairs, out.top_logprobs);
       break;
     case LogprobsMode::kProcessedLogprobs: {
       const Normalizer norm = Normalizer::Of(processed);
       out.logprob = norm.LogProb(processed[static_cast<size_t>(token)]);
-      TopValues(processed, n, [&](float l) { return norm.LogProb(l); }, scratch.pairs,
-                out.top_logprobs);
+      TopValues(
+          processed, n, [&](float l) { return norm.LogProb(l); }, scratch.pairs, out.top_logprobs);
       break;
     }
   }
 }
 
-absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req,
-                       RowScratch& scratch, SampledToken* results) {
+absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
+                       SampledToken* results) {
   const SamplingParams& p = *req.params;
   const int32_t vocab = view.vocab_size();
   const size_t r = static_cast<size_t>(row);
   RETURN_IF_ERROR(CheckHistory(r, "prompt_token_ids", req.prompt_token_ids, vocab));
   RETURN_IF_ERROR(CheckHistory(r, "output_token_ids", req.output_token_ids, vocab));
-  if (p.max_tokens.has_value() && req.output_token_ids.size() >= static_cast<size_t>(*p.max_tokens)) {
+  if (p.max_tokens.has_value() &&
+      req.output_token_ids.size() >= static_cast<size_t>(*p.max_tokens)) {
     return absl::InvalidArgumentError(absl::StrCat(
         "rows[", r, "].output_token_ids has ", req.output_token_ids.size(),
         " tokens and max_tokens is ", *p.max_tokens, ": the sequence has already finished"));
@@ -146,16 +148,18 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req,
 
   // Raw logprobs are taken before any stage touches the row.
   const bool wants_logprobs = p.logprobs.has_value();
-  const bool raw_mode = p.logprobs_mode == LogprobsMode::kRawLogprobs ||
-                        p.logprobs_mode == LogprobsMode::kRawLogits;
+  const bool raw_mode =
+      p.logprobs_mode == LogprobsMode::kRawLogprobs || p.logprobs_mode == LogprobsMode::kRawLogits;
   Normalizer raw_norm;
   if (wants_logprobs && raw_mode) {
     if (p.logprobs_mode == LogprobsMode::kRawLogprobs) {
       raw_norm = Normalizer::Of(logits);
-      TopValues(logits, *p.logprobs, [&](float l) { return raw_norm.LogProb(l); }, scratch.pairs,
-                scratch.raw_top);
+      TopValues(
+          logits, *p.logprobs, [&](float l) { return raw_norm.LogProb(l); }, scratch.pairs,
+          scratch.raw_top);
     } else {
-      TopValues(logits, *p.logprobs, [](float l) { return l; }, scratch.pairs, scratch.raw_top);
+      TopValues(
+          logits, *p.logprobs, [](float l) { return l; }, scratch.pairs, scratch.raw_top);
     }
   }
 
@@ -167,9 +171,10 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req,
 
   const auto [max, argmax] = Argmax(logits);
   if (argmax < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "rows[", r, "]: every token is masked (by the logits themselves, allowed_token_ids, "
-        "bad_words, min_tokens, token_bitmask, logit_bias or no_repeat_ngram_size)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("rows[", r,
+                     "]: every token is masked (by the logits themselves, allowed_token_ids, "
+                     "bad_words, min_tokens, token_bitmask, logit_bias or no_repeat_ngram_size)"));
   }
   if (max == kPosInf) {
     // +inf logits dominate: the row is uniform over them.
@@ -193,8 +198,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req,
         work = absl::Span<float>(scratch.work.data(), logits.size());
         std::copy(logits.begin(), logits.end(), work.begin());
       }
-      out.token_id =
-          SampleOne(p, work, seed, step, out.sample_index, mu_in, &mu, scratch);
+      out.token_id = SampleOne(p, work, seed, step, out.sample_index, mu_in, &mu, scratch);
       processed = work;
     }
     if (p.mirostat_mode != 0) out.mirostat_mu = mu;
@@ -215,8 +219,8 @@ Sampler::~Sampler() = default;
 absl::StatusOr<std::vector<SampledToken>> Sampler::Run(const LogitsView& logits,
                                                        absl::Span<const RowRequest> rows) const {
   if (rows.size() != static_cast<size_t>(logits.rows())) {
-    return absl::InvalidArgumentError(absl::StrCat("rows has ", rows.size(),
-                                                   " entries but logits.rows is ", logits.rows()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("rows has ", rows.size(), " entries but logits.rows is ", logits.rows()));
   }
   std::vector<size_t> offsets(rows.size() + 1, 0);
   for (size_t r = 0; r < rows.size(); ++r) {
@@ -224,14 +228,14 @@ absl::StatusOr<std::vector<SampledToken>> Sampler::Run(const LogitsView& logits,
   }
   std::vector<SampledToken> results(offsets.back());
   std::vector<absl::Status> statuses(rows.size());
-  tbb::parallel_for(tbb::blocked_range<size_t>(0, rows.size()),
-                    [&](const tbb::blocked_range<size_t>& range) {
-                      RowScratch& scratch = scratch_->per_thread.local();
-                      for (size_t r = range.begin(); r != range.end(); ++r) {
-                        statuses[r] = SampleRow(logits, static_cast<int>(r), rows[r], scratch,
-                                                results.data() + offsets[r]);
-                      }
-                    });
+  tbb::parallel_for(
+      tbb::blocked_range<size_t>(0, rows.size()), [&](const tbb::blocked_range<size_t>& range) {
+        RowScratch& scratch = scratch_->per_thread.local();
+        for (size_t r = range.begin(); r != range.end(); ++r) {
+          statuses[r] =
+              SampleRow(logits, static_cast<int>(r), rows[r], scratch, results.data() + offsets[r]);
+        }
+      });
   for (absl::Status& status : statuses) {
     if (!status.ok()) return std::move(status);
   }

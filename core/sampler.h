@@ -39,11 +39,11 @@ struct TokenLogprob {
 // One drawn token.
 struct SampledToken {
   int32_t token_id = 0;
-  float logprob = 0.0f;                   // in the row's logprobs_mode
-  std::vector<TokenLogprob> top_logprobs; // by descending value, ties by ascending id
+  float logprob = 0.0f;                    // in the row's logprobs_mode
+  std::vector<TokenLogprob> top_logprobs;  // by descending value, ties by ascending id
   FinishReason finish_reason = FinishReason::kNone;
-  std::optional<int32_t> stop_token_id;          // finish_reason == kStop by a stop token id
-  std::optional<uint32_t> stop_sequence_index;   // finish_reason == kStop by a stop sequence
+  std::optional<int32_t> stop_token_id;         // finish_reason == kStop by a stop token id
+  std::optional<uint32_t> stop_sequence_index;  // finish_reason == kStop by a stop sequence
   uint32_t row_index = 0;
   uint32_t sample_index = 0;
   std::optional<float> mirostat_mu;  // updated μ, mirostat rows only

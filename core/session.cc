@@ -58,9 +58,9 @@ absl::Status SequenceTable::Add(uint64_t id, SamplingParams params, std::vector<
         "n must be 1 in a session (fork the sequence for more samples), got ", params.n));
   }
   if (static_cast<int64_t>(prompt.size()) > limits_.max_history_tokens) {
-    return absl::ResourceExhaustedError(
-        absl::StrCat("prompt_token_ids has ", prompt.size(), " tokens; the limit is ",
-                     limits_.max_history_tokens));
+    return absl::ResourceExhaustedError(absl::StrCat("prompt_token_ids has ", prompt.size(),
+                                                     " tokens; the limit is ",
+                                                     limits_.max_history_tokens));
   }
   RETURN_IF_ERROR(CheckCapacity(1));
   Sequence& seq = sequences_[id];

@@ -23,8 +23,8 @@
 namespace tokensampler {
 
 struct SessionLimits {
-  int64_t max_sequences = 4096;           // live sequences per table
-  int64_t max_history_tokens = 1 << 20;   // prompt + output tokens per sequence
+  int64_t max_sequences = 4096;          // live sequences per table
+  int64_t max_history_tokens = 1 << 20;  // prompt + output tokens per sequence
 };
 
 class SequenceTable {
@@ -67,7 +67,7 @@ class SequenceTable {
     std::optional<float> mirostat_mu;
     uint32_t sample_index = 0;
     std::shared_ptr<uint32_t> family_samples;  // sample indexes handed out in this family
-    int32_t validated_vocab = 0;  // params already validated for this vocabulary size
+    int32_t validated_vocab = 0;               // params already validated for this vocabulary size
   };
 
   absl::Status CheckCapacity(int64_t more) const;

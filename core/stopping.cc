@@ -6,7 +6,7 @@ namespace tokensampler {
 
 Finish CheckFinish(const SamplingParams& p, absl::Span<const int32_t> output, int32_t token) {
   Finish finish;
-  const size_t length = output.size() + 1;  // with the new token
+  const size_t length = output.size() + 1;                        // with the new token
   if (length < static_cast<size_t>(p.min_tokens)) return finish;  // ≤ max_tokens (validated)
   const auto contains = [token](const std::vector<int32_t>& ids) {
     return std::find(ids.begin(), ids.end(), token) != ids.end();

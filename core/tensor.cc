@@ -65,10 +65,10 @@ absl::StatusOr<LogitsView> LogitsView::Create(DType dtype, uint32_t rows, uint32
   }
   const uint64_t expected = uint64_t{rows} * vocab_size * DTypeSize(dtype);
   if (bytes.size() != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "logits.data has ", bytes.size(), " bytes, expected rows × vocab_size × ",
-        DTypeSize(dtype), " = ", rows, " × ", vocab_size, " × ", DTypeSize(dtype), " = ",
-        expected, " for ", DTypeName(dtype)));
+    return absl::InvalidArgumentError(
+        absl::StrCat("logits.data has ", bytes.size(), " bytes, expected rows × vocab_size × ",
+                     DTypeSize(dtype), " = ", rows, " × ", vocab_size, " × ", DTypeSize(dtype),
+                     " = ", expected, " for ", DTypeName(dtype)));
   }
   LogitsView view;
   view.data_ = bytes.data();

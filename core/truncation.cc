@@ -217,8 +217,7 @@ int32_t Draw(absl::Span<const float> logits, double coin, RowScratch& scratch) {
   return DrawFromWeights(scratch.weights, logits.size(), total, coin);
 }
 
-Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin,
-                                 RowScratch& scratch) const {
+Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin, RowScratch& scratch) const {
   Pairs& sorted = scratch.pairs;
   SortedKept(logits, sorted);
   if (mode == 1) {
@@ -228,7 +227,8 @@ Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin,
     double sum_ti_sq = 0.0;
     for (size_t i = 0; i + 1 < std::min(kM, sorted.size()); ++i) {
       const double t_i = std::log(static_cast<double>(i + 2) / static_cast<double>(i + 1));
-      const double b_i = static_cast<double>(sorted[i].first) - sorted[i + 1].first;  // log q_i/q_i+1
+      const double b_i =
+          static_cast<double>(sorted[i].first) - sorted[i + 1].first;  // log q_i/q_i+1
       sum_ti_bi += t_i * b_i;
       sum_ti_sq += t_i * t_i;
     }
@@ -239,7 +239,8 @@ Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin,
                               1.0 / s_hat);
     // Degenerate estimates (a flat head: s = 0, one token) keep every token.
     const double n = static_cast<double>(sorted.size());
-    const size_t keep = std::isfinite(k) ? static_cast<size_t>(std::clamp(k, 1.0, n)) : sorted.size();
+    const size_t keep =
+        std::isfinite(k) ? static_cast<size_t>(std::clamp(k, 1.0, n)) : sorted.size();
     for (size_t i = keep; i < sorted.size(); ++i) {
       logits[static_cast<size_t>(sorted[i].second)] = kNegInf;
     }
@@ -261,8 +262,8 @@ Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin,
   }
   const int32_t token = Draw(logits, coin, scratch);
   const Normalizer norm = Normalizer::Of(logits);
-  const double surprise = -static_cast<double>(norm.LogProb(logits[static_cast<size_t>(token)])) /
-                          std::log(2.0);
+  const double surprise =
+      -static_cast<double>(norm.LogProb(logits[static_cast<size_t>(token)])) / std::log(2.0);
   return {token, static_cast<float>(static_cast<double>(mu) -
                                     static_cast<double>(eta) * (surprise - tau))};
 }

@@ -23,7 +23,8 @@
 #include "tbb/task_arena.h"
 #include "tests/bench/chain.h"
 
-ABSL_FLAG(std::string, logits, "", "raw logits file (row-major); rows = size / (vocab · dtype size)");
+ABSL_FLAG(std::string, logits, "",
+          "raw logits file (row-major); rows = size / (vocab · dtype size)");
 ABSL_FLAG(bool, generate, false, "generate DESIGN.md's realistic logits instead of --logits");
 ABSL_FLAG(int, rows, 64, "rows to generate");
 ABSL_FLAG(int, vocab, 128256, "vocabulary size");
@@ -76,9 +77,12 @@ int Main() {
   const int vocab = absl::GetFlag(FLAGS_vocab);
   const std::string dtype_name = absl::GetFlag(FLAGS_dtype);
   DType dtype;
-  if (dtype_name == "f32") dtype = DType::kFloat32;
-  else if (dtype_name == "bf16") dtype = DType::kBFloat16;
-  else if (dtype_name == "f16") dtype = DType::kFloat16;
+  if (dtype_name == "f32")
+    dtype = DType::kFloat32;
+  else if (dtype_name == "bf16")
+    dtype = DType::kBFloat16;
+  else if (dtype_name == "f16")
+    dtype = DType::kFloat16;
   else {
     std::cerr << "error: --dtype must be f32, bf16 or f16, got " << dtype_name << "\n";
     return 2;
@@ -90,15 +94,16 @@ int Main() {
   const size_t row_bytes = static_cast<size_t>(vocab) * DTypeSize(dtype);
   std::vector<uint8_t> bytes;
   if (absl::GetFlag(FLAGS_generate)) {
-    const std::vector<float> values = cli::RandomLogits(
-        static_cast<uint32_t>(absl::GetFlag(FLAGS_rows)), static_cast<uint32_t>(vocab),
-        absl::GetFlag(FLAGS_seed));
+    const std::vector<float> values =
+        cli::RandomLogits(static_cast<uint32_t>(absl::GetFlag(FLAGS_rows)),
+                          static_cast<uint32_t>(vocab), absl::GetFlag(FLAGS_seed));
     bytes.resize(values.size() * DTypeSize(dtype));
     for (size_t i = 0; i < values.size(); ++i) {
       if (dtype == DType::kFloat32) {
         std::memcpy(bytes.data() + 4 * i, &values[i], 4);
       } else {
-        const uint16_t h = dtype == DType::kBFloat16 ? FloatToBf16(values[i]) : FloatToFp16(values[i]);
+        const uint16_t h =
+            dtype == DType::kBFloat16 ? FloatToBf16(values[i]) : FloatToFp16(values[i]);
         std::memcpy(bytes.data() + 2 * i, &h, 2);
       }
     }

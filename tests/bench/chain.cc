@@ -34,24 +34,42 @@ absl::StatusOr<Chain> ParseChain(absl::string_view spec) {
                       absl::StrCat("chain value for ", kv.first, " is not a number: ", kv.second));
     };
     absl::Status status = absl::OkStatus();
-    if (kv.first == "temperature") status = need(is_float), p.temperature = f;
-    else if (kv.first == "top_k") status = need(is_int), p.top_k = i;
-    else if (kv.first == "top_p") status = need(is_float), p.top_p = f;
-    else if (kv.first == "min_p") status = need(is_float), p.min_p = f;
-    else if (kv.first == "typical_p") status = need(is_float), p.typical_p = f;
-    else if (kv.first == "epsilon_cutoff") status = need(is_float), p.epsilon_cutoff = f;
-    else if (kv.first == "eta_cutoff") status = need(is_float), p.eta_cutoff = f;
-    else if (kv.first == "top_n_sigma") status = need(is_float), p.top_n_sigma = f;
-    else if (kv.first == "xtc_probability") status = need(is_float), p.xtc_probability = f;
-    else if (kv.first == "xtc_threshold") status = need(is_float), p.xtc_threshold = f;
-    else if (kv.first == "repetition_penalty") status = need(is_float), p.repetition_penalty = f;
-    else if (kv.first == "frequency_penalty") status = need(is_float), p.frequency_penalty = f;
-    else if (kv.first == "presence_penalty") status = need(is_float), p.presence_penalty = f;
-    else if (kv.first == "dry_multiplier") status = need(is_float), p.dry_multiplier = f;
-    else if (kv.first == "mirostat_mode") status = need(is_int), p.mirostat_mode = i;
-    else if (kv.first == "logprobs") status = need(is_int), p.logprobs = i;
-    else if (kv.first == "history") status = need(is_int), chain.history_tokens = i;
-    else status = absl::InvalidArgumentError(absl::StrCat("unknown chain key: ", kv.first));
+    if (kv.first == "temperature")
+      status = need(is_float), p.temperature = f;
+    else if (kv.first == "top_k")
+      status = need(is_int), p.top_k = i;
+    else if (kv.first == "top_p")
+      status = need(is_float), p.top_p = f;
+    else if (kv.first == "min_p")
+      status = need(is_float), p.min_p = f;
+    else if (kv.first == "typical_p")
+      status = need(is_float), p.typical_p = f;
+    else if (kv.first == "epsilon_cutoff")
+      status = need(is_float), p.epsilon_cutoff = f;
+    else if (kv.first == "eta_cutoff")
+      status = need(is_float), p.eta_cutoff = f;
+    else if (kv.first == "top_n_sigma")
+      status = need(is_float), p.top_n_sigma = f;
+    else if (kv.first == "xtc_probability")
+      status = need(is_float), p.xtc_probability = f;
+    else if (kv.first == "xtc_threshold")
+      status = need(is_float), p.xtc_threshold = f;
+    else if (kv.first == "repetition_penalty")
+      status = need(is_float), p.repetition_penalty = f;
+    else if (kv.first == "frequency_penalty")
+      status = need(is_float), p.frequency_penalty = f;
+    else if (kv.first == "presence_penalty")
+      status = need(is_float), p.presence_penalty = f;
+    else if (kv.first == "dry_multiplier")
+      status = need(is_float), p.dry_multiplier = f;
+    else if (kv.first == "mirostat_mode")
+      status = need(is_int), p.mirostat_mode = i;
+    else if (kv.first == "logprobs")
+      status = need(is_int), p.logprobs = i;
+    else if (kv.first == "history")
+      status = need(is_int), chain.history_tokens = i;
+    else
+      status = absl::InvalidArgumentError(absl::StrCat("unknown chain key: ", kv.first));
     if (!status.ok()) return status;
   }
   return chain;

@@ -23,10 +23,10 @@ void BM_Chain(benchmark::State& state, const std::string& spec) {
   Sampler sampler;
   int row = 0;
   for (auto _ : state) {
-    auto view = LogitsView::Create(
-        DType::kFloat32, 1, static_cast<uint32_t>(vocab),
-        absl::MakeConstSpan(bytes.data() + static_cast<size_t>(row) * vocab * 4,
-                            static_cast<size_t>(vocab) * 4));
+    auto view =
+        LogitsView::Create(DType::kFloat32, 1, static_cast<uint32_t>(vocab),
+                           absl::MakeConstSpan(bytes.data() + static_cast<size_t>(row) * vocab * 4,
+                                               static_cast<size_t>(vocab) * 4));
     const RowRequest req{&chain.params, {}, history, std::nullopt};
     benchmark::DoNotOptimize(sampler.Run(*view, {&req, 1}));
     row = (row + 1) % kRows;

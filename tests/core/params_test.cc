@@ -156,8 +156,8 @@ TEST(ValidateParamsTest, DefaultsAndBoundariesAreValid) {
 }
 
 TEST(PresetTest, KnownPresetsValidateAndAliasesMatch) {
-  for (const char* name : {"greedy", "deterministic", "precise", "code", "balanced",
-                           "conversation", "creative", "brainstorm"}) {
+  for (const char* name : {"greedy", "deterministic", "precise", "code", "balanced", "conversation",
+                           "creative", "brainstorm"}) {
     auto p = PresetParams(name);
     ASSERT_TRUE(p.ok()) << name;
     EXPECT_TRUE(ValidateParams(*p, kVocab).ok()) << name;

@@ -141,9 +141,9 @@ TEST(DryTest, PenalisesTokensThatExtendRepeats) {
   p.dry_allowed_length = 2;
   const std::vector<int32_t> prompt = {0, 1, 2, 2, 1};
   const std::vector<int32_t> output = {2, 3, 0, 1, 2};
-  EXPECT_THAT(ProcessedLogits({0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, p, prompt, output),
-              ElementsAre(FloatEq(0.0f), FloatEq(0.0f), FloatEq(-1.4f), FloatEq(-0.8f),
-                          FloatEq(0.0f)));
+  EXPECT_THAT(
+      ProcessedLogits({0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, p, prompt, output),
+      ElementsAre(FloatEq(0.0f), FloatEq(0.0f), FloatEq(-1.4f), FloatEq(-0.8f), FloatEq(0.0f)));
 }
 
 TEST(DryTest, SequenceBreakersLimitAndExempt) {
@@ -181,10 +181,10 @@ TEST(DryTest, LongRepeatGrowsExponentially) {
   p.dry_multiplier = 1.0f;
   p.dry_base = 2.0f;
   // 5 6 7 8 9 5 6 7 8: emitting 9 would extend a repeat of length 4 → 2^(4−2) = 4.
-  EXPECT_THAT(ProcessedLogits(std::vector<float>(10, 0.0f), p, {5, 6, 7, 8, 9, 5, 6, 7, 8}, {}),
-              ElementsAre(FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f),
-                          FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f),
-                          FloatEq(0.0f), FloatEq(-4.0f)));
+  EXPECT_THAT(
+      ProcessedLogits(std::vector<float>(10, 0.0f), p, {5, 6, 7, 8, 9, 5, 6, 7, 8}, {}),
+      ElementsAre(FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f),
+                  FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f), FloatEq(0.0f), FloatEq(-4.0f)));
 }
 
 TEST(NoRepeatNgramTest, BansCompletionsOfSeenNgrams) {
@@ -200,9 +200,9 @@ TEST(NoRepeatNgramTest, BansCompletionsOfSeenNgrams) {
   EXPECT_THAT(ProcessedLogits(flat, p, {1, 2, 3}, {1, 2}),
               ElementsAre(FloatEq(1.0f), kNegInf, kNegInf, kNegInf, FloatEq(1.0f)));
   p.no_repeat_ngram_size = 6;  // longer than the history + 1: nothing
-  EXPECT_THAT(ProcessedLogits(flat, p, {1, 2, 3}, {1}),
-              ElementsAre(FloatEq(1.0f), FloatEq(1.0f), FloatEq(1.0f), FloatEq(1.0f),
-                          FloatEq(1.0f)));
+  EXPECT_THAT(
+      ProcessedLogits(flat, p, {1, 2, 3}, {1}),
+      ElementsAre(FloatEq(1.0f), FloatEq(1.0f), FloatEq(1.0f), FloatEq(1.0f), FloatEq(1.0f)));
 }
 
 }  // namespace

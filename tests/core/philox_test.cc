@@ -32,7 +32,8 @@ TEST(PhiloxTest, UniformIsInUnitIntervalAndKeyedByEveryCoordinate) {
     }
   }
   EXPECT_EQ(seen.size(), 3u * 3u * 2u * 2u);
-  EXPECT_EQ(UniformDouble(7, 3, 1, DrawPurpose::kToken), UniformDouble(7, 3, 1, DrawPurpose::kToken));
+  EXPECT_EQ(UniformDouble(7, 3, 1, DrawPurpose::kToken),
+            UniformDouble(7, 3, 1, DrawPurpose::kToken));
 }
 
 TEST(PhiloxTest, UniformMeanIsHalf) {

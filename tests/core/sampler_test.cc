@@ -155,8 +155,8 @@ std::vector<std::vector<int32_t>> RunRows(const Batch& b, const std::vector<int>
   for (int r : order) {
     const auto begin = b.logits.begin() + static_cast<ptrdiff_t>(r) * b.vocab;
     logits.insert(logits.end(), begin, begin + b.vocab);
-    rows.push_back({&b.params[static_cast<size_t>(r)], {}, b.outputs[static_cast<size_t>(r)],
-                    std::nullopt});
+    rows.push_back(
+        {&b.params[static_cast<size_t>(r)], {}, b.outputs[static_cast<size_t>(r)], std::nullopt});
   }
   const std::vector<uint8_t> bytes = F32Bytes(logits);
   auto view = LogitsView::Create(DType::kFloat32, static_cast<uint32_t>(order.size()),
@@ -181,7 +181,8 @@ TEST(DeterminismTest, SameTokensWhateverBatchLayoutOrThreads) {
   EXPECT_EQ(RunRows(b, reversed), reference);
 
   std::vector<std::vector<int32_t>> alone(40);
-  for (int r = 0; r < 40; ++r) alone[static_cast<size_t>(r)] = RunRows(b, {r})[static_cast<size_t>(r)];
+  for (int r = 0; r < 40; ++r)
+    alone[static_cast<size_t>(r)] = RunRows(b, {r})[static_cast<size_t>(r)];
   EXPECT_EQ(alone, reference);
 
   for (int threads : {1, 2, 4, 8}) {
@@ -256,7 +257,7 @@ TEST(LogprobsTest, CountsAndTies) {
   SamplingParams p;
   p.seed = 1;
   EXPECT_TRUE(One(kRamp, p).top_logprobs.empty());  // unset: none
-  p.logprobs = 0;  // only the sampled token
+  p.logprobs = 0;                                   // only the sampled token
   SampledToken t = One(kRamp, p);
   EXPECT_TRUE(t.top_logprobs.empty());
   EXPECT_LT(t.logprob, 0.0f);

@@ -97,7 +97,8 @@ TEST(SequenceTableTest, EquivalentToSampleWithFullHistories) {
       logits.insert(logits.end(), row.begin(), row.end());
     }
     const auto bytes = F32Bytes(logits);
-    auto view = LogitsView::Create(DType::kFloat32, static_cast<uint32_t>(ids.size()), kVocab, bytes);
+    auto view =
+        LogitsView::Create(DType::kFloat32, static_cast<uint32_t>(ids.size()), kVocab, bytes);
     // Reference: a stateless batch with full histories.
     std::vector<RowRequest> rows;
     for (uint64_t id : ids) {
@@ -125,7 +126,7 @@ TEST(SequenceTableTest, EquivalentToSampleWithFullHistories) {
       }
     }
   }
-  EXPECT_GT(finished, 20);  // EOS and max_tokens both occur
+  EXPECT_GT(finished, 20);     // EOS and max_tokens both occur
   EXPECT_EQ(table.size(), 0);  // everything finished by max_tokens = 50
 }
 
@@ -191,12 +192,14 @@ TEST(SequenceTableTest, ErrorsChangeNothing) {
   SamplingParams big = p;
   big.eos_token_ids = {50};
   ASSERT_TRUE(table.Add(3, big, {}).ok());
-  auto view1 = LogitsView::Create(DType::kFloat32, 1, 10, absl::MakeConstSpan(bytes).subspan(0, 40));
+  auto view1 =
+      LogitsView::Create(DType::kFloat32, 1, 10, absl::MakeConstSpan(bytes).subspan(0, 40));
   EXPECT_EQ(table.Step(sampler, *view1, std::vector<uint64_t>{3}).status().message(),
             "sequence 3: params.eos_token_ids[0] = 50 is out of range [0, 10)");
 
   // History limit: 2 prompt + 4 outputs = 6, the fifth step would make 7.
-  for (int i = 0; i < 4; ++i) ASSERT_TRUE(table.Step(sampler, *view1, std::vector<uint64_t>{1}).ok());
+  for (int i = 0; i < 4; ++i)
+    ASSERT_TRUE(table.Step(sampler, *view1, std::vector<uint64_t>{1}).ok());
   EXPECT_EQ(table.Step(sampler, *view1, std::vector<uint64_t>{1}).status().code(),
             absl::StatusCode::kResourceExhausted);
   EXPECT_TRUE(table.Release(1).ok());

@@ -26,9 +26,9 @@ INSTANTIATE_TEST_SUITE_P(
     KnownBits, Fp16DecodeTest,
     ::testing::Values(HalfCase{0x0000, 0.0f}, HalfCase{0x3c00, 1.0f}, HalfCase{0xc000, -2.0f},
                       HalfCase{0x3555, 0.333251953125f}, HalfCase{0x7bff, 65504.0f},
-                      HalfCase{0x0001, 5.9604644775390625e-8f},    // smallest subnormal
+                      HalfCase{0x0001, 5.9604644775390625e-8f},     // smallest subnormal
                       HalfCase{0x03ff, 6.0975551605224609375e-5f},  // largest subnormal
-                      HalfCase{0x0400, 6.103515625e-5f},           // smallest normal
+                      HalfCase{0x0400, 6.103515625e-5f},            // smallest normal
                       HalfCase{0x7c00, std::numeric_limits<float>::infinity()},
                       HalfCase{0xfc00, -std::numeric_limits<float>::infinity()}));
 
@@ -45,7 +45,7 @@ TEST(Fp16Test, RoundsToNearestEven) {
   EXPECT_EQ(FloatToFp16(1.0f + 3 * 0x1.0p-11f), 0x3c02);
   EXPECT_EQ(FloatToFp16(65520.0f), 0x7c00);  // rounds up to Inf
   EXPECT_EQ(FloatToFp16(65519.0f), 0x7bff);
-  EXPECT_EQ(FloatToFp16(0x1.0p-25f), 0x0000);   // halfway to the smallest subnormal: even = 0
+  EXPECT_EQ(FloatToFp16(0x1.0p-25f), 0x0000);  // halfway to the smallest subnormal: even = 0
   EXPECT_EQ(FloatToFp16(0x1.8p-25f), 0x0001);
 }
 
@@ -68,9 +68,9 @@ TEST(Bf16Test, DecodesUpperHalf) {
 
 TEST(Bf16Test, RoundsToNearestEven) {
   EXPECT_EQ(FloatToBf16(1.0f), 0x3f80);
-  EXPECT_EQ(FloatToBf16(1.0f + 0x1.0p-8f), 0x3f80);       // halfway, even stays
-  EXPECT_EQ(FloatToBf16(1.0f + 3 * 0x1.0p-8f), 0x3f82);   // halfway, odd rounds up
-  EXPECT_EQ(FloatToBf16(1.0f + 0x1.2p-8f), 0x3f81);       // above halfway
+  EXPECT_EQ(FloatToBf16(1.0f + 0x1.0p-8f), 0x3f80);      // halfway, even stays
+  EXPECT_EQ(FloatToBf16(1.0f + 3 * 0x1.0p-8f), 0x3f82);  // halfway, odd rounds up
+  EXPECT_EQ(FloatToBf16(1.0f + 0x1.2p-8f), 0x3f81);      // above halfway
   EXPECT_TRUE(std::isnan(Bf16ToFloat(FloatToBf16(std::nanf("")))));
 }
 
@@ -105,8 +105,7 @@ TEST(LogitsViewTest, RejectsBadShapes) {
   EXPECT_EQ(zero.status().message(), "logits.vocab_size must be > 0, got 0");
   auto wrong = LogitsView::Create(DType::kFloat32, 2, 2, bytes);
   EXPECT_EQ(wrong.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_NE(wrong.status().message().find("logits.data has 12 bytes, expected"),
-            std::string::npos);
+  EXPECT_NE(wrong.status().message().find("logits.data has 12 bytes, expected"), std::string::npos);
   EXPECT_TRUE(LogitsView::Create(DType::kBFloat16, 2, 3, bytes).ok());
 }
 

@@ -3,10 +3,10 @@
 #ifndef TOKENSAMPLER_TESTS_TESTING_CORE_TESTING_H_
 #define TOKENSAMPLER_TESTS_TESTING_CORE_TESTING_H_
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <algorithm>
 #include <initializer_list>
 #include <optional>
 #include <vector>
@@ -99,8 +99,8 @@ inline std::vector<int64_t> DrawCounts(const std::vector<float>& logits, Samplin
     std::vector<RowRequest> requests(static_cast<size_t>(rows));
     for (int r = 0; r < rows; ++r) {
       row_params[static_cast<size_t>(r)].seed = static_cast<uint64_t>(start + r);
-      requests[static_cast<size_t>(r)] = RowRequest{&row_params[static_cast<size_t>(r)], {}, {},
-                                                    mirostat_mu};
+      requests[static_cast<size_t>(r)] =
+          RowRequest{&row_params[static_cast<size_t>(r)], {}, {}, mirostat_mu};
     }
     auto result = sampler.Run(*view, requests);
     if (!result.ok()) return {};
@@ -114,7 +114,8 @@ inline std::vector<double> SoftmaxOver(const std::vector<float>& logits,
                                        const std::vector<int32_t>& kept, double t = 1.0) {
   std::vector<double> out(logits.size(), 0.0);
   double total = 0.0;
-  for (int32_t id : kept) total += std::exp(static_cast<double>(logits[static_cast<size_t>(id)]) / t);
+  for (int32_t id : kept)
+    total += std::exp(static_cast<double>(logits[static_cast<size_t>(id)]) / t);
   for (int32_t id : kept) {
     out[static_cast<size_t>(id)] =
         std::exp(static_cast<double>(logits[static_cast<size_t>(id)]) / t) / total;
@@ -138,7 +139,8 @@ struct ChiSquare {
   double statistic = 0.0;
   int df = 0;
 };
-inline ChiSquare ChiSquareTest(const std::vector<int64_t>& counts, const std::vector<double>& probs) {
+inline ChiSquare ChiSquareTest(const std::vector<int64_t>& counts,
+                               const std::vector<double>& probs) {
   int64_t n = 0;
   for (int64_t c : counts) n += c;
   ChiSquare out;

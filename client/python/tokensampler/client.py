@@ -1,0 +1,185 @@
+"""Client: the tokensampler.v1.Sampler service for Python model workers.
+
+One Client owns one insecure gRPC channel (TCP "host:port" or "unix:/path"). It connects lazily
+and reconnects by itself; creating it does no I/O. Thread-safe, like the grpc.Channel under it.
+"""
+
+import dataclasses
+import operator
+from collections.abc import Mapping
+
+import grpc
+import numpy as np
+
+from tokensampler._health import health_check_pb2
+from tokensampler.logits import encode_logits
+from tokensampler.params import make_params
+from tokensampler.v1 import sampler_pb2, sampler_pb2_grpc
+
+_CLIENT_DEFAULT = object()  # per-call timeout: use the Client's
+
+
+class TokenSamplerError(Exception):
+    """A failed call. `code` is the grpc.StatusCode, `details` the server's message, e.g.
+    INVALID_ARGUMENT, "rows[0].params.top_p must be in (0, 1], got 1.5"."""
+
+    def __init__(self, code, details):
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+    """The outcome of one `Client.sample` call, indexed [row, sample].
+
+    Rows with fewer samples than the largest `n` are padded: token id -1, logprob NaN,
+    finish reason 0. `logprobs` is 0 for rows that did not ask for logprobs.
+    """
+
+    token_ids: np.ndarray       # int32 [rows, max n]
+    logprobs: np.ndarray        # float32 [rows, max n], in each row's logprobs_mode
+    finish_reasons: np.ndarray  # int32 [rows, max n], sampler_pb2.FinishReason values
+    top_logprobs: list          # [row][sample] → {token_id: logprob}, by descending value
+    mirostat_mu: np.ndarray     # float32 [rows, max n], the updated μ; NaN for non-mirostat rows
+    response: sampler_pb2.SampleResponse
+
+    @classmethod
+    def from_response(cls, response, rows):
+        width = max((r.sample_index + 1 for r in response.results), default=0)
+        token_ids = np.full((rows, width), -1, np.int32)
+        logprobs = np.full((rows, width), np.nan, np.float32)
+        finish_reasons = np.zeros((rows, width), np.int32)
+        mirostat_mu = np.full((rows, width), np.nan, np.float32)
+        top_logprobs = [[] for _ in range(rows)]
+        for r in response.results:  # row-major, samples in order
+            row, sample = r.row_index, r.sample_index
+            token_ids[row, sample] = r.token_id
+            logprobs[row, sample] = r.logprob
+            finish_reasons[row, sample] = r.finish_reason
+            if r.HasField("mirostat_mu"):
+                mirostat_mu[row, sample] = r.mirostat_mu
+            top_logprobs[row].append({t.token_id: t.logprob for t in r.top_logprobs})
+        return cls(token_ids, logprobs, finish_reasons, top_logprobs, mirostat_mu, response)
+
+
+def _rows(name, values, rows):
+    """`values` (one entry per logits row) as a list; ValueError when the count differs."""
+    values = list(values)
+    if len(values) != rows:
+        raise ValueError(f"{name} has {len(values)} entries for {rows} logits rows")
+    return values
+
+
+def _token_ids(name, values):
+    """Token ids as a list of ints: integer numpy arrays in bulk, anything else one by one
+    (operator.index refuses floats rather than truncating them)."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+        return values.tolist()
+    try:
+        return [operator.index(v) for v in values]
+    except TypeError as error:
+        raise ValueError(f"{name}: token ids must be integers ({error})") from None
+
+
+def make_request(logits, params=None, *, dtype=None, prompt_token_ids=None,
+                 output_token_ids=None, mirostat_mu=None):
+    """Returns the `SampleRequest` that `Client.sample` sends; see there for the arguments."""
+    request = sampler_pb2.SampleRequest(logits=encode_logits(logits, dtype))
+    rows = request.logits.rows
+    if params is None or isinstance(params, (Mapping, sampler_pb2.SamplingParams)):
+        params = [make_params(params)] * rows  # one conversion, copied into every row
+    else:
+        params = [make_params(p) for p in _rows("params", params, rows)]
+    prompts = [None] * rows if prompt_token_ids is None else _rows(
+        "prompt_token_ids", prompt_token_ids, rows)
+    outputs = [None] * rows if output_token_ids is None else _rows(
+        "output_token_ids", output_token_ids, rows)
+    if mirostat_mu is None or isinstance(mirostat_mu, (int, float, np.number)):
+        mus = [mirostat_mu] * rows
+    else:
+        mus = _rows("mirostat_mu", mirostat_mu, rows)
+    for i, (p, prompt, output, mu) in enumerate(zip(params, prompts, outputs, mus)):
+        row = request.rows.add()
+        row.params.CopyFrom(p)
+        if prompt is not None:
+            row.prompt_token_ids.extend(_token_ids(f"prompt_token_ids[{i}]", prompt))
+        if output is not None:
+            row.output_token_ids.extend(_token_ids(f"output_token_ids[{i}]", output))
+        if mu is not None:
+            row.mirostat_mu = float(mu)
+    return request
+
+
+class Client:
+    """A client for `target`: "host:port" ("127.0.0.1:50051") or "unix:/path/to.sock".
+
+    `timeout` (seconds, None = no deadline) bounds each call unless the call gives its own.
+    `max_message_bytes` caps what the client sends and receives; the server has its own
+    --max_message_bytes (default 256 MiB). HTTP proxies from the environment are ignored.
+    """
+
+    def __init__(self, target, *, timeout=30.0, max_message_bytes=256 << 20):
+        if not target:
+            raise ValueError("target must be host:port or unix:/path")
+        self.target = target
+        self.timeout = timeout
+        self._channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.enable_http_proxy", 0),
+        ])
+        self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
+        self._health_check = self._channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=health_check_pb2.HealthCheckRequest.SerializeToString,
+            response_deserializer=health_check_pb2.HealthCheckResponse.FromString)
+
+    def close(self):
+        self._channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+    def _call(self, method, request, timeout, **kwargs):
+        timeout = self.timeout if timeout is _CLIENT_DEFAULT else timeout
+        try:
+            return method(request, timeout=timeout, **kwargs)
+        except grpc.RpcError as error:
+            raise TokenSamplerError(error.code(), error.details()) from None
+
+    def sample(self, logits, params=None, *, dtype=None, prompt_token_ids=None,
+               output_token_ids=None, mirostat_mu=None, timeout=_CLIENT_DEFAULT):
+        """Samples one step for every row of `logits` (Sampler.Sample) and returns a SampleResult.
+
+        logits: [rows, vocab_size] numpy array (float32, float16; bfloat16 bit patterns as
+            int16/uint16 with dtype="bfloat16") or torch tensor (float32, float16, bfloat16),
+            sent as raw bytes.
+        params: one dict / SamplingParams for every row, or a sequence of them, one per row.
+            Dict keys are the proto's SamplingParams field names.
+        prompt_token_ids, output_token_ids: None, or one token-id sequence per row (the history;
+            the length of output_token_ids is the seeded RNG's step).
+        mirostat_mu: None, one μ for every row, or one per row (None = unset, i.e. 2·tau).
+
+        Raises ValueError / TypeError for arguments that cannot be encoded (an unknown params key,
+        a float64 array), TokenSamplerError with the server's code and message otherwise:
+        INVALID_ARGUMENT names the row, field and value; RESOURCE_EXHAUSTED over a message-size
+        limit; UNAVAILABLE when the server is unreachable or shutting down; DEADLINE_EXCEEDED.
+        """
+        request = make_request(logits, params, dtype=dtype, prompt_token_ids=prompt_token_ids,
+                               output_token_ids=output_token_ids, mirostat_mu=mirostat_mu)
+        response = self._call(self._stub.Sample, request, timeout)
+        return SampleResult.from_response(response, request.logits.rows)
+
+    def health(self, service="", *, wait_for_ready=False, timeout=_CLIENT_DEFAULT):
+        """Asks grpc.health.v1 Health.Check about `service` ("" = the whole server, or
+        "tokensampler.v1.Sampler"). Returns True when SERVING, False otherwise (NOT_SERVING while
+        draining). With wait_for_ready the call waits for the server to come up until `timeout`
+        instead of failing at once. Raises TokenSamplerError: NOT_FOUND for an unknown service,
+        UNAVAILABLE, DEADLINE_EXCEEDED, ..."""
+        request = health_check_pb2.HealthCheckRequest(service=service)
+        response = self._call(self._health_check, request, timeout, wait_for_ready=wait_for_ready)
+        return response.status == health_check_pb2.HealthCheckResponse.SERVING
