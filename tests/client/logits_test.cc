@@ -78,7 +78,9 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{"subnormal_tie_to_even_zero", 0x00008000u, 0x0000},
                       Case{"subnormal_tie_to_even_up", 0x00018000u, 0x0002},
                       Case{"subnormal_carry_to_normal", 0x007fffffu, 0x0080}),
-    [](const ::testing::TestParamInfo<Case>& test_info) { return std::string(test_info.param.name); });
+    [](const ::testing::TestParamInfo<Case>& test_info) {
+      return std::string(test_info.param.name);
+    });
 
 // Reference: the nearer of the two bf16 neighbours by exact double arithmetic, ties to even.
 uint16_t ReferenceBf16(uint32_t bits) {
@@ -159,7 +161,9 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"five_halves_subnormal_ties_to_two", 0x34200000u, 0x0002},   // 2.5·2^-24
         Case{"quarter_smallest_subnormal_to_zero", 0x32800000u, 0x0000},
         Case{"minus_tiny_to_minus_zero", 0x80000001u, 0x8000}),
-    [](const ::testing::TestParamInfo<Case>& test_info) { return std::string(test_info.param.name); });
+    [](const ::testing::TestParamInfo<Case>& test_info) {
+      return std::string(test_info.param.name);
+    });
 
 TEST(RoundToFp16Test, EveryFp16ValueRoundTrips) {
   for (uint32_t h = 0; h <= 0xffffu; ++h) {
