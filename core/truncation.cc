@@ -260,10 +260,11 @@ Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin, RowScrat
       logits[static_cast<size_t>(sorted[i].second)] = kNegInf;
     }
   }
-  const int32_t token = Draw(logits, coin, scratch);
-  const Normalizer norm = Normalizer::Of(logits);
-  const double surprise =
-      -static_cast<double>(norm.LogProb(logits[static_cast<size_t>(token)])) / std::log(2.0);
+  // Draw, and take the drawn token's renormalised probability from the same weights.
+  const float max = Argmax(logits).first;
+  const double total = Weights(logits, max, scratch.weights);
+  const int32_t token = DrawFromWeights(scratch.weights, logits.size(), total, coin);
+  const double surprise = -std::log2(scratch.weights[static_cast<size_t>(token)] / total);
   return {token, static_cast<float>(static_cast<double>(mu) -
                                     static_cast<double>(eta) * (surprise - tau))};
 }
