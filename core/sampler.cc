@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 
 #include "absl/random/distributions.h"
 #include "absl/strings/str_cat.h"
@@ -217,7 +218,8 @@ Sampler::Sampler() : scratch_(std::make_unique<Scratch>()) {}
 Sampler::~Sampler() = default;
 
 absl::StatusOr<std::vector<SampledToken>> Sampler::Run(const LogitsView& logits,
-                                                       absl::Span<const RowRequest> rows) const {
+                                                       absl::Span<const RowRequest> rows,
+                                                       const std::atomic<bool>* cancelled) const {
   if (rows.size() != static_cast<size_t>(logits.rows())) {
     return absl::InvalidArgumentError(
         absl::StrCat("rows has ", rows.size(), " entries but logits.rows is ", logits.rows()));
@@ -232,10 +234,18 @@ absl::StatusOr<std::vector<SampledToken>> Sampler::Run(const LogitsView& logits,
       tbb::blocked_range<size_t>(0, rows.size()), [&](const tbb::blocked_range<size_t>& range) {
         RowScratch& scratch = scratch_->per_thread.local();
         for (size_t r = range.begin(); r != range.end(); ++r) {
+          if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
+            statuses[r] = absl::CancelledError("the call was cancelled before rows[" +
+                                               std::to_string(r) + "] was sampled");
+            continue;
+          }
           statuses[r] =
               SampleRow(logits, static_cast<int>(r), rows[r], scratch, results.data() + offsets[r]);
         }
       });
+  if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
+    return absl::CancelledError("the call was cancelled");
+  }
   for (absl::Status& status : statuses) {
     if (!status.ok()) return std::move(status);
   }

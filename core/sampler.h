@@ -7,6 +7,7 @@
 #ifndef TOKENSAMPLER_CORE_SAMPLER_H_
 #define TOKENSAMPLER_CORE_SAMPLER_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -62,9 +63,12 @@ class Sampler {
   //                     history, NaN logits, every token of a row masked, a finished sequence
   //                     (output already at max_tokens). Messages start with "rows[i]" or name
   //                     the logits position. The first failing row (lowest index) is reported.
+  //   CANCELLED         `cancelled` became true before every row was done (checked between
+  //                     rows; the caller sets it when its call is cancelled or past its deadline).
   // REQUIRES: every params pointer is non-null and passed ValidateParams for this vocab size.
   absl::StatusOr<std::vector<SampledToken>> Run(const LogitsView& logits,
-                                                absl::Span<const RowRequest> rows) const;
+                                                absl::Span<const RowRequest> rows,
+                                                const std::atomic<bool>* cancelled = nullptr) const;
 
  private:
   struct Scratch;

@@ -2,6 +2,7 @@
 // modes, n samples, finish reasons, dtypes.
 #include "core/sampler.h"
 
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <set>
@@ -102,6 +103,20 @@ TEST(SamplerErrorsTest, RowsMismatchAndFirstBadRowReported) {
   std::vector<RowRequest> rows = {row, {&p, bad, {}, std::nullopt}, {&p, {}, bad, std::nullopt}};
   EXPECT_EQ(sampler.Run(*view, rows).status().message(),
             "rows[1].prompt_token_ids[0] = 7 is out of range [0, 2)");
+}
+
+TEST(SamplerErrorsTest, CancelledCallStopsWork) {
+  const std::vector<float> logits = {1, 2, 3, 4, 5, 6};
+  const std::vector<uint8_t> bytes = F32Bytes(logits);
+  auto view = LogitsView::Create(DType::kFloat32, 3, 2, bytes);
+  ASSERT_TRUE(view.ok());
+  SamplingParams p;
+  const std::vector<RowRequest> rows(3, RowRequest{&p, {}, {}, std::nullopt});
+  Sampler sampler;
+  std::atomic<bool> cancelled{false};
+  ASSERT_TRUE(sampler.Run(*view, rows, &cancelled).ok());
+  cancelled = true;
+  EXPECT_EQ(sampler.Run(*view, rows, &cancelled).status().code(), absl::StatusCode::kCancelled);
 }
 
 TEST(SamplerTest, PositiveInfinityDominates) {
