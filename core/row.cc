@@ -2,6 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/kernels.h"
 
 namespace tokensampler {
 
@@ -13,6 +17,58 @@ void RowScratch::Reserve(int vocab_size) {
     counts.resize(v, 0);
     marks.resize(v, 0);
     weights.resize(v);
+    wf.resize(v);
+    ids.resize(v);
+  }
+}
+
+absl::Status CheckHistory(size_t row, absl::string_view field, absl::Span<const int32_t> ids,
+                          int32_t vocab_size) {
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (ids[i] < 0 || ids[i] >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat("rows[", row, "].", field, "[", i,
+                                                     "] = ", ids[i], " is out of range [0, ",
+                                                     vocab_size, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool StepsOneTwoActive(const SamplingParams& p, absl::Span<const int32_t> output) {
+  const bool min_tokens_mask =
+      static_cast<int64_t>(output.size()) < p.min_tokens &&
+      (!p.stop_token_ids.empty() || (!p.ignore_eos && !p.eos_token_ids.empty()));
+  return !p.allowed_token_ids.empty() || !p.bad_words.empty() || min_tokens_mask ||
+         !p.token_bitmask.empty() || !p.logit_bias.empty() || p.repetition_penalty != 1.0f ||
+         p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f ||
+         (p.dry_multiplier != 0.0f && p.dry_penalty_last_n != 0) || p.no_repeat_ngram_size > 0;
+}
+
+void FillLogprobs(const SamplingParams& p, const LogitsView& view, int row, int32_t token,
+                  absl::Span<const float> processed, const Normalizer& raw_norm,
+                  RowScratch& scratch, SampledToken& out) {
+  const int32_t n = *p.logprobs;
+  switch (p.logprobs_mode) {
+    case LogprobsMode::kRawLogprobs:
+      out.logprob = raw_norm.LogProb(view.At(row, token));
+      out.top_logprobs = scratch.raw_top;
+      break;
+    case LogprobsMode::kRawLogits:
+      out.logprob = view.At(row, token);
+      out.top_logprobs = scratch.raw_top;
+      break;
+    case LogprobsMode::kProcessedLogits:
+      out.logprob = processed[static_cast<size_t>(token)];
+      TopValues(
+          processed, n, [](float l) { return l; }, scratch.pairs, out.top_logprobs);
+      break;
+    case LogprobsMode::kProcessedLogprobs: {
+      const Normalizer norm = Normalizer::Of(processed);
+      out.logprob = norm.LogProb(processed[static_cast<size_t>(token)]);
+      TopValues(
+          processed, n, [&](float l) { return norm.LogProb(l); }, scratch.pairs, out.top_logprobs);
+      break;
+    }
   }
 }
 
@@ -65,7 +121,7 @@ double LogSumExp(absl::Span<const float> logits, float max) {
 double Weights(absl::Span<const float> logits, float max, std::vector<double>& weights) {
   double sum = 0.0;
   for (size_t i = 0; i < logits.size(); ++i) {
-    const double w = std::exp(static_cast<double>(logits[i]) - max);
+    const double w = static_cast<double>(kernels::ExpF(logits[i] - max));
     weights[i] = w;
     sum += w;
   }

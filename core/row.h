@@ -11,7 +11,11 @@
 #include <vector>
 
 #include "absl/random/random.h"
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "core/kernels.h"
+#include "core/params.h"
 #include "core/sampler.h"
 #include "core/tensor.h"
 
@@ -32,9 +36,29 @@ struct RowScratch {
   std::vector<TokenLogprob> raw_top;               // raw-mode top-N, shared by the row's samples
   absl::BitGen entropy;                            // seeds for rows without a seed
 
+  // The fast pipeline (dist.h).
+  std::vector<float> wf;                         // float weights per token
+  std::vector<int32_t> ids;                      // selected token ids (kernels::SelectKeyRange)
+  std::vector<int32_t> sparse_ids;               // the kept tokens once few remain, by id
+  std::vector<float> sparse_values;              // and their values
+  std::vector<double> block_sums;                // Σ w per block of the row
+  std::vector<int64_t> block_counts;             // kept tokens per block
+  std::vector<double> keys;                      // sampled keys / band keys
+  std::vector<std::pair<double, int32_t>> band;  // (key, id) of the tokens around a cut
+  std::vector<double> pivot_sums;                // per block × pivot
+  std::vector<int64_t> pivot_counts;
+  std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
+
   // Sizes the per-vocabulary buffers for `vocab_size` (only ever grows).
   void Reserve(int vocab_size);
 };
+
+// The checks of a row's history against the vocabulary (messages name rows[row].field[i]).
+absl::Status CheckHistory(size_t row, absl::string_view field, absl::Span<const int32_t> ids,
+                          int32_t vocab_size);
+
+// Whether steps 1–2 (masks, biases, penalties) can change any logit of this row.
+bool StepsOneTwoActive(const SamplingParams& p, absl::Span<const int32_t> output);
 
 // Decodes `row` of `view` into `out` (size vocab). Returns the first NaN position, or -1.
 int DecodeRow(const LogitsView& view, int row, absl::Span<float> out);
@@ -45,8 +69,8 @@ std::pair<float, int32_t> Argmax(absl::Span<const float> logits);
 // log Σ exp(l_i) over the row, computed in double with `max` subtracted. REQUIRES: max finite.
 double LogSumExp(absl::Span<const float> logits, float max);
 
-// Fills scratch.weights[i] = exp(l_i - max) for every token (0 for -inf) and returns their sum
-// (summed in token order, so the result does not depend on threads). REQUIRES: max finite.
+// Fills weights[i] = ExpF(l_i - max) (kernels.h; 0 for -inf) for every token and returns their
+// sum (in token order, so the result does not depend on threads). REQUIRES: max finite.
 double Weights(absl::Span<const float> logits, float max, std::vector<double>& weights);
 
 // Number of tokens that are not -inf.
@@ -92,6 +116,13 @@ void TopValues(absl::Span<const float> values, int32_t n, Map map,
   out.reserve(take);
   for (const auto& [value, id] : scratch) out.push_back({id, value});
 }
+
+// Fills `out.logprob` and `out.top_logprobs` for `token` in the row's mode. `processed` is the
+// distribution sampled from (removed tokens −inf); `raw_norm` / scratch.raw_top describe the row
+// as received.
+void FillLogprobs(const SamplingParams& p, const LogitsView& view, int row, int32_t token,
+                  absl::Span<const float> processed, const Normalizer& raw_norm,
+                  RowScratch& scratch, SampledToken& out);
 
 // The inverse-CDF draw: the first token (in id order) whose cumulative weight exceeds u · total.
 // REQUIRES: some weight > 0, 0 <= u < 1.

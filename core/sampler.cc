@@ -7,6 +7,8 @@
 
 #include "absl/random/distributions.h"
 #include "absl/strings/str_cat.h"
+#include "core/dist.h"
+#include "core/kernels.h"
 #include "core/philox.h"
 #include "core/row.h"
 #include "core/stages.h"
@@ -15,6 +17,7 @@
 #include "tbb/blocked_range.h"
 #include "tbb/enumerable_thread_specific.h"
 #include "tbb/parallel_for.h"
+#include "tbb/task_arena.h"
 
 namespace tokensampler {
 
@@ -26,108 +29,73 @@ namespace {
 
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
-absl::Status CheckHistory(size_t row, absl::string_view field, absl::Span<const int32_t> ids,
-                          int32_t vocab_size) {
-  for (size_t i = 0; i < ids.size(); ++i) {
-    if (ids[i] < 0 || ids[i] >= vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("rows[", row, "].", field, "[", i,
-                                                     "] = ", ids[i], " is out of range [0, ",
-                                                     vocab_size, ")"));
-    }
-  }
-  return absl::OkStatus();
-}
-
-// Steps 4–6 for one sample: temperature and truncation in the row's order, then mirostat or
-// the draw. `logits` is the sample's own copy of the processed row and ends as the distribution
-// that was sampled from. Returns the token (and μ for mirostat rows).
-int32_t SampleOne(const SamplingParams& p, absl::Span<float> logits, uint64_t seed, uint64_t step,
-                  uint32_t sample, float mu_in, float* mu_out, RowScratch& scratch) {
+// Steps 4–6 for one sample on the fast path: temperature and truncation in the row's order, then
+// mirostat or the draw. `dist` starts as the sample's copy of the processed row (with the row's
+// temperature already applied when `tempered`). Returns the token (and μ for mirostat rows).
+int32_t SampleOne(const SamplingParams& p, Dist& dist, bool tempered, uint64_t seed, uint64_t step,
+                  uint32_t sample, float mu_in, float* mu_out, int32_t vocab) {
   const absl::Span<const Stage> order =
       p.sampler_order.empty() ? DefaultStageOrder() : absl::MakeConstSpan(p.sampler_order);
   const Temperature temperature{p.temperature, p.dynatemp_range, p.dynatemp_exponent};
   // A custom order without temperature still tempers first (the proto's contract).
-  if (std::find(order.begin(), order.end(), Stage::kTemperature) == order.end()) {
-    temperature.Apply(logits, scratch);
+  if (!tempered && std::find(order.begin(), order.end(), Stage::kTemperature) == order.end()) {
+    dist.Temperature(temperature);
   }
   for (Stage stage : order) {
     switch (stage) {
       case Stage::kTemperature:
-        temperature.Apply(logits, scratch);
+        if (!tempered) dist.Temperature(temperature);
         break;
       case Stage::kTopK:
-        TopK{p.top_k}.Apply(logits, scratch);
+        dist.TopK(p.top_k);
         break;
       case Stage::kTopP:
-        TopP{p.top_p}.Apply(logits, scratch);
+        dist.TopP(p.top_p);
         break;
       case Stage::kMinP:
-        MinP{p.min_p}.Apply(logits);
+        dist.MinP(p.min_p);
         break;
       case Stage::kTypicalP:
-        TypicalP{p.typical_p}.Apply(logits, scratch);
+        dist.TypicalP(p.typical_p);
         break;
       case Stage::kEpsilonCutoff:
-        EpsilonCutoff{p.epsilon_cutoff}.Apply(logits, scratch);
+        dist.EpsilonCutoff(p.epsilon_cutoff);
         break;
       case Stage::kEtaCutoff:
-        EtaCutoff{p.eta_cutoff}.Apply(logits, scratch);
+        dist.EtaCutoff(p.eta_cutoff);
         break;
       case Stage::kTopNSigma:
-        if (p.top_n_sigma.has_value()) TopNSigma{*p.top_n_sigma}.Apply(logits);
+        if (p.top_n_sigma.has_value()) dist.TopNSigma(*p.top_n_sigma);
         break;
       case Stage::kXtc:
         if (p.xtc_probability > 0.0f) {
-          Xtc{p.xtc_threshold, p.xtc_probability,
-              UniformDouble(seed, step, sample, DrawPurpose::kXtc)}
-              .Apply(logits, scratch);
+          dist.Xtc(Xtc{p.xtc_threshold, p.xtc_probability,
+                       UniformDouble(seed, step, sample, DrawPurpose::kXtc)});
         }
         break;
     }
   }
   const double coin = UniformDouble(seed, step, sample, DrawPurpose::kToken);
   if (p.mirostat_mode != 0) {
-    const Mirostat mirostat{p.mirostat_mode, p.mirostat_tau, p.mirostat_eta, mu_in,
-                            static_cast<int32_t>(logits.size())};
-    const Mirostat::Result result = mirostat.Apply(logits, coin, scratch);
+    const Mirostat mirostat{p.mirostat_mode, p.mirostat_tau, p.mirostat_eta, mu_in, vocab};
+    const Mirostat::Result result = dist.Mirostat(mirostat, coin);
     *mu_out = result.mu;
     return result.token;
   }
-  return Draw(logits, coin, scratch);
+  return dist.Draw(coin);
 }
 
-// Fills `out.logprob` and `out.top_logprobs` for `token` in the row's mode.
-// `processed` is the distribution sampled from; `raw` the row as received.
-void FillLogprobs(const SamplingParams& p, const LogitsView& view, int row, int32_t token,
-                  absl::Span<const float> processed, const Normalizer& raw_norm,
-                  RowScratch& scratch, SampledToken& out) {
-  const int32_t n = *p.logprobs;
-  switch (p.logprobs_mode) {
-    case LogprobsMode::kRawLogprobs:
-      out.logprob = raw_norm.LogProb(view.At(row, token));
-      out.top_logprobs = scratch.raw_top;
-      break;
-    case LogprobsMode::kRawLogits:
-      out.logprob = view.At(row, token);
-      out.top_logprobs = scratch.raw_top;
-      break;
-    case LogprobsMode::kProcessedLogits:
-      out.logprob = processed[static_cast<size_t>(token)];
-      TopValues(
-          processed, n, [](float l) { return l; }, scratch.pairs, out.top_logprobs);
-      break;
-    case LogprobsMode::kProcessedLogprobs: {
-      const Normalizer norm = Normalizer::Of(processed);
-      out.logprob = norm.LogProb(processed[static_cast<size_t>(token)]);
-      TopValues(
-          processed, n, [&](float l) { return norm.LogProb(l); }, scratch.pairs, out.top_logprobs);
-      break;
-    }
-  }
+// Whether the row's (static) temperature runs first, so that it can be applied while decoding.
+bool TemperatureFirst(const SamplingParams& p) {
+  if (p.greedy() || p.dynatemp_range > 0.0f || p.temperature == 1.0f) return false;
+  if (p.sampler_order.empty()) return true;  // the default order starts with temperature
+  return p.sampler_order.front() == Stage::kTemperature ||
+         std::find(p.sampler_order.begin(), p.sampler_order.end(), Stage::kTemperature) ==
+             p.sampler_order.end();
 }
 
 absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
-                       SampledToken* results) {
+                       bool parallel, SampledToken* results) {
   const SamplingParams& p = *req.params;
   const int32_t vocab = view.vocab_size();
   const size_t r = static_cast<size_t>(row);
@@ -141,16 +109,32 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   }
 
   scratch.Reserve(vocab);
-  const absl::Span<float> logits(scratch.logits.data(), static_cast<size_t>(vocab));
-  if (const int nan = DecodeRow(view, row, logits); nan >= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("logits.data is NaN at row ", row, ", token ", nan));
-  }
-
-  // Raw logprobs are taken before any stage touches the row.
+  const size_t v = static_cast<size_t>(vocab);
+  const absl::Span<float> logits(scratch.logits.data(), v);
   const bool wants_logprobs = p.logprobs.has_value();
   const bool raw_mode =
       p.logprobs_mode == LogprobsMode::kRawLogprobs || p.logprobs_mode == LogprobsMode::kRawLogits;
+  const bool steps = StepsOneTwoActive(p, req.output_token_ids);
+  // Pass 1 decodes the row, finds its maximum and any NaN; when nothing comes between decoding
+  // and the temperature, it divides by the temperature too.
+  const bool tempered = TemperatureFirst(p) && !steps && !(wants_logprobs && raw_mode);
+  const float divisor = tempered ? p.temperature : 1.0f;
+  std::vector<kernels::MaxResult>& blocks = scratch.block_max;
+  blocks.resize(NumBlocks(v));
+  ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
+    blocks[b] =
+        kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, logits.data());
+  });
+  kernels::MaxResult top{kNegInf, -1, -1};
+  for (const kernels::MaxResult& block : blocks) {
+    if (block.nan >= 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("logits.data is NaN at row ", row, ", token ", block.nan));
+    }
+    if (block.argmax >= 0 && (top.argmax < 0 || block.max > top.max)) top = block;
+  }
+
+  // Raw logprobs are taken before any stage touches the row.
   Normalizer raw_norm;
   if (wants_logprobs && raw_mode) {
     if (p.logprobs_mode == LogprobsMode::kRawLogprobs) {
@@ -164,22 +148,29 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     }
   }
 
-  // Steps 1–2.
-  MaskAndBias{p, req.output_token_ids}.Apply(logits, scratch);
-  Penalties{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
-  Dry{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
-  NoRepeatNgram{p.no_repeat_ngram_size, req.prompt_token_ids, req.output_token_ids}.Apply(logits);
-
-  const auto [max, argmax] = Argmax(logits);
+  // Steps 1–2 touch few tokens (or apply a mask); the maximum is then found again.
+  if (steps) {
+    MaskAndBias{p, req.output_token_ids}.Apply(logits, scratch);
+    Penalties{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
+    Dry{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
+    NoRepeatNgram{p.no_repeat_ngram_size, req.prompt_token_ids, req.output_token_ids}.Apply(logits);
+    top = RowMax(logits, parallel, blocks);
+  }
+  const float max = top.max;
+  const int32_t argmax = static_cast<int32_t>(top.argmax);
   if (argmax < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("rows[", r,
                      "]: every token is masked (by the logits themselves, allowed_token_ids, "
                      "bad_words, min_tokens, token_bitmask, logit_bias or no_repeat_ngram_size)"));
   }
+  float dist_max = max;
   if (max == kPosInf) {
     // +inf logits dominate: the row is uniform over them.
-    for (float& l : logits) l = l == kPosInf ? 0.0f : kNegInf;
+    ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
+      kernels::InfToUniform(logits.data(), begin, end);
+    });
+    dist_max = 0.0f;
   }
 
   const uint64_t seed = p.seed.has_value() ? *p.seed : absl::Uniform<uint64_t>(scratch.entropy);
@@ -196,11 +187,12 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     } else {
       absl::Span<float> work = logits;
       if (p.n > 1) {
-        work = absl::Span<float>(scratch.work.data(), logits.size());
+        work = absl::Span<float>(scratch.work.data(), v);
         std::copy(logits.begin(), logits.end(), work.begin());
       }
-      out.token_id = SampleOne(p, work, seed, step, out.sample_index, mu_in, &mu, scratch);
-      processed = work;
+      Dist dist(work, dist_max, scratch, parallel);
+      out.token_id = SampleOne(p, dist, tempered, seed, step, out.sample_index, mu_in, &mu, vocab);
+      if (wants_logprobs && !raw_mode) processed = dist.Processed();
     }
     if (p.mirostat_mode != 0) out.mirostat_mu = mu;
     if (wants_logprobs) FillLogprobs(p, view, row, out.token_id, processed, raw_norm, scratch, out);
@@ -230,19 +222,23 @@ absl::StatusOr<std::vector<SampledToken>> Sampler::Run(const LogitsView& logits,
   }
   std::vector<SampledToken> results(offsets.back());
   std::vector<absl::Status> statuses(rows.size());
-  tbb::parallel_for(
-      tbb::blocked_range<size_t>(0, rows.size()), [&](const tbb::blocked_range<size_t>& range) {
-        RowScratch& scratch = scratch_->per_thread.local();
-        for (size_t r = range.begin(); r != range.end(); ++r) {
-          if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
-            statuses[r] = absl::CancelledError("the call was cancelled before rows[" +
-                                               std::to_string(r) + "] was sampled");
-            continue;
-          }
-          statuses[r] =
-              SampleRow(logits, static_cast<int>(r), rows[r], scratch, results.data() + offsets[r]);
-        }
-      });
+  // Fewer rows than threads: each row's blocks are spread over the threads as well.
+  const bool split_rows =
+      logits.vocab_size() >= static_cast<int32_t>(2 * kBlock) &&
+      rows.size() < static_cast<size_t>(tbb::this_task_arena::max_concurrency());
+  tbb::parallel_for(tbb::blocked_range<size_t>(0, rows.size()),
+                    [&](const tbb::blocked_range<size_t>& range) {
+                      RowScratch& scratch = scratch_->per_thread.local();
+                      for (size_t r = range.begin(); r != range.end(); ++r) {
+                        if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
+                          statuses[r] = absl::CancelledError("the call was cancelled before rows[" +
+                                                             std::to_string(r) + "] was sampled");
+                          continue;
+                        }
+                        statuses[r] = SampleRow(logits, static_cast<int>(r), rows[r], scratch,
+                                                split_rows, results.data() + offsets[r]);
+                      }
+                    });
   if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
     return absl::CancelledError("the call was cancelled");
   }

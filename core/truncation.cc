@@ -1,8 +1,10 @@
-// Steps 4–6 of the pipeline: temperature, the truncation stages, mirostat and the draw.
-// Probabilities are computed in double from float logits: p_i = exp(l_i − max) / Σ.
+// Steps 4–6 of the pipeline as the straightforward reference (sorts, one pass per question): the
+// fast Sampler (dist.h) must keep the same tokens and draw the same token; tests hold it to that.
+// Weights are w_i = ExpF(l_i − max) (kernels.h), summed in double: p_i = w_i / Σ w.
 #include <algorithm>
 #include <cmath>
 
+#include "core/kernels.h"
 #include "core/stages.h"
 
 namespace tokensampler {
@@ -120,7 +122,7 @@ void MinP::Apply(absl::Span<float> logits) const {
   if (min_p <= 0.0f) return;
   const float max = Argmax(logits).first;
   for (float& l : logits) {
-    if (std::exp(static_cast<double>(l) - max) < static_cast<double>(min_p)) l = kNegInf;
+    if (kernels::ExpF(l - max) < min_p) l = kNegInf;
   }
 }
 

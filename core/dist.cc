@@ -1,0 +1,556 @@
+#include "core/dist.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace tokensampler {
+namespace {
+
+constexpr double kDoubleMax = std::numeric_limits<double>::max();
+constexpr double kDoubleInf = std::numeric_limits<double>::infinity();
+constexpr int kMaxPivots = 16;
+constexpr size_t kBandMax = 512;  // tokens sorted around a cut
+constexpr size_t kSampleSize = 256;
+
+// The smallest float ≥ t: for a float x, x < t ⇔ x < RoundUp(t).
+float RoundUp(double t) {
+  if (!(t < static_cast<double>(std::numeric_limits<float>::max()))) {
+    return t > 0 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::max();
+  }
+  float f = static_cast<float>(t);
+  if (static_cast<double>(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
+}  // namespace
+
+kernels::MaxResult RowMax(absl::Span<const float> v, bool parallel,
+                          std::vector<kernels::MaxResult>& blocks) {
+  blocks.resize(NumBlocks(v.size()));
+  ForBlocks(v.size(), parallel, [&](size_t b, size_t begin, size_t end) {
+    blocks[b] = kernels::Max(v.data(), begin, end);
+  });
+  kernels::MaxResult r{kNegInf, -1, -1};
+  for (const kernels::MaxResult& block : blocks) {
+    if (block.argmax >= 0 && (r.argmax < 0 || block.max > r.max)) {
+      r.max = block.max;
+      r.argmax = block.argmax;
+    }
+  }
+  return r;
+}
+
+Dist::Dist(absl::Span<float> values, float max, RowScratch& scratch, bool parallel)
+    : values_(values), s_(scratch), parallel_(parallel), max_(max) {
+  const size_t blocks = NumBlocks(values.size());
+  s_.block_sums.assign(blocks, 0.0);
+  s_.block_counts.assign(blocks, 0);
+}
+
+// --- Dense machinery ------------------------------------------------------------------------
+
+void Dist::ApplyDivision() {
+  if (divisor_ == 1.0f) return;
+  const float d = divisor_;
+  ForBlocks(values_.size(), parallel_, [&](size_t, size_t begin, size_t end) {
+    kernels::Scale(values_.data(), begin, end, d);
+  });
+  max_ = max_ / d;
+  divisor_ = 1.0f;
+  weights_valid_ = false;
+}
+
+void Dist::EnsureWeights() {
+  if (weights_valid_) return;
+  const float d = divisor_;
+  const float max = d == 1.0f ? max_ : max_ / d;
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    s_.block_sums[b] = kernels::Weights(values_.data(), s_.wf.data(), begin, end, d, max);
+  });
+  max_ = max;
+  divisor_ = 1.0f;
+  total_ = 0.0;
+  for (double sum : s_.block_sums) total_ += sum;
+  weights_valid_ = true;
+}
+
+void Dist::TotalBlocks() {
+  total_ = 0.0;
+  count_ = 0;
+  for (size_t b = 0; b < s_.block_sums.size(); ++b) {
+    total_ += s_.block_sums[b];
+    count_ += s_.block_counts[b];
+  }
+}
+
+void Dist::CutValueBelow(float t) {
+  ApplyDivision();
+  float* w = weights_valid_ ? s_.wf.data() : nullptr;
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    const kernels::SumCount r = kernels::CutValueBelow(values_.data(), w, begin, end, t);
+    s_.block_sums[b] = r.sum;
+    s_.block_counts[b] = r.count;
+  });
+  TotalBlocks();
+  MaybeSparse();
+}
+
+void Dist::CutWeightBelow(double t) {
+  EnsureWeights();
+  const float tf = RoundUp(t);
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    const kernels::SumCount r =
+        kernels::CutWeightBelow(values_.data(), s_.wf.data(), begin, end, tf);
+    s_.block_sums[b] = r.sum;
+    s_.block_counts[b] = r.count;
+  });
+  TotalBlocks();
+  MaybeSparse();
+}
+
+void Dist::KeepMax() {
+  ApplyDivision();
+  CutValueBelow(max_);
+}
+
+void Dist::CutBelowProbability(double cut) {
+  EnsureWeights();
+  if (1.0 / total_ < cut) {  // even the most likely token (weight 1) is below the cut
+    KeepMax();
+    return;
+  }
+  CutWeightBelow(cut * total_);
+}
+
+double Dist::Entropy() {
+  EnsureWeights();
+  std::vector<double>& parts = s_.keys;
+  parts.assign(s_.block_sums.size(), 0.0);
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    parts[b] = kernels::WeightedLogits(values_.data(), s_.wf.data(), begin, end, max_);
+  });
+  double weighted = 0.0;
+  for (double part : parts) weighted += part;
+  // H = −Σ q (v − max − log Σ) = log Σ − Σ w (v − max) / Σ.
+  return std::log(total_) - weighted / total_;
+}
+
+size_t Dist::Select(const kernels::Key& key, double lo, double hi) {
+  const size_t blocks = NumBlocks(values_.size());
+  std::vector<int64_t>& counts = s_.block_counts;
+  counts.assign(blocks, 0);
+  int32_t* ids = s_.ids.data();
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    counts[b] = static_cast<int64_t>(
+        kernels::SelectKeyRange(values_.data(), begin, end, key, lo, hi, ids + begin));
+  });
+  // Compact the per-block runs in block order (id order).
+  size_t out = 0;
+  for (size_t b = 0; b < blocks; ++b) {
+    const size_t c = static_cast<size_t>(counts[b]);
+    std::copy(ids + b * kBlock, ids + b * kBlock + c, ids + out);
+    out += c;
+  }
+  return out;
+}
+
+void Dist::ToSparse(const kernels::Key& key, double cut) {
+  ApplyDivision();
+  const size_t m = Select(key, -kDoubleInf, cut);
+  s_.sparse_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
+  s_.sparse_values.resize(m);
+  for (size_t i = 0; i < m; ++i) {
+    s_.sparse_values[i] = values_[static_cast<size_t>(s_.sparse_ids[i])];
+  }
+  sparse_ = true;
+  count_ = static_cast<int64_t>(m);
+}
+
+void Dist::MaybeSparse() {
+  if (count_ >= 0 && count_ <= kSparseMax) ToSparse(kernels::Key{}, kDoubleMax);
+}
+
+Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
+  const size_t n = values_.size();
+  // Sampled keys give the pivots of the first pass.
+  std::vector<double>& sample = s_.keys;
+  sample.clear();
+  const size_t stride = std::max<size_t>(1, n / kSampleSize);
+  for (size_t i = stride / 2; i < n; i += stride) {
+    if (values_[i] != kNegInf) sample.push_back(kernels::KeyOf(key, values_[i]));
+  }
+  std::sort(sample.begin(), sample.end());
+  sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
+
+  // Invariant: mass(key ≤ lo) < fraction·total ≤ mass(key ≤ hi) (with a margin for the order of
+  // additions), so the cut lies in (lo, hi].
+  double lo = -kDoubleInf, hi = kDoubleMax;
+  double lo_sum = 0.0;
+  int64_t lo_count = 0, hi_count = -1;
+  const double below = fraction * total_ * (1.0 - 1e-9);
+  const double above = fraction * total_ * (1.0 + 1e-9);
+
+  std::vector<double> pivots;
+  // First pass: geometric positions in the sample (most cuts fall in the first few), and the
+  // largest key possible so that the kept count is known.
+  for (size_t pos = 0; pos < sample.size() && pivots.size() + 1 < kMaxPivots;
+       pos = pos == 0 ? 1 : pos * 2) {
+    pivots.push_back(sample[pos]);
+  }
+  if (!sample.empty() && pivots.back() != sample.back()) pivots.push_back(sample.back());
+  pivots.push_back(kDoubleMax);
+
+  const size_t blocks = NumBlocks(n);
+  for (int pass = 0; pass < 8; ++pass) {
+    const int np = static_cast<int>(pivots.size());
+    s_.pivot_sums.assign(blocks * kMaxPivots, 0.0);
+    s_.pivot_counts.assign(blocks * kMaxPivots, 0);
+    ForBlocks(n, parallel_, [&](size_t b, size_t begin, size_t end) {
+      kernels::MassAtOrBelow(values_.data(), s_.wf.data(), begin, end, key, pivots.data(), np,
+                             s_.pivot_sums.data() + b * kMaxPivots,
+                             s_.pivot_counts.data() + b * kMaxPivots);
+    });
+    for (int j = 0; j < np; ++j) {
+      double sum = 0.0;
+      int64_t count = 0;
+      for (size_t b = 0; b < blocks; ++b) {
+        sum += s_.pivot_sums[b * kMaxPivots + static_cast<size_t>(j)];
+        count += s_.pivot_counts[b * kMaxPivots + static_cast<size_t>(j)];
+      }
+      const double p = pivots[static_cast<size_t>(j)];
+      if (sum < below && p > lo) {
+        lo = p;
+        lo_sum = sum;
+        lo_count = count;
+      }
+      if ((sum >= above || p == kDoubleMax) && p < hi) hi = p;
+      if (p == hi) hi_count = count;
+      if (p == kDoubleMax) count_ = count;
+    }
+    if (hi_count < 0 || static_cast<size_t>(hi_count - lo_count) <= kBandMax) break;
+    // Refine: pivots between lo and hi, from the sample where it has keys there, else evenly.
+    pivots.clear();
+    const auto first = std::upper_bound(sample.begin(), sample.end(), lo);
+    const auto last = std::lower_bound(sample.begin(), sample.end(), hi);
+    const ptrdiff_t inside = last - first;
+    if (inside >= kMaxPivots) {
+      for (int j = 1; j < kMaxPivots; ++j) {
+        pivots.push_back(first[inside * j / kMaxPivots]);
+      }
+    } else if (inside > 0) {
+      pivots.assign(first, last);
+    } else {
+      const double from = lo == -kDoubleInf ? (sample.empty() ? hi : sample.front()) : lo;
+      const double to = hi == kDoubleMax ? (sample.empty() ? lo : sample.back()) : hi;
+      if (!(from < to)) break;
+      for (int j = 1; j < kMaxPivots; ++j) pivots.push_back(from + (to - from) * j / kMaxPivots);
+    }
+    pivots.erase(
+        std::remove_if(pivots.begin(), pivots.end(), [&](double p) { return !(p > lo && p < hi); }),
+        pivots.end());
+    if (pivots.empty()) break;
+  }
+
+  // Sort the band (lo, hi] by (key, id) and apply the reference's rule from lo's mass on.
+  const size_t m = Select(key, lo, hi);
+  auto& band = s_.band;
+  band.clear();
+  for (size_t i = 0; i < m; ++i) {
+    const int32_t id = s_.ids[i];
+    band.emplace_back(kernels::KeyOf(key, values_[static_cast<size_t>(id)]), id);
+  }
+  std::sort(band.begin(), band.end());
+  double cumulative = lo_sum / total_;
+  for (size_t i = 0; i < band.size(); ++i) {
+    cumulative += static_cast<double>(s_.wf[static_cast<size_t>(band[i].second)]) / total_;
+    if (cumulative >= fraction) {
+      size_t last = i;
+      while (last + 1 < band.size() && band[last + 1].first == band[i].first) ++last;
+      return {band[i].first, lo_count + static_cast<int64_t>(last + 1)};
+    }
+  }
+  // Rounding left the cumulative mass short of the fraction: keep everything (the reference).
+  return {kDoubleMax, lo_count + static_cast<int64_t>(band.size())};
+}
+
+// --- Stages ---------------------------------------------------------------------------------
+
+void Dist::Temperature(const tokensampler::Temperature& t) {
+  if (sparse_) {
+    t.Apply(absl::MakeSpan(s_.sparse_values), s_);
+    return;
+  }
+  if (t.range > 0.0f) {
+    // Dynamic temperature: the reference's formula over the kept set.
+    ApplyDivision();
+    std::vector<int64_t>& counts = s_.block_counts;
+    counts.assign(NumBlocks(values_.size()), 0);
+    ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+      counts[b] = kernels::SumValues(values_.data(), begin, end).count;
+    });
+    int64_t kept = 0;
+    for (int64_t c : counts) kept += c;
+    if (kept <= 1) return;
+    const double h = Entropy();
+    const double normalized = h / std::log(static_cast<double>(kept));
+    const double t_min = std::max(0.0, static_cast<double>(t.temperature) - t.range);
+    const double t_max = static_cast<double>(t.temperature) + t.range;
+    const float dyn =
+        static_cast<float>(t_min + (t_max - t_min) * std::pow(normalized, t.exponent));
+    if (!(dyn >= SamplingParams::kGreedyTemperature)) {
+      KeepMax();
+      return;
+    }
+    divisor_ = dyn;
+    weights_valid_ = false;
+    return;
+  }
+  ApplyDivision();  // at most one temperature runs; this only guards the invariant
+  divisor_ = t.temperature;
+  weights_valid_ = false;
+}
+
+void Dist::TopK(int32_t k) {
+  if (sparse_) {
+    tokensampler::TopK{k}.Apply(absl::MakeSpan(s_.sparse_values), s_);
+    return;
+  }
+  if (k <= 0) return;
+  if (count_ >= 0 && k >= count_) return;
+  ApplyDivision();
+  const size_t n = values_.size();
+  // A pivot from a sample: the j-th largest sampled value, j chosen so that about twice k tokens
+  // are ≥ it; fewer than k means the pivot was too high and everything kept is taken instead.
+  std::vector<double>& sample = s_.keys;
+  sample.clear();
+  const size_t stride = std::max<size_t>(1, n / kSampleSize);
+  for (size_t i = stride / 2; i < n; i += stride) {
+    if (values_[i] != kNegInf) sample.push_back(static_cast<double>(values_[i]));
+  }
+  const size_t rank =
+      static_cast<size_t>(2.0 * k * static_cast<double>(sample.size()) / static_cast<double>(n)) +
+      3;
+  double pivot = -kDoubleInf;
+  if (rank < sample.size()) {
+    std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(),
+                     std::greater<>());
+    pivot = sample[rank];
+  }
+  const kernels::Key key{};
+  size_t m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
+  if (m < static_cast<size_t>(k) && pivot != -kDoubleInf) {
+    pivot = -kDoubleInf;
+    m = Select(key, -kDoubleInf, kDoubleMax);
+  }
+  if (pivot == -kDoubleInf && m <= static_cast<size_t>(k)) {
+    count_ = static_cast<int64_t>(m);  // k ≥ the kept tokens: nothing to cut
+    MaybeSparse();
+    return;
+  }
+  // The k-th largest candidate value is the threshold; ties with it stay.
+  std::vector<double>& vals = s_.keys;
+  vals.resize(m);
+  for (size_t i = 0; i < m; ++i)
+    vals[i] = static_cast<double>(values_[static_cast<size_t>(s_.ids[i])]);
+  std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), std::greater<>());
+  const float threshold = static_cast<float>(vals[static_cast<size_t>(k - 1)]);
+  s_.sparse_ids.clear();
+  s_.sparse_values.clear();
+  for (size_t i = 0; i < m; ++i) {
+    const int32_t id = s_.ids[i];
+    const float v = values_[static_cast<size_t>(id)];
+    if (v >= threshold) {
+      s_.sparse_ids.push_back(id);
+      s_.sparse_values.push_back(v);
+    }
+  }
+  sparse_ = true;
+  count_ = static_cast<int64_t>(s_.sparse_ids.size());
+}
+
+void Dist::TopP(float p) {
+  if (sparse_) {
+    tokensampler::TopP{p}.Apply(absl::MakeSpan(s_.sparse_values), s_);
+    return;
+  }
+  if (p >= 1.0f) return;
+  EnsureWeights();
+  const Cut cut = FindCut(kernels::Key{}, static_cast<double>(p));
+  if (cut.count <= kSparseMax) {
+    ToSparse(kernels::Key{}, cut.key);
+  } else if (cut.key != kDoubleMax) {
+    CutValueBelow(static_cast<float>(-cut.key));
+  }
+}
+
+void Dist::MinP(float min_p) {
+  if (sparse_) {
+    tokensampler::MinP{min_p}.Apply(absl::MakeSpan(s_.sparse_values));
+    return;
+  }
+  if (min_p <= 0.0f) return;
+  CutWeightBelow(static_cast<double>(min_p));
+}
+
+void Dist::TypicalP(float mass) {
+  if (sparse_) {
+    tokensampler::TypicalP{mass}.Apply(absl::MakeSpan(s_.sparse_values), s_);
+    return;
+  }
+  if (mass >= 1.0f) return;
+  const double h = Entropy();
+  kernels::Key key;
+  key.kind = kernels::Key::kTypical;
+  key.max = static_cast<double>(max_);
+  key.log_total = std::log(total_);
+  key.entropy = h;
+  const Cut cut = FindCut(key, static_cast<double>(mass));
+  ToSparse(key, cut.key);
+}
+
+void Dist::EpsilonCutoff(float epsilon) {
+  if (sparse_) {
+    tokensampler::EpsilonCutoff{epsilon}.Apply(absl::MakeSpan(s_.sparse_values), s_);
+    return;
+  }
+  if (epsilon <= 0.0f) return;
+  CutBelowProbability(static_cast<double>(epsilon));
+}
+
+void Dist::EtaCutoff(float eta) {
+  if (sparse_) {
+    tokensampler::EtaCutoff{eta}.Apply(absl::MakeSpan(s_.sparse_values), s_);
+    return;
+  }
+  if (eta <= 0.0f) return;
+  const double h = Entropy();
+  const double e = static_cast<double>(eta);
+  CutBelowProbability(std::min(e, std::sqrt(e) * std::exp(-h)));
+}
+
+void Dist::TopNSigma(float n) {
+  if (sparse_) {
+    tokensampler::TopNSigma{n}.Apply(absl::MakeSpan(s_.sparse_values));
+    return;
+  }
+  ApplyDivision();
+  const size_t blocks = NumBlocks(values_.size());
+  std::vector<double>& parts = s_.keys;
+  parts.assign(blocks, 0.0);
+  std::vector<int64_t>& counts = s_.block_counts;
+  counts.assign(blocks, 0);
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    const kernels::SumCount r = kernels::SumValues(values_.data(), begin, end);
+    parts[b] = r.sum;
+    counts[b] = r.count;
+  });
+  double sum = 0.0;
+  int64_t count = 0;
+  for (size_t b = 0; b < blocks; ++b) {
+    sum += parts[b];
+    count += counts[b];
+  }
+  const double mean = sum / static_cast<double>(count);
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    parts[b] = kernels::SumSquares(values_.data(), begin, end, mean);
+  });
+  double squares = 0.0;
+  for (double part : parts) squares += part;
+  const double sigma = std::sqrt(squares / static_cast<double>(count));
+  const double threshold = static_cast<double>(max_) - static_cast<double>(n) * sigma;
+  CutValueBelow(RoundUp(threshold));
+}
+
+void Dist::Xtc(const tokensampler::Xtc& xtc) {
+  if (sparse_) {
+    xtc.Apply(absl::MakeSpan(s_.sparse_values), s_);
+    return;
+  }
+  if (!(xtc.coin < static_cast<double>(xtc.probability))) return;
+  EnsureWeights();
+  const float cut = RoundUp(static_cast<double>(xtc.threshold) * total_);
+  // Few tokens can reach the threshold (at most 1 / threshold): select them per block.
+  const size_t blocks = NumBlocks(values_.size());
+  std::vector<int64_t>& counts = s_.block_counts;
+  counts.assign(blocks, 0);
+  int32_t* ids = s_.ids.data();
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    counts[b] = static_cast<int64_t>(
+        kernels::SelectWeightAtLeast(s_.wf.data(), begin, end, cut, ids + begin));
+  });
+  size_t above = 0;
+  float least = 0.0f;
+  for (size_t b = 0; b < blocks; ++b) {
+    for (int64_t i = 0; i < counts[b]; ++i) {
+      const float w = s_.wf[static_cast<size_t>(ids[b * kBlock + static_cast<size_t>(i)])];
+      least = above == 0 ? w : std::min(least, w);
+      ++above;
+    }
+  }
+  if (above < 2) return;
+  for (size_t b = 0; b < blocks; ++b) {
+    for (int64_t i = 0; i < counts[b]; ++i) {
+      const size_t id = static_cast<size_t>(ids[b * kBlock + static_cast<size_t>(i)]);
+      if (s_.wf[id] > least) values_[id] = kNegInf;
+    }
+  }
+  // The maximum went: weights are relative to the new one.
+  std::vector<kernels::MaxResult> parts;
+  max_ = RowMax(values_, parallel_, parts).max;
+  weights_valid_ = false;
+  count_ = -1;
+}
+
+int32_t Dist::Draw(double coin) {
+  if (sparse_) {
+    const int32_t index = tokensampler::Draw(s_.sparse_values, coin, s_);
+    return s_.sparse_ids[static_cast<size_t>(index)];
+  }
+  EnsureWeights();
+  // The block holding the target by the block sums, then token by token from there on.
+  const double target = coin * total_;
+  double cumulative = 0.0;
+  size_t b = 0;
+  while (b + 1 < s_.block_sums.size() && cumulative + s_.block_sums[b] <= target) {
+    cumulative += s_.block_sums[b];
+    ++b;
+  }
+  int32_t last_positive = -1;
+  for (size_t i = b * kBlock; i < values_.size(); ++i) {
+    const float w = s_.wf[i];
+    if (w <= 0.0f) continue;
+    cumulative += static_cast<double>(w);
+    last_positive = static_cast<int32_t>(i);
+    if (cumulative > target) return last_positive;
+  }
+  if (last_positive >= 0) return last_positive;
+  for (size_t i = values_.size(); i-- > 0;) {
+    if (s_.wf[i] > 0.0f) return static_cast<int32_t>(i);
+  }
+  return -1;  // unreachable: the maximum has weight 1
+}
+
+tokensampler::Mirostat::Result Dist::Mirostat(const tokensampler::Mirostat& m, double coin) {
+  if (!sparse_) {
+    // Mirostat ranks the kept tokens; they are taken out of the row (one pass) and ranked there.
+    ToSparse(kernels::Key{}, kDoubleMax);
+  }
+  tokensampler::Mirostat::Result r = m.Apply(absl::MakeSpan(s_.sparse_values), coin, s_);
+  r.token = s_.sparse_ids[static_cast<size_t>(r.token)];
+  return r;
+}
+
+absl::Span<const float> Dist::Processed() {
+  if (sparse_) {
+    std::fill(values_.begin(), values_.end(), kNegInf);
+    for (size_t i = 0; i < s_.sparse_ids.size(); ++i) {
+      values_[static_cast<size_t>(s_.sparse_ids[i])] = s_.sparse_values[i];
+    }
+  } else {
+    ApplyDivision();
+  }
+  return values_;
+}
+
+}  // namespace tokensampler

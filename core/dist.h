@@ -1,0 +1,138 @@
+// Internal: the fast steps 4–6 of one sample. A Dist is the distribution the sample is drawn
+// from while the stages narrow it:
+//   dense  — the processed row in a vocabulary-sized buffer (removed tokens −inf), with float
+//            weights w = ExpF(v − max) and their per-block sums; every stage is O(V) SIMD passes
+//            over fixed blocks (kernels.h), thresholds are found by sampling pivots, counting the
+//            mass at or below each pivot in one pass and sorting only the few tokens between the
+//            two pivots around the cut; no stage sorts the vocabulary;
+//   sparse — once few tokens remain (after top_k, or a cut that leaves ≤ kSparseMax), their ids
+//            and values in id order; the reference stages (stages.h) then run on that compact
+//            array, which gives exactly their result on the whole row.
+// The result equals the reference pipeline's: the same kept tokens, the same weights (the same
+// ExpF), sums that differ only by the order of double additions.
+//
+// Blocks may run on several threads (`parallel`); every result is combined in block order, so
+// the tokens do not depend on the thread count. Thread-compatible; the scratch is the caller's.
+#ifndef TOKENSAMPLER_CORE_DIST_H_
+#define TOKENSAMPLER_CORE_DIST_H_
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "absl/types/span.h"
+#include "core/kernels.h"
+#include "core/row.h"
+#include "core/stages.h"
+#include "tbb/blocked_range.h"
+#include "tbb/parallel_for.h"
+#include "tbb/task_arena.h"
+
+namespace tokensampler {
+
+// Rows are cut into blocks of this many tokens (the unit of intra-row parallelism).
+constexpr size_t kBlock = 4096;
+
+inline size_t NumBlocks(size_t n) { return (n + kBlock - 1) / kBlock; }
+
+// Runs fn(block, begin, end) for every block of a row of n tokens, on several threads when
+// `parallel`. Callers store per-block results and combine them in block order.
+template <typename Fn>
+void ForBlocks(size_t n, bool parallel, Fn&& fn) {
+  const size_t blocks = NumBlocks(n);
+  if (parallel && blocks > 1) {
+    // Isolated: while it waits, this thread must not pick up another row, which would reuse the
+    // thread's scratch that this row is still using.
+    tbb::this_task_arena::isolate([&] {
+      tbb::parallel_for(tbb::blocked_range<size_t>(0, blocks, 1),
+                        [&](const tbb::blocked_range<size_t>& range) {
+                          for (size_t b = range.begin(); b != range.end(); ++b) {
+                            fn(b, b * kBlock, std::min(n, (b + 1) * kBlock));
+                          }
+                        });
+    });
+  } else {
+    for (size_t b = 0; b < blocks; ++b) fn(b, b * kBlock, std::min(n, (b + 1) * kBlock));
+  }
+}
+
+// Max and first argmax of a row, block by block.
+kernels::MaxResult RowMax(absl::Span<const float> v, bool parallel,
+                          std::vector<kernels::MaxResult>& blocks);
+
+class Dist {
+ public:
+  // Once a stage leaves at most this many tokens, the Dist turns sparse.
+  static constexpr int64_t kSparseMax = 1024;
+
+  // `values` is the sample's own copy of the processed row (steps 1–2 done, no NaN, no +inf),
+  // `max` its maximum (finite).
+  Dist(absl::Span<float> values, float max, RowScratch& scratch, bool parallel);
+
+  // The stages, with the semantics of their reference structs in stages.h.
+  void Temperature(const tokensampler::Temperature& t);
+  void TopK(int32_t k);
+  void TopP(float p);
+  void MinP(float min_p);
+  void TypicalP(float mass);
+  void EpsilonCutoff(float epsilon);
+  void EtaCutoff(float eta);
+  void TopNSigma(float n);
+  void Xtc(const tokensampler::Xtc& xtc);
+
+  // The inverse-CDF draw in token-id order.
+  int32_t Draw(double coin);
+  // Mirostat's truncation and draw (on the kept tokens, as the reference).
+  tokensampler::Mirostat::Result Mirostat(const tokensampler::Mirostat& m, double coin);
+
+  // The distribution as a vocabulary-sized row (removed tokens −inf), for processed logprobs.
+  absl::Span<const float> Processed();
+
+  bool sparse() const { return sparse_; }
+
+ private:
+  struct Cut {
+    double key;     // keep tokens with key ≤ this
+    int64_t count;  // how many that is
+  };
+
+  // Applies a pending temperature division (without computing weights).
+  void ApplyDivision();
+  // Computes weights and block sums if they are not current (applies a pending division).
+  void EnsureWeights();
+  // Stores per-block (sum, count) results and totals them.
+  void TotalBlocks();
+  // Cuts by value / weight over all blocks; turns sparse when few remain.
+  void CutValueBelow(float t);
+  void CutWeightBelow(double t);
+  // Keeps only the tokens equal to the maximum.
+  void KeepMax();
+  // The reference's CutBelowProbability on the dense row.
+  void CutBelowProbability(double cut);
+  // Shannon entropy (nats) of the current weights.
+  double Entropy();
+  // The smallest cut key whose kept mass reaches `fraction` of the total (ties at the cut kept),
+  // with the reference's cumulative rule. REQUIRES: weights current.
+  Cut FindCut(const kernels::Key& key, double fraction);
+  // Turns sparse, keeping the tokens with key ≤ `cut` (for kNegValue keys and the default cut:
+  // every kept token).
+  void ToSparse(const kernels::Key& key, double cut);
+  void MaybeSparse();
+  // Selects ids with lo < key ≤ hi into scratch.ids (in id order); returns how many.
+  size_t Select(const kernels::Key& key, double lo, double hi);
+
+  absl::Span<float> values_;
+  RowScratch& s_;
+  const bool parallel_;
+  float max_;
+  float divisor_ = 1.0f;  // pending temperature division of values_
+  bool weights_valid_ = false;
+  double total_ = 0.0;
+  int64_t count_ = -1;  // kept tokens, −1 = not known
+  bool sparse_ = false;
+};
+
+}  // namespace tokensampler
+
+#endif  // TOKENSAMPLER_CORE_DIST_H_

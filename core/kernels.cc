@@ -1,0 +1,763 @@
+// SIMD kernels of the row pipeline, compiled once per instruction set by Highway's
+// foreach_target and dispatched at run time (see kernels.h).
+#include "core/kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "core/kernels.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+
+// Constants of ExpF (Cephes' expf: Cody–Waite reduction and a degree-5 polynomial), shared by
+// the scalar and the SIMD code so both evaluate the same operations.
+#ifndef TOKENSAMPLER_CORE_KERNELS_CONSTANTS_
+#define TOKENSAMPLER_CORE_KERNELS_CONSTANTS_
+namespace tokensampler::kernels::internal {
+constexpr float kExpMin = -87.33654f;  // below this e^x is under FLT_MIN: the weight is 0
+constexpr float kExpMax = 88.72283f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f;
+constexpr float kLn2Lo = -2.12194440e-4f;
+constexpr float kP0 = 1.9875691500e-4f;
+constexpr float kP1 = 1.3981999507e-3f;
+constexpr float kP2 = 8.3334519073e-3f;
+constexpr float kP3 = 4.1665795894e-2f;
+constexpr float kP4 = 1.6666665459e-1f;
+constexpr float kP5 = 5.0000001201e-1f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
+}  // namespace tokensampler::kernels::internal
+
+// Scalar versions: the tails of the SIMD loops and Highway's scalar target.
+namespace tokensampler::kernels::scalar {
+using namespace internal;  // NOLINT
+
+inline MaxResult Finish(const float* v, size_t begin, size_t end, float max, bool has_nan) {
+  MaxResult r{max, -1, -1};
+  for (size_t i = begin; i < end && has_nan; ++i) {
+    if (std::isnan(v[i])) {
+      r.nan = static_cast<int64_t>(i);
+      break;
+    }
+  }
+  for (size_t i = begin; i < end && max != kNegInf; ++i) {
+    if (v[i] == max) {
+      r.argmax = static_cast<int64_t>(i);
+      break;
+    }
+  }
+  return r;
+}
+
+inline MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
+                           float* out) {
+  float max = kNegInf;
+  bool nan = false;
+  for (size_t i = begin; i < end; ++i) {
+    uint16_t bits = 0;
+    float x = 0.0f;
+    switch (dtype) {
+      case DType::kFloat32:
+        std::memcpy(&x, row + 4 * i, 4);
+        break;
+      case DType::kBFloat16:
+        std::memcpy(&bits, row + 2 * i, 2);
+        x = Bf16ToFloat(bits);
+        break;
+      case DType::kFloat16:
+        std::memcpy(&bits, row + 2 * i, 2);
+        x = Fp16ToFloat(bits);
+        break;
+    }
+    if (divisor != 1.0f) x /= divisor;
+    out[i] = x;
+    if (std::isnan(x)) nan = true;
+    if (x > max) max = x;
+  }
+  return Finish(out, begin, end, nan ? kNegInf : max, nan);
+}
+
+inline MaxResult Max(const float* v, size_t begin, size_t end) {
+  float max = kNegInf;
+  for (size_t i = begin; i < end; ++i) max = v[i] > max ? v[i] : max;
+  return Finish(v, begin, end, max, false);
+}
+
+inline double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
+  double sum = 0.0;
+  for (size_t i = begin; i < end; ++i) {
+    if (divisor != 1.0f) v[i] /= divisor;
+    w[i] = ExpF(v[i] - max);
+    sum += static_cast<double>(w[i]);
+  }
+  return sum;
+}
+
+template <class Removed>
+SumCount Cut(float* v, float* w, size_t begin, size_t end, Removed removed) {
+  SumCount r{0.0, 0};
+  for (size_t i = begin; i < end; ++i) {
+    const float e = w != nullptr ? w[i] : 0.0f;
+    if (v[i] == kNegInf || removed(v[i], e)) {
+      v[i] = kNegInf;
+      if (w != nullptr) w[i] = 0.0f;
+    } else {
+      ++r.count;
+      r.sum += static_cast<double>(e);
+    }
+  }
+  return r;
+}
+
+inline void MassAtOrBelow(const float* v, const float* w, size_t begin, size_t end, const Key& key,
+                          const double* pivots, int np, double* sums, int64_t* counts) {
+  for (size_t i = begin; i < end; ++i) {
+    const double k = KeyOf(key, v[i]);
+    for (int j = 0; j < np; ++j) {
+      if (k <= pivots[j]) {
+        sums[j] += static_cast<double>(w[i]);
+        ++counts[j];
+      }
+    }
+  }
+}
+
+inline size_t SelectKeyRange(const float* v, size_t begin, size_t end, const Key& key, double lo,
+                             double hi, int32_t* ids) {
+  size_t out = 0;
+  for (size_t i = begin; i < end; ++i) {
+    const double k = KeyOf(key, v[i]);
+    if (k > lo && k <= hi) ids[out++] = static_cast<int32_t>(i);
+  }
+  return out;
+}
+
+inline SumCount SumValues(const float* v, size_t begin, size_t end) {
+  SumCount r{0.0, 0};
+  for (size_t i = begin; i < end; ++i) {
+    if (v[i] == kNegInf) continue;
+    r.sum += static_cast<double>(v[i]);
+    ++r.count;
+  }
+  return r;
+}
+
+inline double SumSquares(const float* v, size_t begin, size_t end, double mean) {
+  double sum = 0.0;
+  for (size_t i = begin; i < end; ++i) {
+    if (v[i] == kNegInf) continue;
+    const double d = static_cast<double>(v[i]) - mean;
+    sum += d * d;
+  }
+  return sum;
+}
+
+inline double WeightedLogits(const float* v, const float* w, size_t begin, size_t end, float max) {
+  double sum = 0.0;
+  for (size_t i = begin; i < end; ++i) {
+    if (w[i] > 0.0f) sum += static_cast<double>(w[i]) * (static_cast<double>(v[i]) - max);
+  }
+  return sum;
+}
+
+inline void InfToUniform(float* v, size_t begin, size_t end) {
+  for (size_t i = begin; i < end; ++i) v[i] = v[i] == kPosInf ? 0.0f : kNegInf;
+}
+
+inline void Scale(float* v, size_t begin, size_t end, float divisor) {
+  for (size_t i = begin; i < end; ++i) v[i] /= divisor;
+}
+
+inline size_t SelectWeightAtLeast(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
+  size_t out = 0;
+  for (size_t i = begin; i < end; ++i) {
+    if (w[i] >= t && w[i] > 0.0f) ids[out++] = static_cast<int32_t>(i);
+  }
+  return out;
+}
+
+}  // namespace tokensampler::kernels::scalar
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace tokensampler::kernels {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using namespace internal;  // NOLINT: the constants above
+
+#if HWY_TARGET == HWY_SCALAR
+// Highway's scalar target (plain x86-64 without SSSE3) lacks half vectors: it runs the scalar
+// code, which computes the same values.
+MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
+                        float* out) {
+  return scalar::DecodeMax(dtype, row, begin, end, divisor, out);
+}
+MaxResult MaxImpl(const float* v, size_t begin, size_t end) { return scalar::Max(v, begin, end); }
+double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
+  return scalar::Weights(v, w, begin, end, divisor, max);
+}
+SumCount CutValueBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
+  return scalar::Cut(v, w, begin, end, [&](float x, float) { return x < t; });
+}
+SumCount CutValueAboveImpl(float* v, float* w, size_t begin, size_t end, float t) {
+  return scalar::Cut(v, w, begin, end, [&](float x, float) { return x > t; });
+}
+SumCount CutWeightBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
+  return scalar::Cut(v, w, begin, end, [&](float, float e) { return e < t; });
+}
+void MassAtOrBelowImpl(const float* v, const float* w, size_t begin, size_t end, const Key& key,
+                       const double* pivots, int np, double* sums, int64_t* counts) {
+  scalar::MassAtOrBelow(v, w, begin, end, key, pivots, np, sums, counts);
+}
+size_t SelectKeyRangeImpl(const float* v, size_t begin, size_t end, const Key& key, double lo,
+                          double hi, int32_t* ids) {
+  return scalar::SelectKeyRange(v, begin, end, key, lo, hi, ids);
+}
+SumCount SumValuesImpl(const float* v, size_t begin, size_t end) {
+  return scalar::SumValues(v, begin, end);
+}
+double SumSquaresImpl(const float* v, size_t begin, size_t end, double mean) {
+  return scalar::SumSquares(v, begin, end, mean);
+}
+double WeightedLogitsImpl(const float* v, const float* w, size_t begin, size_t end, float max) {
+  return scalar::WeightedLogits(v, w, begin, end, max);
+}
+void InfToUniformImpl(float* v, size_t begin, size_t end) { scalar::InfToUniform(v, begin, end); }
+void ScaleImpl(float* v, size_t begin, size_t end, float divisor) {
+  scalar::Scale(v, begin, end, divisor);
+}
+size_t SelectWeightAtLeastImpl(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
+  return scalar::SelectWeightAtLeast(w, begin, end, t, ids);
+}
+const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
+
+#else
+using DF = hn::ScalableTag<float>;
+using DI = hn::RebindToSigned<DF>;
+using DU = hn::RebindToUnsigned<DF>;
+using DFH = hn::Half<DF>;
+using DD = hn::Rebind<double, DFH>;
+using VF = hn::Vec<DF>;
+using VD = hn::Vec<DD>;
+
+// e^x, the same IEEE operations as the scalar ExpF (Mul and Add, never fused).
+HWY_INLINE VF Exp(DF df, VF x) {
+  const DI di;
+  const auto below = hn::Lt(x, hn::Set(df, kExpMin));
+  x = hn::Min(hn::Max(x, hn::Set(df, kExpMin)), hn::Set(df, kExpMax));
+  const VF fx = hn::Round(hn::Mul(x, hn::Set(df, kLog2e)));
+  VF r = hn::Sub(x, hn::Mul(fx, hn::Set(df, kLn2Hi)));
+  r = hn::Sub(r, hn::Mul(fx, hn::Set(df, kLn2Lo)));
+  const VF z = hn::Mul(r, r);
+  VF p = hn::Set(df, kP0);
+  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP1));
+  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP2));
+  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP3));
+  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP4));
+  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP5));
+  VF y = hn::Add(hn::Add(hn::Mul(p, z), r), hn::Set(df, 1.0f));
+  const auto k = hn::ConvertTo(di, fx);
+  const VF scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(k, hn::Set(di, 127))));
+  y = hn::Mul(y, scale);
+  return hn::IfThenZeroElse(below, y);
+}
+
+HWY_INLINE VD Lower(VF v) { return hn::PromoteTo(DD(), hn::LowerHalf(DFH(), v)); }
+HWY_INLINE VD Upper(VF v) { return hn::PromoteTo(DD(), hn::UpperHalf(DFH(), v)); }
+
+HWY_INLINE double SumD(VD v) { return hn::GetLane(hn::SumOfLanes(DD(), v)); }
+
+// The key of kernels.h in double lanes.
+HWY_INLINE VD KeyD(const Key& key, VD v) {
+  const DD dd;
+  if (key.kind == Key::kNegValue) return hn::Neg(v);
+  const VD log_q = hn::Sub(hn::Sub(v, hn::Set(dd, key.max)), hn::Set(dd, key.log_total));
+  return hn::Abs(hn::Sub(hn::Neg(log_q), hn::Set(dd, key.entropy)));
+}
+
+// Index of the first lane of v[begin, end) equal to `target`, or -1.
+int64_t FindFirstEqual(const float* v, size_t begin, size_t end, float target, bool nan) {
+  const DF df;
+  const size_t n = hn::Lanes(df);
+  const VF t = hn::Set(df, target);
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const auto m = nan ? hn::IsNaN(x) : hn::Eq(x, t);
+    const intptr_t first = hn::FindFirstTrue(df, m);
+    if (first >= 0) return static_cast<int64_t>(i) + first;
+  }
+  for (; i < end; ++i) {
+    if (nan ? std::isnan(v[i]) : v[i] == target) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
+MaxResult Finish(const float* v, size_t begin, size_t end, float max, bool has_nan) {
+  MaxResult r{max, -1, -1};
+  if (has_nan) r.nan = FindFirstEqual(v, begin, end, 0.0f, true);
+  if (max != kNegInf) r.argmax = FindFirstEqual(v, begin, end, max, false);
+  return r;
+}
+
+MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
+                        float* out) {
+  const bool divide = divisor != 1.0f;
+  const VF vdiv = hn::Set(DF(), divisor);
+  const DF df;
+  const DU du;
+  const hn::Rebind<uint16_t, DF> d16;
+  const hn::Rebind<hwy::float16_t, DF> dh;
+  const size_t n = hn::Lanes(df);
+  VF vmax = hn::Set(df, kNegInf);
+  VF nan_lanes = hn::Zero(df);  // all-ones lanes where a NaN was seen
+  size_t i = begin;
+  float smax = kNegInf;
+  bool snan = false;
+  switch (dtype) {
+    case DType::kFloat32: {
+      const float* src = reinterpret_cast<const float*>(row);
+      for (; i + n <= end; i += n) {
+        VF x = hn::LoadU(df, src + i);
+        if (divide) x = hn::Div(x, vdiv);
+        hn::StoreU(x, df, out + i);
+        vmax = hn::Max(vmax, x);
+        nan_lanes = hn::Or(nan_lanes, hn::VecFromMask(df, hn::IsNaN(x)));
+      }
+      for (size_t t = i; t < end; ++t) std::memcpy(out + t, src + t, sizeof(float));
+      break;
+    }
+    case DType::kBFloat16: {
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(row);
+      for (; i + n <= end; i += n) {
+        const auto bits = hn::PromoteTo(du, hn::LoadU(d16, src + i));
+        VF x = hn::BitCast(df, hn::ShiftLeft<16>(bits));
+        if (divide) x = hn::Div(x, vdiv);
+        hn::StoreU(x, df, out + i);
+        vmax = hn::Max(vmax, x);
+        nan_lanes = hn::Or(nan_lanes, hn::VecFromMask(df, hn::IsNaN(x)));
+      }
+      for (size_t t = i; t < end; ++t) out[t] = Bf16ToFloat(src[t]);
+      break;
+    }
+    case DType::kFloat16: {
+      const hwy::float16_t* src = reinterpret_cast<const hwy::float16_t*>(row);
+      for (; i + n <= end; i += n) {
+        VF x = hn::PromoteTo(df, hn::LoadU(dh, src + i));
+        if (divide) x = hn::Div(x, vdiv);
+        hn::StoreU(x, df, out + i);
+        vmax = hn::Max(vmax, x);
+        nan_lanes = hn::Or(nan_lanes, hn::VecFromMask(df, hn::IsNaN(x)));
+      }
+      const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+      for (size_t t = i; t < end; ++t) out[t] = Fp16ToFloat(bits[t]);
+      break;
+    }
+  }
+  // The scalar tail: NaN never wins a comparison, so it is tracked apart.
+  for (size_t t = i; t < end; ++t) {
+    if (divide) out[t] /= divisor;
+    if (std::isnan(out[t])) snan = true;
+    if (out[t] > smax) smax = out[t];
+  }
+  const bool has_nan = snan || !hn::AllFalse(df, hn::MaskFromVec(nan_lanes));
+  // With a NaN the vector max is meaningless; the caller fails the row anyway.
+  float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  if (smax > max) max = smax;
+  if (has_nan) max = kNegInf;
+  return Finish(out, begin, end, max, has_nan);
+}
+
+MaxResult MaxImpl(const float* v, size_t begin, size_t end) {
+  const DF df;
+  const size_t n = hn::Lanes(df);
+  VF vmax = hn::Set(df, kNegInf);
+  size_t i = begin;
+  for (; i + n <= end; i += n) vmax = hn::Max(vmax, hn::LoadU(df, v + i));
+  float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  for (; i < end; ++i) max = v[i] > max ? v[i] : max;
+  return Finish(v, begin, end, max, false);
+}
+
+double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  const VF vmax = hn::Set(df, max);
+  const VF vdiv = hn::Set(df, divisor);
+  const bool divide = divisor != 1.0f;
+  VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    VF x = hn::LoadU(df, v + i);
+    if (divide) {
+      x = hn::Div(x, vdiv);
+      hn::StoreU(x, df, v + i);
+    }
+    const VF e = Exp(df, hn::Sub(x, vmax));
+    hn::StoreU(e, df, w + i);
+    acc0 = hn::Add(acc0, Lower(e));
+    acc1 = hn::Add(acc1, Upper(e));
+  }
+  double sum = SumD(hn::Add(acc0, acc1));
+  for (; i < end; ++i) {
+    if (divide) v[i] /= divisor;
+    w[i] = ExpF(v[i] - max);
+    sum += static_cast<double>(w[i]);
+  }
+  return sum;
+}
+
+// Shared body of the cuts: `removed(x, e)` is the mask of tokens to remove.
+template <class Removed, class ScalarRemoved>
+SumCount Cut(float* v, float* w, size_t begin, size_t end, Removed removed,
+             ScalarRemoved scalar_removed) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  const VF neg_inf = hn::Set(df, kNegInf);
+  VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
+  int64_t count = 0;
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const VF e = w != nullptr ? hn::LoadU(df, w + i) : hn::Zero(df);
+    const auto out = hn::Or(removed(x, e), hn::Eq(x, neg_inf));
+    hn::StoreU(hn::IfThenElse(out, neg_inf, x), df, v + i);
+    count += static_cast<int64_t>(n - hn::CountTrue(df, out));
+    if (w != nullptr) {
+      const VF kept = hn::IfThenZeroElse(out, e);
+      hn::StoreU(kept, df, w + i);
+      acc0 = hn::Add(acc0, Lower(kept));
+      acc1 = hn::Add(acc1, Upper(kept));
+    }
+  }
+  double sum = SumD(hn::Add(acc0, acc1));
+  for (; i < end; ++i) {
+    const float e = w != nullptr ? w[i] : 0.0f;
+    if (v[i] == kNegInf || scalar_removed(v[i], e)) {
+      v[i] = kNegInf;
+      if (w != nullptr) w[i] = 0.0f;
+    } else {
+      ++count;
+      sum += static_cast<double>(e);
+    }
+  }
+  return {sum, count};
+}
+
+SumCount CutValueBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
+  const VF vt = hn::Set(DF(), t);
+  return Cut(
+      v, w, begin, end, [&](VF x, VF) { return hn::Lt(x, vt); },
+      [&](float x, float) { return x < t; });
+}
+
+SumCount CutValueAboveImpl(float* v, float* w, size_t begin, size_t end, float t) {
+  const VF vt = hn::Set(DF(), t);
+  return Cut(
+      v, w, begin, end, [&](VF x, VF) { return hn::Gt(x, vt); },
+      [&](float x, float) { return x > t; });
+}
+
+SumCount CutWeightBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
+  const VF vt = hn::Set(DF(), t);
+  return Cut(
+      v, w, begin, end, [&](VF, VF e) { return hn::Lt(e, vt); },
+      [&](float, float e) { return e < t; });
+}
+
+void MassAtOrBelowImpl(const float* v, const float* w, size_t begin, size_t end, const Key& key,
+                       const double* pivots, int np, double* sums, int64_t* counts) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  constexpr int kMax = 16;
+  VD acc[kMax];
+  VD piv[kMax];
+  for (int j = 0; j < np; ++j) {
+    acc[j] = hn::Zero(dd);
+    piv[j] = hn::Set(dd, pivots[j]);
+  }
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const VF e = hn::LoadU(df, w + i);
+    const VD k0 = KeyD(key, Lower(x)), k1 = KeyD(key, Upper(x));
+    const VD e0 = Lower(e), e1 = Upper(e);
+    for (int j = 0; j < np; ++j) {
+      const auto m0 = hn::Le(k0, piv[j]);
+      const auto m1 = hn::Le(k1, piv[j]);
+      acc[j] = hn::Add(acc[j], hn::Add(hn::IfThenElseZero(m0, e0), hn::IfThenElseZero(m1, e1)));
+      counts[j] += static_cast<int64_t>(hn::CountTrue(dd, m0) + hn::CountTrue(dd, m1));
+    }
+  }
+  for (int j = 0; j < np; ++j) sums[j] += SumD(acc[j]);
+  for (; i < end; ++i) {
+    const double k = KeyOf(key, v[i]);
+    for (int j = 0; j < np; ++j) {
+      if (k <= pivots[j]) {
+        sums[j] += static_cast<double>(w[i]);
+        ++counts[j];
+      }
+    }
+  }
+}
+
+size_t SelectKeyRangeImpl(const float* v, size_t begin, size_t end, const Key& key, double lo,
+                          double hi, int32_t* ids) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  const size_t half = hn::Lanes(dd);
+  const VD vlo = hn::Set(dd, lo), vhi = hn::Set(dd, hi);
+  HWY_ALIGN double picked[hn::MaxLanes(dd)];
+  size_t out = 0;
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    for (size_t h = 0; h < 2; ++h) {
+      const VD k = KeyD(key, h == 0 ? Lower(x) : Upper(x));
+      const auto m = hn::And(hn::Gt(k, vlo), hn::Le(k, vhi));
+      if (hn::AllFalse(dd, m)) continue;
+      const VD idx = hn::Iota(dd, static_cast<double>(i + h * half));
+      const size_t c = hn::CompressStore(idx, m, dd, picked);
+      for (size_t j = 0; j < c; ++j) ids[out++] = static_cast<int32_t>(picked[j]);
+    }
+  }
+  for (; i < end; ++i) {
+    const double k = KeyOf(key, v[i]);
+    if (k > lo && k <= hi) ids[out++] = static_cast<int32_t>(i);
+  }
+  return out;
+}
+
+SumCount SumValuesImpl(const float* v, size_t begin, size_t end) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  const VF neg_inf = hn::Set(df, kNegInf);
+  VD acc = hn::Zero(dd);
+  int64_t count = 0;
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const auto kept = hn::Ne(x, neg_inf);
+    const VF y = hn::IfThenElseZero(kept, x);
+    acc = hn::Add(acc, hn::Add(Lower(y), Upper(y)));
+    count += static_cast<int64_t>(hn::CountTrue(df, kept));
+  }
+  double sum = SumD(acc);
+  for (; i < end; ++i) {
+    if (v[i] == kNegInf) continue;
+    sum += static_cast<double>(v[i]);
+    ++count;
+  }
+  return {sum, count};
+}
+
+double SumSquaresImpl(const float* v, size_t begin, size_t end, double mean) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  const VD neg_inf = hn::Set(dd, -std::numeric_limits<double>::infinity());
+  const VD vmean = hn::Set(dd, mean);
+  VD acc = hn::Zero(dd);
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const VD x0 = Lower(x), x1 = Upper(x);
+    const VD d0 = hn::Sub(x0, vmean), d1 = hn::Sub(x1, vmean);
+    const VD z0 = hn::IfThenElseZero(hn::Ne(x0, neg_inf), hn::Mul(d0, d0));
+    const VD z1 = hn::IfThenElseZero(hn::Ne(x1, neg_inf), hn::Mul(d1, d1));
+    acc = hn::Add(acc, hn::Add(z0, z1));
+  }
+  double sum = SumD(acc);
+  for (; i < end; ++i) {
+    if (v[i] == kNegInf) continue;
+    const double d = static_cast<double>(v[i]) - mean;
+    sum += d * d;
+  }
+  return sum;
+}
+
+double WeightedLogitsImpl(const float* v, const float* w, size_t begin, size_t end, float max) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  const VD vmax = hn::Set(dd, static_cast<double>(max));
+  VD acc = hn::Zero(dd);
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const VF e = hn::LoadU(df, w + i);
+    // w = 0 for removed tokens; (−inf − max) · 0 would be NaN, so mask on w.
+    const VD e0 = Lower(e), e1 = Upper(e);
+    const VD t0 =
+        hn::IfThenElseZero(hn::Gt(e0, hn::Zero(dd)), hn::Mul(e0, hn::Sub(Lower(x), vmax)));
+    const VD t1 =
+        hn::IfThenElseZero(hn::Gt(e1, hn::Zero(dd)), hn::Mul(e1, hn::Sub(Upper(x), vmax)));
+    acc = hn::Add(acc, hn::Add(t0, t1));
+  }
+  double sum = SumD(acc);
+  for (; i < end; ++i) {
+    if (w[i] > 0.0f) sum += static_cast<double>(w[i]) * (static_cast<double>(v[i]) - max);
+  }
+  return sum;
+}
+
+void InfToUniformImpl(float* v, size_t begin, size_t end) {
+  const DF df;
+  const size_t n = hn::Lanes(df);
+  const VF pos_inf = hn::Set(df, kPosInf);
+  const VF neg_inf = hn::Set(df, kNegInf);
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    hn::StoreU(hn::IfThenZeroElse(hn::Eq(x, pos_inf), neg_inf), df, v + i);
+  }
+  for (; i < end; ++i) v[i] = v[i] == kPosInf ? 0.0f : kNegInf;
+}
+
+void ScaleImpl(float* v, size_t begin, size_t end, float divisor) {
+  const DF df;
+  const size_t n = hn::Lanes(df);
+  const VF vdiv = hn::Set(df, divisor);
+  size_t i = begin;
+  for (; i + n <= end; i += n) hn::StoreU(hn::Div(hn::LoadU(df, v + i), vdiv), df, v + i);
+  for (; i < end; ++i) v[i] /= divisor;
+}
+
+size_t SelectWeightAtLeastImpl(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
+  const DF df;
+  const DI di;
+  const size_t n = hn::Lanes(df);
+  const VF vt = hn::Set(df, t);
+  size_t out = 0;
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF e = hn::LoadU(df, w + i);
+    const auto m = hn::And(hn::Ge(e, vt), hn::Gt(e, hn::Zero(df)));
+    if (hn::AllFalse(df, m)) continue;
+    for (size_t j = 0; j < n; ++j) {
+      if (w[i + j] >= t && w[i + j] > 0.0f) ids[out++] = static_cast<int32_t>(i + j);
+    }
+  }
+  (void)di;
+  for (; i < end; ++i) {
+    if (w[i] >= t && w[i] > 0.0f) ids[out++] = static_cast<int32_t>(i);
+  }
+  return out;
+}
+
+const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
+
+#endif  // HWY_TARGET == HWY_SCALAR
+
+// NOLINTNEXTLINE(google-readability-namespace-comments)
+}  // namespace HWY_NAMESPACE
+}  // namespace tokensampler::kernels
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace tokensampler::kernels {
+
+using internal::kNegInf;
+
+float ExpF(float x) {
+  using namespace internal;  // NOLINT
+  if (x < kExpMin) return 0.0f;
+  if (x > kExpMax) x = kExpMax;
+  const float fx = std::nearbyint(x * kLog2e);
+  float r = x - fx * kLn2Hi;
+  r = r - fx * kLn2Lo;
+  const float z = r * r;
+  float p = kP0;
+  p = p * r + kP1;
+  p = p * r + kP2;
+  p = p * r + kP3;
+  p = p * r + kP4;
+  p = p * r + kP5;
+  float y = (p * z + r) + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return y * scale;
+}
+
+double KeyOf(const Key& key, float v) {
+  const double x = static_cast<double>(v);
+  if (key.kind == Key::kNegValue) return -x;
+  const double log_q = (x - key.max) - key.log_total;
+  return std::abs(-log_q - key.entropy);
+}
+
+HWY_EXPORT(DecodeMaxImpl);
+HWY_EXPORT(MaxImpl);
+HWY_EXPORT(WeightsImpl);
+HWY_EXPORT(CutValueBelowImpl);
+HWY_EXPORT(CutValueAboveImpl);
+HWY_EXPORT(CutWeightBelowImpl);
+HWY_EXPORT(MassAtOrBelowImpl);
+HWY_EXPORT(SelectKeyRangeImpl);
+HWY_EXPORT(SumValuesImpl);
+HWY_EXPORT(SumSquaresImpl);
+HWY_EXPORT(WeightedLogitsImpl);
+HWY_EXPORT(InfToUniformImpl);
+HWY_EXPORT(TargetNameImpl);
+HWY_EXPORT(ScaleImpl);
+HWY_EXPORT(SelectWeightAtLeastImpl);
+
+const char* TargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameImpl)(); }
+
+MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
+                    float* out) {
+  return HWY_DYNAMIC_DISPATCH(DecodeMaxImpl)(dtype, row, begin, end, divisor, out);
+}
+void Scale(float* v, size_t begin, size_t end, float divisor) {
+  HWY_DYNAMIC_DISPATCH(ScaleImpl)(v, begin, end, divisor);
+}
+size_t SelectWeightAtLeast(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
+  return HWY_DYNAMIC_DISPATCH(SelectWeightAtLeastImpl)(w, begin, end, t, ids);
+}
+MaxResult Max(const float* v, size_t begin, size_t end) {
+  return HWY_DYNAMIC_DISPATCH(MaxImpl)(v, begin, end);
+}
+double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
+  return HWY_DYNAMIC_DISPATCH(WeightsImpl)(v, w, begin, end, divisor, max);
+}
+SumCount CutValueBelow(float* v, float* w, size_t begin, size_t end, float t) {
+  return HWY_DYNAMIC_DISPATCH(CutValueBelowImpl)(v, w, begin, end, t);
+}
+SumCount CutValueAbove(float* v, float* w, size_t begin, size_t end, float t) {
+  return HWY_DYNAMIC_DISPATCH(CutValueAboveImpl)(v, w, begin, end, t);
+}
+SumCount CutWeightBelow(float* v, float* w, size_t begin, size_t end, float t) {
+  return HWY_DYNAMIC_DISPATCH(CutWeightBelowImpl)(v, w, begin, end, t);
+}
+void MassAtOrBelow(const float* v, const float* w, size_t begin, size_t end, const Key& key,
+                   const double* pivots, int n, double* sums, int64_t* counts) {
+  HWY_DYNAMIC_DISPATCH(MassAtOrBelowImpl)(v, w, begin, end, key, pivots, n, sums, counts);
+}
+size_t SelectKeyRange(const float* v, size_t begin, size_t end, const Key& key, double lo,
+                      double hi, int32_t* ids) {
+  return HWY_DYNAMIC_DISPATCH(SelectKeyRangeImpl)(v, begin, end, key, lo, hi, ids);
+}
+SumCount SumValues(const float* v, size_t begin, size_t end) {
+  return HWY_DYNAMIC_DISPATCH(SumValuesImpl)(v, begin, end);
+}
+double SumSquares(const float* v, size_t begin, size_t end, double mean) {
+  return HWY_DYNAMIC_DISPATCH(SumSquaresImpl)(v, begin, end, mean);
+}
+double WeightedLogits(const float* v, const float* w, size_t begin, size_t end, float max) {
+  return HWY_DYNAMIC_DISPATCH(WeightedLogitsImpl)(v, w, begin, end, max);
+}
+void InfToUniform(float* v, size_t begin, size_t end) {
+  HWY_DYNAMIC_DISPATCH(InfToUniformImpl)(v, begin, end);
+}
+
+}  // namespace tokensampler::kernels
+#endif  // HWY_ONCE

@@ -1,0 +1,102 @@
+// Internal: the SIMD kernels of the row pipeline (Google Highway, dispatched at run time to the
+// best instruction set of the machine: AVX-512, AVX2, SSE4 or plain x86-64).
+//
+// Every kernel works on a range [begin, end) of one row so that callers can cut a row into
+// fixed blocks and run the blocks on several threads; a kernel's result for a range does not
+// depend on which thread runs it, so combining block results in block order gives the same
+// bits for any thread count.
+//
+// Weights are w = ExpF(v − max), computed in float with a fixed sequence of IEEE operations (no
+// fused multiply-add), so the SIMD kernels, the scalar tails and the reference implementation
+// give the same bits. Sums of weights are accumulated in double.
+#ifndef TOKENSAMPLER_CORE_KERNELS_H_
+#define TOKENSAMPLER_CORE_KERNELS_H_
+
+#include <cstddef>
+#include <cstdint>
+
+#include "core/tensor.h"
+
+namespace tokensampler::kernels {
+
+// e^x in float, within 2 ulp for x in [−87.3, 88.7]; 0 below −87.336 (and for −inf).
+// Bit-identical to the SIMD version.
+float ExpF(float x);
+
+// The name of the instruction set the kernels run with on this machine ("AVX3", "AVX2", …).
+const char* TargetName();
+
+struct MaxResult {
+  float max;       // largest value (−inf when every value is −inf)
+  int64_t argmax;  // its lowest index, or −1 when every value is −inf
+  int64_t nan;     // lowest index of a NaN, or −1
+};
+
+// Decodes row bytes [begin, end) (element indexes) of `dtype` into out[begin, end), divided by
+// `divisor` when it is not 1, and finds the maximum and the first NaN.
+MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
+                    float* out);
+
+// The maximum of v[begin, end) (NaN must not occur).
+MaxResult Max(const float* v, size_t begin, size_t end);
+
+// With divisor != 1, first v[i] /= divisor (written back). Then w[i] = ExpF(v[i] − max) (0 for
+// −inf). Returns Σ w in double.
+double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max);
+
+// v[i] /= divisor.
+void Scale(float* v, size_t begin, size_t end, float divisor);
+
+struct SumCount {
+  double sum;     // Σ w of the kept tokens
+  int64_t count;  // kept tokens (v ≠ −inf)
+};
+
+// Removes (v = −inf, w = 0) every token with v < t. `w` may be null (no weights yet).
+SumCount CutValueBelow(float* v, float* w, size_t begin, size_t end, float t);
+
+// Removes every token with w < t; tokens with v = −inf count as removed.
+SumCount CutWeightBelow(float* v, float* w, size_t begin, size_t end, float t);
+
+// Removes every token with v > t (XTC). `w` may be null.
+SumCount CutValueAbove(float* v, float* w, size_t begin, size_t end, float t);
+
+// Sort keys of the threshold stages: a stage keeps the tokens whose key is ≤ a cut, and orders
+// tokens by (key, id). top_p: key = −v. typical_p: key = |−((v − max) − log_total) − h| in
+// double, exactly HF's score. −inf tokens have no key (never counted).
+struct Key {
+  enum Kind : uint8_t { kNegValue, kTypical } kind = kNegValue;
+  double max = 0.0;
+  double log_total = 0.0;
+  double entropy = 0.0;
+};
+
+// The key of one value (scalar; bit-identical to the SIMD one).
+double KeyOf(const Key& key, float v);
+
+// For each pivot j (n ≤ 16): sums[j] += Σ w and counts[j] += count over kept tokens with
+// key ≤ pivots[j].
+void MassAtOrBelow(const float* v, const float* w, size_t begin, size_t end, const Key& key,
+                   const double* pivots, int n, double* sums, int64_t* counts);
+
+// Writes the ids of kept tokens with lo < key ≤ hi to ids (in id order); returns how many.
+size_t SelectKeyRange(const float* v, size_t begin, size_t end, const Key& key, double lo,
+                      double hi, int32_t* ids);
+
+// Writes the ids of tokens with w ≥ t (and w > 0) to ids (in id order); returns how many.
+size_t SelectWeightAtLeast(const float* w, size_t begin, size_t end, float t, int32_t* ids);
+
+// Σ v and Σ v² − style moments of the kept tokens for top_n_sigma: returns {Σ v, count} and
+// with `mean` given, Σ (v − mean)² in `squares`.
+SumCount SumValues(const float* v, size_t begin, size_t end);
+double SumSquares(const float* v, size_t begin, size_t end, double mean);
+
+// Σ w · (v − max) over kept tokens, in double (for the entropy).
+double WeightedLogits(const float* v, const float* w, size_t begin, size_t end, float max);
+
+// Keeps only the tokens equal to +inf, as 0; every other becomes −inf.
+void InfToUniform(float* v, size_t begin, size_t end);
+
+}  // namespace tokensampler::kernels
+
+#endif  // TOKENSAMPLER_CORE_KERNELS_H_

@@ -1,0 +1,306 @@
+// The fast pipeline (SIMD kernels, sampled pivots, sparse tail, split rows) against the reference
+// pipeline kept as the oracle: for random rows and random parameters of every kind they must
+// agree exactly — the same token, the same logprob and the same processed distribution (every
+// kept token and its value, via PROCESSED_LOGITS / PROCESSED_LOGPROBS with logprobs = -1) — and
+// the fast one must give the same bits with 1 and 2 threads. Plus the kernels' own contracts.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "core/kernels.h"
+#include "core/reference.h"
+#include "core/sampler.h"
+#include "gtest/gtest.h"
+#include "tbb/task_arena.h"
+#include "tests/testing/core_testing.h"
+
+namespace tokensampler {
+namespace {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// DESIGN.md's realistic rows (bulk σ·N(0,1), σ ∈ [2,3); 1–8 peaked tokens) and harder shapes.
+enum class Shape { kRealistic, kFlat, kTies, kMasked, kPosInf, kPeaked };
+
+std::vector<float> MakeRow(Shape shape, size_t vocab, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+  std::vector<float> row(vocab);
+  const float sigma = 2.0f + uniform(rng);
+  for (float& x : row) x = sigma * normal(rng);
+  std::uniform_int_distribution<size_t> pick(0, vocab - 1);
+  switch (shape) {
+    case Shape::kRealistic: {
+      float top =
+          std::log(static_cast<float>(vocab)) + sigma * sigma / 2 - 1.0f + 7.0f * uniform(rng);
+      const int peaks = 1 + static_cast<int>(uniform(rng) * 8);
+      std::exponential_distribution<float> gap(1.0f);
+      for (int i = 0; i < peaks; ++i, top -= gap(rng)) row[pick(rng)] = top;
+      break;
+    }
+    case Shape::kFlat:
+      for (float& x : row) x = 0.1f * normal(rng);
+      break;
+    case Shape::kTies:
+      for (float& x : row) x = std::round(x * 2.0f) / 2.0f;  // few distinct values
+      break;
+    case Shape::kMasked:
+      for (float& x : row) {
+        if (uniform(rng) < 0.7f) x = -kInf;
+      }
+      row[pick(rng)] = 3.0f;
+      break;
+    case Shape::kPosInf:
+      for (int i = 0; i < 3; ++i) row[pick(rng)] = kInf;
+      break;
+    case Shape::kPeaked:
+      row[pick(rng)] = 60.0f;  // almost all the mass on one token
+      break;
+  }
+  return row;
+}
+
+SamplingParams RandomParams(std::mt19937_64& rng, int32_t vocab) {
+  std::uniform_real_distribution<float> u(0.0f, 1.0f);
+  const auto one_of = [&](std::initializer_list<float> xs) {
+    return *(xs.begin() + static_cast<ptrdiff_t>(u(rng) * static_cast<float>(xs.size()) * 0.999f));
+  };
+  SamplingParams p;
+  p.seed = rng();
+  p.temperature = one_of({0.0f, 0.3f, 0.8f, 1.0f, 1.0f, 1.7f});
+  if (u(rng) < 0.15f) {
+    p.mirostat_mode = u(rng) < 0.5f ? 1 : 2;
+    p.mirostat_tau = one_of({2.0f, 5.0f, 8.0f});
+    p.mirostat_eta = 0.1f;
+  } else {
+    if (u(rng) < 0.5f) p.top_k = static_cast<int32_t>(one_of({1, 5, 50, 1000, 40000, 200000}));
+    if (u(rng) < 0.5f) p.top_p = one_of({0.3f, 0.9f, 0.95f, 0.999f});
+    if (u(rng) < 0.3f) p.min_p = one_of({0.01f, 0.05f, 0.2f});
+    if (u(rng) < 0.2f) p.typical_p = one_of({0.2f, 0.9f, 0.99f});
+    if (u(rng) < 0.15f) p.epsilon_cutoff = one_of({3e-5f, 3e-4f, 0.2f});
+    if (u(rng) < 0.15f) p.eta_cutoff = one_of({2e-4f, 1e-3f});
+    if (u(rng) < 0.15f) p.top_n_sigma = one_of({0.5f, 1.0f, 2.5f});
+    if (u(rng) < 0.15f) {
+      p.xtc_probability = one_of({0.5f, 1.0f});
+      p.xtc_threshold = one_of({0.05f, 0.1f, 0.3f});
+    }
+    if (u(rng) < 0.1f) {
+      p.dynatemp_range = 0.5f;
+      p.temperature = std::max(p.temperature, 0.5f);
+    }
+    if (u(rng) < 0.15f) {  // a custom order: a random permutation of every stage
+      p.sampler_order = {Stage::kTemperature, Stage::kTopK,      Stage::kTopP,
+                         Stage::kMinP,        Stage::kTypicalP,  Stage::kEpsilonCutoff,
+                         Stage::kEtaCutoff,   Stage::kTopNSigma, Stage::kXtc};
+      std::shuffle(p.sampler_order.begin(), p.sampler_order.end(), rng);
+    }
+  }
+  if (u(rng) < 0.2f) {
+    p.repetition_penalty = 1.2f;
+    p.frequency_penalty = 0.5f;
+    p.presence_penalty = 0.3f;
+  }
+  if (u(rng) < 0.1f) p.logit_bias = {{0, 5.0f}, {vocab - 1, -kInf}};
+  if (u(rng) < 0.2f) p.n = 3;
+  const float mode = u(rng);
+  p.logprobs = -1;
+  p.logprobs_mode = mode < 0.45f   ? LogprobsMode::kProcessedLogits
+                    : mode < 0.9f  ? LogprobsMode::kProcessedLogprobs
+                    : mode < 0.95f ? LogprobsMode::kRawLogprobs
+                                   : LogprobsMode::kRawLogits;
+  return p;
+}
+
+struct Case {
+  Shape shape;
+  size_t vocab;
+  int rows;
+  uint64_t seed;
+};
+
+std::string Describe(const SamplingParams& p) {
+  return absl::StrCat("T=", p.temperature, " top_k=", p.top_k, " top_p=", p.top_p,
+                      " min_p=", p.min_p, " typical=", p.typical_p, " eps=", p.epsilon_cutoff,
+                      " eta=", p.eta_cutoff, " nsigma=", p.top_n_sigma.value_or(0),
+                      " xtc=", p.xtc_probability, "/", p.xtc_threshold, " dyn=", p.dynatemp_range,
+                      " miro=", p.mirostat_mode, " order=", p.sampler_order.size(), " n=", p.n,
+                      " mode=", static_cast<int>(p.logprobs_mode));
+}
+
+void ExpectSame(const std::vector<SampledToken>& fast, const std::vector<SampledToken>& ref,
+                const std::string& where) {
+  ASSERT_EQ(fast.size(), ref.size()) << where;
+  for (size_t i = 0; i < fast.size(); ++i) {
+    const SampledToken& a = fast[i];
+    const SampledToken& b = ref[i];
+    ASSERT_EQ(a.token_id, b.token_id) << where << " result " << i;
+    ASSERT_EQ(a.logprob, b.logprob) << where << " result " << i;
+    ASSERT_EQ(a.mirostat_mu, b.mirostat_mu) << where << " result " << i;
+    ASSERT_EQ(a.finish_reason, b.finish_reason) << where;
+    ASSERT_EQ(a.top_logprobs.size(), b.top_logprobs.size()) << where << " result " << i;
+    for (size_t j = 0; j < a.top_logprobs.size(); ++j) {
+      ASSERT_EQ(a.top_logprobs[j].token_id, b.top_logprobs[j].token_id) << where << " #" << j;
+      ASSERT_EQ(a.top_logprobs[j].logprob, b.top_logprobs[j].logprob) << where << " #" << j;
+    }
+  }
+}
+
+void RunCase(const Case& c) {
+  std::mt19937_64 rng(c.seed);
+  const int32_t vocab = static_cast<int32_t>(c.vocab);
+  std::vector<float> values;
+  std::vector<SamplingParams> params(static_cast<size_t>(c.rows));
+  for (auto& p : params) p = RandomParams(rng, vocab);
+  for (int r = 0; r < c.rows; ++r) {
+    const std::vector<float> row = MakeRow(c.shape, c.vocab, rng);
+    values.insert(values.end(), row.begin(), row.end());
+  }
+  std::vector<int32_t> history(64);
+  for (size_t i = 0; i < history.size(); ++i) {
+    history[i] = static_cast<int32_t>((i * 2654435761u) % c.vocab);
+  }
+  std::vector<RowRequest> rows;
+  for (const SamplingParams& p : params) {
+    ASSERT_TRUE(ValidateParams(p, vocab).ok()) << Describe(p);
+    rows.push_back({&p, history, {history.data(), 8}, std::nullopt});
+  }
+  const std::vector<uint8_t> bytes = testing::F32Bytes(values);
+  auto view = LogitsView::Create(DType::kFloat32, static_cast<uint32_t>(c.rows),
+                                 static_cast<uint32_t>(c.vocab), bytes);
+  ASSERT_TRUE(view.ok());
+  const Sampler fast;
+  const ReferenceSampler reference;
+  // Row by row, so that a failure names the parameters.
+  for (size_t r = 0; r < rows.size(); ++r) {
+    auto one = LogitsView::Create(DType::kFloat32, 1, static_cast<uint32_t>(c.vocab),
+                                  absl::MakeConstSpan(bytes.data() + r * c.vocab * 4, c.vocab * 4));
+    ASSERT_TRUE(one.ok());
+    const auto want = reference.Run(*one, {&rows[r], 1});
+    ASSERT_TRUE(want.ok()) << want.status();
+    for (int threads : {1, 2}) {
+      tbb::task_arena arena(threads);
+      absl::StatusOr<std::vector<SampledToken>> got;
+      arena.execute([&] { got = fast.Run(*one, {&rows[r], 1}); });
+      ASSERT_TRUE(got.ok()) << got.status();
+      ExpectSame(*got, *want,
+                 absl::StrCat("vocab ", c.vocab, " row ", r, " threads ", threads, ": ",
+                              Describe(params[r])));
+    }
+  }
+  // The whole batch at once, with rows spread over threads.
+  const auto want = reference.Run(*view, rows);
+  ASSERT_TRUE(want.ok());
+  tbb::task_arena arena(2);
+  absl::StatusOr<std::vector<SampledToken>> got;
+  arena.execute([&] { got = fast.Run(*view, rows); });
+  ASSERT_TRUE(got.ok());
+  ExpectSame(*got, *want, "batch");
+}
+
+void PrintTo(const Case& c, std::ostream* os) {
+  *os << "shape " << static_cast<int>(c.shape) << ", vocab " << c.vocab << ", " << c.rows
+      << " rows, seed " << c.seed;
+}
+
+class FastEqualsReferenceTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(FastEqualsReferenceTest, SameTokensLogprobsAndKeptSets) { RunCase(GetParam()); }
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, FastEqualsReferenceTest,
+    ::testing::Values(Case{Shape::kRealistic, 128256, 24, 1}, Case{Shape::kRealistic, 32000, 60, 2},
+                      Case{Shape::kRealistic, 5000, 300, 3}, Case{Shape::kFlat, 32000, 30, 4},
+                      Case{Shape::kFlat, 3000, 200, 5}, Case{Shape::kTies, 32000, 30, 6},
+                      Case{Shape::kTies, 2000, 300, 7}, Case{Shape::kMasked, 20000, 40, 8},
+                      Case{Shape::kPosInf, 9000, 40, 9}, Case{Shape::kPeaked, 50000, 30, 10},
+                      Case{Shape::kRealistic, 37, 300, 11}, Case{Shape::kTies, 100, 300, 12}),
+    [](const ::testing::TestParamInfo<Case>& param) {
+      return absl::StrCat("case", param.index, "_vocab", param.param.vocab);
+    });
+
+TEST(FastTest, HalfPrecisionRowsDecodeInThePass) {
+  // bf16 / fp16 rows (odd vocabulary: SIMD body and tail) sample like their float values.
+  std::mt19937_64 rng(21);
+  const size_t vocab = 50021;
+  const std::vector<float> row = MakeRow(Shape::kRealistic, vocab, rng);
+  for (DType dtype : {DType::kBFloat16, DType::kFloat16}) {
+    std::vector<float> rounded(row);
+    for (float& x : rounded) {
+      x = dtype == DType::kBFloat16 ? Bf16ToFloat(FloatToBf16(x)) : Fp16ToFloat(FloatToFp16(x));
+    }
+    const std::vector<uint8_t> half = testing::Half16Bytes(row, dtype);
+    const std::vector<uint8_t> full = testing::F32Bytes(rounded);
+    SamplingParams p;
+    p.seed = 5;
+    p.top_p = 0.9f;
+    p.temperature = 0.7f;
+    p.logprobs = -1;
+    p.logprobs_mode = LogprobsMode::kProcessedLogits;
+    const RowRequest req{&p, {}, {}, std::nullopt};
+    auto a = LogitsView::Create(dtype, 1, static_cast<uint32_t>(vocab), half);
+    auto b = LogitsView::Create(DType::kFloat32, 1, static_cast<uint32_t>(vocab), full);
+    const Sampler sampler;
+    const auto x = sampler.Run(*a, {&req, 1});
+    const auto y = sampler.Run(*b, {&req, 1});
+    ASSERT_TRUE(x.ok() && y.ok());
+    ExpectSame(*x, *y, "half vs float");
+  }
+}
+
+TEST(FastTest, NaNFoundInEveryDtypeAndPosition) {
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    for (size_t pos : {size_t{0}, size_t{17}, size_t{4095}, size_t{4096}, size_t{9998}}) {
+      std::vector<float> row(9999, 1.0f);
+      row[pos] = std::numeric_limits<float>::quiet_NaN();
+      const std::vector<uint8_t> bytes =
+          dtype == DType::kFloat32 ? testing::F32Bytes(row) : testing::Half16Bytes(row, dtype);
+      auto view = LogitsView::Create(dtype, 1, 9999, bytes);
+      SamplingParams p;
+      const RowRequest req{&p, {}, {}, std::nullopt};
+      const auto out = Sampler().Run(*view, {&req, 1});
+      EXPECT_EQ(out.status().message(), absl::StrCat("logits.data is NaN at row 0, token ", pos));
+    }
+  }
+}
+
+TEST(KernelsTest, ExpFIsAccurate) {
+  // Within 2 ulp of e^x over the range weights use, and exactly 1 at 0.
+  EXPECT_EQ(kernels::ExpF(0.0f), 1.0f);
+  EXPECT_EQ(kernels::ExpF(-kInf), 0.0f);
+  EXPECT_EQ(kernels::ExpF(-100.0f), 0.0f);
+  double worst = 0.0;
+  for (float x = -87.0f; x <= 0.0f; x += 0.00037f) {
+    const double want = std::exp(static_cast<double>(x));
+    const double ulp = std::ldexp(1.0, std::ilogb(want) - 23);
+    worst = std::max(worst, std::abs(static_cast<double>(kernels::ExpF(x)) - want) / ulp);
+  }
+  EXPECT_LE(worst, 2.0) << "target " << kernels::TargetName();
+}
+
+TEST(KernelsTest, SimdWeightsAreTheScalarBits) {
+  // The SIMD kernel (with its scalar tail) gives exactly ExpF of each element.
+  std::mt19937_64 rng(3);
+  std::normal_distribution<float> normal(0.0f, 10.0f);
+  std::vector<float> v(1003), w(1003);
+  for (float& x : v) x = normal(rng);
+  v[5] = -kInf;
+  std::vector<float> copy = v;
+  const double sum = kernels::Weights(v.data(), w.data(), 0, v.size(), 0.7f, 3.0f);
+  double want_sum = 0.0;
+  for (size_t i = 0; i < v.size(); ++i) {
+    const float x = copy[i] / 0.7f;
+    ASSERT_EQ(v[i], x);
+    ASSERT_EQ(w[i], kernels::ExpF(x - 3.0f)) << i;
+    want_sum += static_cast<double>(w[i]);
+  }
+  EXPECT_NEAR(sum, want_sum, 1e-12 * want_sum);
+}
+
+}  // namespace
+}  // namespace tokensampler
