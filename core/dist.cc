@@ -173,7 +173,7 @@ void Dist::MaybeSparse() {
 
 Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
   const size_t n = values_.size();
-  // Sampled keys give the pivots of the first pass.
+  // Sampled keys give the pivots.
   std::vector<double>& sample = s_.keys;
   sample.clear();
   const size_t stride = std::max<size_t>(1, n / kSampleSize);
@@ -184,36 +184,46 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
   sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
 
   // Invariant: mass(key ≤ lo) < fraction·total ≤ mass(key ≤ hi) (with a margin for the order of
-  // additions), so the cut lies in (lo, hi].
+  // additions), so the cut lies in (lo, hi]. The tokens in (lo, hi] are `band`: at first the
+  // whole row; once a pass has narrowed it, they are gathered into compact arrays so that later
+  // passes read only them.
   double lo = -kDoubleInf, hi = kDoubleMax;
   double lo_sum = 0.0;
   int64_t lo_count = 0, hi_count = -1;
   const double below = fraction * total_ * (1.0 - 1e-9);
   const double above = fraction * total_ * (1.0 + 1e-9);
+  const float* band_v = values_.data();
+  const float* band_w = s_.wf.data();
+  const int32_t* band_ids = nullptr;  // null: the band is the row itself (index = id)
+  size_t band_size = n;
 
   std::vector<double> pivots;
   // First pass: geometric positions in the sample (most cuts fall in the first few), and the
   // largest key possible so that the kept count is known.
-  for (size_t pos = 0; pos < sample.size() && pivots.size() + 1 < kMaxPivots;
-       pos = pos == 0 ? 1 : pos * 2) {
+  for (size_t pos = 0; pos < sample.size() && pivots.size() + 2 < 8; pos = pos == 0 ? 2 : pos * 4) {
     pivots.push_back(sample[pos]);
   }
-  if (!sample.empty() && pivots.back() != sample.back()) pivots.push_back(sample.back());
+  if (!sample.empty() && (pivots.empty() || pivots.back() != sample.back())) {
+    pivots.push_back(sample.back());
+  }
   pivots.push_back(kDoubleMax);
 
-  const size_t blocks = NumBlocks(n);
-  for (int pass = 0; pass < 8; ++pass) {
+  for (int pass = 0; pass < 12; ++pass) {
     const int np = static_cast<int>(pivots.size());
+    const size_t blocks = NumBlocks(band_size);
     s_.pivot_sums.assign(blocks * kMaxPivots, 0.0);
     s_.pivot_counts.assign(blocks * kMaxPivots, 0);
-    ForBlocks(n, parallel_, [&](size_t b, size_t begin, size_t end) {
-      kernels::MassAtOrBelow(values_.data(), s_.wf.data(), begin, end, key, pivots.data(), np,
+    ForBlocks(band_size, parallel_ && band_ids == nullptr, [&](size_t b, size_t begin, size_t end) {
+      kernels::MassAtOrBelow(band_v, band_w, begin, end, key, pivots.data(), np,
                              s_.pivot_sums.data() + b * kMaxPivots,
                              s_.pivot_counts.data() + b * kMaxPivots);
     });
+    const double base_sum = band_ids == nullptr ? 0.0 : lo_sum;
+    const int64_t base_count = band_ids == nullptr ? 0 : lo_count;
+    const double old_lo = lo, old_hi = hi;
     for (int j = 0; j < np; ++j) {
-      double sum = 0.0;
-      int64_t count = 0;
+      double sum = base_sum;
+      int64_t count = base_count;
       for (size_t b = 0; b < blocks; ++b) {
         sum += s_.pivot_sums[b * kMaxPivots + static_cast<size_t>(j)];
         count += s_.pivot_counts[b * kMaxPivots + static_cast<size_t>(j)];
@@ -229,22 +239,64 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
       if (p == kDoubleMax) count_ = count;
     }
     if (hi_count < 0 || static_cast<size_t>(hi_count - lo_count) <= kBandMax) break;
-    // Refine: pivots between lo and hi, from the sample where it has keys there, else evenly.
+    if (lo == old_lo && hi == old_hi && pass > 0) break;  // no progress (ties): sort what is left
+    // Gather the band (lo, hi] so that the next passes read only it.
+    if (band_ids == nullptr) {
+      const size_t m = Select(key, lo, hi);
+      s_.band_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
+      s_.band_values.resize(m);
+      s_.band_weights.resize(m);
+      for (size_t i = 0; i < m; ++i) {
+        const size_t id = static_cast<size_t>(s_.band_ids[i]);
+        s_.band_values[i] = values_[id];
+        s_.band_weights[i] = s_.wf[id];
+      }
+    } else {
+      // Narrow the gathered band in place (order kept).
+      size_t out = 0;
+      for (size_t i = 0; i < band_size; ++i) {
+        const double k = kernels::KeyOf(key, s_.band_values[i]);
+        if (k > lo && k <= hi) {
+          s_.band_values[out] = s_.band_values[i];
+          s_.band_weights[out] = s_.band_weights[i];
+          s_.band_ids[out] = s_.band_ids[i];
+          ++out;
+        }
+      }
+      s_.band_values.resize(out);
+      s_.band_weights.resize(out);
+      s_.band_ids.resize(out);
+    }
+    band_v = s_.band_values.data();
+    band_w = s_.band_weights.data();
+    band_ids = s_.band_ids.data();
+    band_size = s_.band_ids.size();
+    // Next pivots: the sample's keys inside (lo, hi) where it has some, else evenly spaced.
     pivots.clear();
     const auto first = std::upper_bound(sample.begin(), sample.end(), lo);
     const auto last = std::lower_bound(sample.begin(), sample.end(), hi);
     const ptrdiff_t inside = last - first;
     if (inside >= kMaxPivots) {
-      for (int j = 1; j < kMaxPivots; ++j) {
-        pivots.push_back(first[inside * j / kMaxPivots]);
-      }
-    } else if (inside > 0) {
+      for (int j = 1; j < kMaxPivots; ++j) pivots.push_back(first[inside * j / kMaxPivots]);
+    } else if (inside >= 4) {
       pivots.assign(first, last);
     } else {
-      const double from = lo == -kDoubleInf ? (sample.empty() ? hi : sample.front()) : lo;
-      const double to = hi == kDoubleMax ? (sample.empty() ? lo : sample.back()) : hi;
-      if (!(from < to)) break;
-      for (int j = 1; j < kMaxPivots; ++j) pivots.push_back(from + (to - from) * j / kMaxPivots);
+      double from = lo, to = hi;
+      if (from == -kDoubleInf || to == kDoubleMax) {
+        // An open end: the band's own extreme keys bound it.
+        double kmin = kDoubleInf, kmax = -kDoubleInf;
+        for (size_t i = 0; i < band_size; ++i) {
+          const double k = kernels::KeyOf(key, band_v[i]);
+          kmin = std::min(kmin, k);
+          kmax = std::max(kmax, k);
+        }
+        if (from == -kDoubleInf) from = kmin;
+        if (to == kDoubleMax) to = kmax;
+        pivots.push_back(from);
+      }
+      for (int j = 1; j < kMaxPivots - 1; ++j)
+        pivots.push_back(from + (to - from) * j / kMaxPivots);
+      pivots.push_back(to);
     }
     pivots.erase(
         std::remove_if(pivots.begin(), pivots.end(), [&](double p) { return !(p > lo && p < hi); }),
@@ -253,12 +305,19 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
   }
 
   // Sort the band (lo, hi] by (key, id) and apply the reference's rule from lo's mass on.
-  const size_t m = Select(key, lo, hi);
   auto& band = s_.band;
   band.clear();
-  for (size_t i = 0; i < m; ++i) {
-    const int32_t id = s_.ids[i];
-    band.emplace_back(kernels::KeyOf(key, values_[static_cast<size_t>(id)]), id);
+  if (band_ids == nullptr) {
+    const size_t m = Select(key, lo, hi);
+    for (size_t i = 0; i < m; ++i) {
+      const int32_t id = s_.ids[i];
+      band.emplace_back(kernels::KeyOf(key, values_[static_cast<size_t>(id)]), id);
+    }
+  } else {
+    for (size_t i = 0; i < band_size; ++i) {
+      const double k = kernels::KeyOf(key, band_v[i]);
+      if (k > lo && k <= hi) band.emplace_back(k, band_ids[i]);
+    }
   }
   std::sort(band.begin(), band.end());
   double cumulative = lo_sum / total_;

@@ -19,6 +19,7 @@ namespace tokensampler::kernels::internal {
 constexpr float kExpMin = -87.33654f;  // below this e^x is under FLT_MIN: the weight is 0
 constexpr float kExpMax = 88.72283f;
 constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer in the low bits
 constexpr float kLn2Hi = 0.693359375f;
 constexpr float kLn2Lo = -2.12194440e-4f;
 constexpr float kP0 = 1.9875691500e-4f;
@@ -34,6 +35,18 @@ constexpr float kPosInf = std::numeric_limits<float>::infinity();
 // Scalar versions: the tails of the SIMD loops and Highway's scalar target.
 namespace tokensampler::kernels::scalar {
 using namespace internal;  // NOLINT
+
+// The smallest float ≥ t (±inf beyond the float range): for a float x, x < t ⇔ x < RoundUp(t).
+inline float RoundUp(double t) {
+  if (t > static_cast<double>(std::numeric_limits<float>::max())) return kPosInf;
+  if (t < -static_cast<double>(std::numeric_limits<float>::max())) {
+    return t == -std::numeric_limits<double>::infinity() ? kNegInf
+                                                          : -std::numeric_limits<float>::max();
+  }
+  float f = static_cast<float>(t);
+  if (static_cast<double>(f) < t) f = std::nextafter(f, kPosInf);
+  return f;
+}
 
 inline MaxResult Finish(const float* v, size_t begin, size_t end, float max, bool has_nan) {
   MaxResult r{max, -1, -1};
@@ -73,11 +86,12 @@ inline MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t
         break;
     }
     if (divisor != 1.0f) x /= divisor;
-    out[i] = x;
+    if (out != nullptr) out[i] = x;
     if (std::isnan(x)) nan = true;
     if (x > max) max = x;
   }
-  return Finish(out, begin, end, nan ? kNegInf : max, nan);
+  const float* values = out != nullptr ? out : reinterpret_cast<const float*>(row);
+  return Finish(values, begin, end, nan ? kNegInf : max, nan);
 }
 
 inline MaxResult Max(const float* v, size_t begin, size_t end) {
@@ -229,6 +243,11 @@ void InfToUniformImpl(float* v, size_t begin, size_t end) { scalar::InfToUniform
 void ScaleImpl(float* v, size_t begin, size_t end, float divisor) {
   scalar::Scale(v, begin, end, divisor);
 }
+uint64_t StreamingReadImpl(const uint8_t* data, size_t bytes) {
+  uint64_t out = 0;
+  for (size_t j = 0; j < bytes; ++j) out ^= static_cast<uint64_t>(data[j]) << (8 * (j % 8));
+  return out;
+}
 size_t SelectWeightAtLeastImpl(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
   return scalar::SelectWeightAtLeast(w, begin, end, t, ids);
 }
@@ -243,26 +262,26 @@ using DD = hn::Rebind<double, DFH>;
 using VF = hn::Vec<DF>;
 using VD = hn::Vec<DD>;
 
-// e^x, the same IEEE operations as the scalar ExpF (Mul and Add, never fused).
+// e^x, the same IEEE operations as the scalar ExpF (fused multiply-adds where it has them).
 HWY_INLINE VF Exp(DF df, VF x) {
   const DI di;
   const auto below = hn::Lt(x, hn::Set(df, kExpMin));
-  x = hn::Min(hn::Max(x, hn::Set(df, kExpMin)), hn::Set(df, kExpMax));
-  const VF fx = hn::Round(hn::Mul(x, hn::Set(df, kLog2e)));
-  VF r = hn::Sub(x, hn::Mul(fx, hn::Set(df, kLn2Hi)));
-  r = hn::Sub(r, hn::Mul(fx, hn::Set(df, kLn2Lo)));
+  x = hn::Min(x, hn::Set(df, kExpMax));
+  const VF t = hn::MulAdd(x, hn::Set(df, kLog2e), hn::Set(df, kMagic));
+  const VF fx = hn::Sub(t, hn::Set(df, kMagic));
+  VF r = hn::NegMulAdd(fx, hn::Set(df, kLn2Hi), x);
+  r = hn::NegMulAdd(fx, hn::Set(df, kLn2Lo), r);
   const VF z = hn::Mul(r, r);
-  VF p = hn::Set(df, kP0);
-  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP1));
-  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP2));
-  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP3));
-  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP4));
-  p = hn::Add(hn::Mul(p, r), hn::Set(df, kP5));
-  VF y = hn::Add(hn::Add(hn::Mul(p, z), r), hn::Set(df, 1.0f));
-  const auto k = hn::ConvertTo(di, fx);
+  VF p = hn::MulAdd(hn::Set(df, kP0), r, hn::Set(df, kP1));
+  p = hn::MulAdd(p, r, hn::Set(df, kP2));
+  p = hn::MulAdd(p, r, hn::Set(df, kP3));
+  p = hn::MulAdd(p, r, hn::Set(df, kP4));
+  p = hn::MulAdd(p, r, hn::Set(df, kP5));
+  const VF y = hn::Add(hn::MulAdd(p, z, r), hn::Set(df, 1.0f));
+  const auto k = hn::Sub(hn::BitCast(di, t), hn::BitCast(di, hn::Set(df, kMagic)));
   const VF scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(k, hn::Set(di, 127))));
-  y = hn::Mul(y, scale);
-  return hn::IfThenZeroElse(below, y);
+  // Below kExpMin the scale is garbage (and −inf gives NaN): those weights are 0.
+  return hn::IfThenZeroElse(below, hn::Mul(y, scale));
 }
 
 HWY_INLINE VD Lower(VF v) { return hn::PromoteTo(DD(), hn::LowerHalf(DFH(), v)); }
@@ -320,6 +339,21 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
   switch (dtype) {
     case DType::kFloat32: {
       const float* src = reinterpret_cast<const float*>(row);
+      if (out == nullptr) {  // read only: greedy rows with nothing to change
+        for (; i + n <= end; i += n) {
+          const VF x = hn::LoadU(df, src + i);
+          vmax = hn::Max(vmax, x);
+          nan_lanes = hn::Or(nan_lanes, hn::VecFromMask(df, hn::IsNaN(x)));
+        }
+        for (size_t t = i; t < end; ++t) {
+          if (std::isnan(src[t])) snan = true;
+          if (src[t] > smax) smax = src[t];
+        }
+        const bool has_nan = snan || !hn::AllFalse(df, hn::MaskFromVec(nan_lanes));
+        float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
+        if (smax > max) max = smax;
+        return Finish(src, begin, end, has_nan ? kNegInf : max, has_nan);
+      }
       for (; i + n <= end; i += n) {
         VF x = hn::LoadU(df, src + i);
         if (divide) x = hn::Div(x, vdiv);
@@ -383,6 +417,10 @@ MaxResult MaxImpl(const float* v, size_t begin, size_t end) {
 }
 
 double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
+#if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
+  // No fused multiply-add: the vector ExpF would round differently from the scalar one.
+  return scalar::Weights(v, w, begin, end, divisor, max);
+#endif
   const DF df;
   const DD dd;
   const size_t n = hn::Lanes(df);
@@ -470,8 +508,49 @@ SumCount CutWeightBelowImpl(float* v, float* w, size_t begin, size_t end, float 
       [&](float, float e) { return e < t; });
 }
 
+// For top_p's key (−v), key ≤ pivot is v ≥ RoundUp(−pivot): float comparisons.
+void MassAtOrAboveValue(const float* v, const float* w, size_t begin, size_t end,
+                        const double* pivots, int np, double* sums, int64_t* counts) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  constexpr int kMax = 16;
+  VD acc[kMax];
+  VF thr[kMax];
+  float thr_s[kMax];
+  for (int j = 0; j < np; ++j) {
+    acc[j] = hn::Zero(dd);
+    thr_s[j] = scalar::RoundUp(-pivots[j]);
+    thr[j] = hn::Set(df, thr_s[j]);
+  }
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const VF e = hn::LoadU(df, w + i);
+    for (int j = 0; j < np; ++j) {
+      const auto m = hn::Ge(x, thr[j]);
+      const VF kept = hn::IfThenElseZero(m, e);
+      acc[j] = hn::Add(acc[j], hn::Add(Lower(kept), Upper(kept)));
+      counts[j] += static_cast<int64_t>(hn::CountTrue(df, m));
+    }
+  }
+  for (int j = 0; j < np; ++j) sums[j] += SumD(acc[j]);
+  for (; i < end; ++i) {
+    for (int j = 0; j < np; ++j) {
+      if (v[i] >= thr_s[j]) {
+        sums[j] += static_cast<double>(w[i]);
+        ++counts[j];
+      }
+    }
+  }
+}
+
 void MassAtOrBelowImpl(const float* v, const float* w, size_t begin, size_t end, const Key& key,
                        const double* pivots, int np, double* sums, int64_t* counts) {
+  if (key.kind == Key::kNegValue) {
+    MassAtOrAboveValue(v, w, begin, end, pivots, np, sums, counts);
+    return;
+  }
   const DF df;
   const DD dd;
   const size_t n = hn::Lanes(df);
@@ -507,8 +586,33 @@ void MassAtOrBelowImpl(const float* v, const float* w, size_t begin, size_t end,
   }
 }
 
+// For top_p's key (−v), lo < key ≤ hi is a float comparison: RoundUp(−hi) ≤ v < RoundUp(−lo).
+size_t SelectValueRange(const float* v, size_t begin, size_t end, float from, float below,
+                        int32_t* ids) {
+  const DF df;
+  const DI di;
+  const size_t n = hn::Lanes(df);
+  const VF vfrom = hn::Set(df, from), vbelow = hn::Set(df, below);
+  size_t out = 0;
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const auto m = hn::And(hn::Ge(x, vfrom), hn::Lt(x, vbelow));
+    if (hn::AllFalse(df, m)) continue;
+    out += hn::CompressStore(hn::Iota(di, static_cast<int32_t>(i)), hn::RebindMask(di, m), di,
+                             ids + out);
+  }
+  for (; i < end; ++i) {
+    if (v[i] >= from && v[i] < below) ids[out++] = static_cast<int32_t>(i);
+  }
+  return out;
+}
+
 size_t SelectKeyRangeImpl(const float* v, size_t begin, size_t end, const Key& key, double lo,
                           double hi, int32_t* ids) {
+  if (key.kind == Key::kNegValue) {
+    return SelectValueRange(v, begin, end, scalar::RoundUp(-hi), scalar::RoundUp(-lo), ids);
+  }
   const DF df;
   const DD dd;
   const size_t n = hn::Lanes(df);
@@ -622,6 +726,29 @@ void InfToUniformImpl(float* v, size_t begin, size_t end) {
   for (; i < end; ++i) v[i] = v[i] == kPosInf ? 0.0f : kNegInf;
 }
 
+uint64_t StreamingReadImpl(const uint8_t* data, size_t bytes) {
+  const hn::ScalableTag<uint64_t> du64;
+  const size_t n = hn::Lanes(du64);
+  const uint64_t* words = reinterpret_cast<const uint64_t*>(data);
+  const size_t count = bytes / 8;
+  auto a = hn::Zero(du64), b = hn::Zero(du64), c = hn::Zero(du64), d = hn::Zero(du64);
+  size_t i = 0;
+  for (; i + 4 * n <= count; i += 4 * n) {
+    a = hn::Xor(a, hn::LoadU(du64, words + i));
+    b = hn::Xor(b, hn::LoadU(du64, words + i + n));
+    c = hn::Xor(c, hn::LoadU(du64, words + i + 2 * n));
+    d = hn::Xor(d, hn::LoadU(du64, words + i + 3 * n));
+  }
+  const auto all = hn::Xor(hn::Xor(a, b), hn::Xor(c, d));
+  HWY_ALIGN uint64_t lanes[hn::MaxLanes(du64)];
+  hn::Store(all, du64, lanes);
+  uint64_t out = 0;
+  for (size_t j = 0; j < n; ++j) out ^= lanes[j];
+  for (; i < count; ++i) out ^= words[i];
+  for (size_t j = count * 8; j < bytes; ++j) out ^= data[j];
+  return out;
+}
+
 void ScaleImpl(float* v, size_t begin, size_t end, float divisor) {
   const DF df;
   const size_t n = hn::Lanes(df);
@@ -671,18 +798,23 @@ float ExpF(float x) {
   using namespace internal;  // NOLINT
   if (x < kExpMin) return 0.0f;
   if (x > kExpMax) x = kExpMax;
-  const float fx = std::nearbyint(x * kLog2e);
-  float r = x - fx * kLn2Hi;
-  r = r - fx * kLn2Lo;
+  // e^x = 2^k · e^r, k = round(x·log2 e), r = x − k·ln 2 (in two parts), e^r by Cephes'
+  // polynomial; the same fused operations as the SIMD Exp.
+  const float t = std::fma(x, kLog2e, kMagic);
+  const float fx = t - kMagic;
+  float r = std::fma(-fx, kLn2Hi, x);
+  r = std::fma(-fx, kLn2Lo, r);
   const float z = r * r;
-  float p = kP0;
-  p = p * r + kP1;
-  p = p * r + kP2;
-  p = p * r + kP3;
-  p = p * r + kP4;
-  p = p * r + kP5;
-  float y = (p * z + r) + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23;
+  float p = std::fma(kP0, r, kP1);
+  p = std::fma(p, r, kP2);
+  p = std::fma(p, r, kP3);
+  p = std::fma(p, r, kP4);
+  p = std::fma(p, r, kP5);
+  const float y = std::fma(p, z, r) + 1.0f;
+  int32_t t_bits, magic_bits;
+  std::memcpy(&t_bits, &t, sizeof(t));
+  std::memcpy(&magic_bits, &kMagic, sizeof(kMagic));
+  const uint32_t bits = static_cast<uint32_t>(t_bits - magic_bits + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return y * scale;
@@ -709,6 +841,7 @@ HWY_EXPORT(WeightedLogitsImpl);
 HWY_EXPORT(InfToUniformImpl);
 HWY_EXPORT(TargetNameImpl);
 HWY_EXPORT(ScaleImpl);
+HWY_EXPORT(StreamingReadImpl);
 HWY_EXPORT(SelectWeightAtLeastImpl);
 
 const char* TargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameImpl)(); }
@@ -719,6 +852,9 @@ MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, f
 }
 void Scale(float* v, size_t begin, size_t end, float divisor) {
   HWY_DYNAMIC_DISPATCH(ScaleImpl)(v, begin, end, divisor);
+}
+uint64_t StreamingRead(const uint8_t* data, size_t bytes) {
+  return HWY_DYNAMIC_DISPATCH(StreamingReadImpl)(data, bytes);
 }
 size_t SelectWeightAtLeast(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
   return HWY_DYNAMIC_DISPATCH(SelectWeightAtLeastImpl)(w, begin, end, t, ids);

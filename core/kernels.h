@@ -6,9 +6,10 @@
 // depend on which thread runs it, so combining block results in block order gives the same
 // bits for any thread count.
 //
-// Weights are w = ExpF(v − max), computed in float with a fixed sequence of IEEE operations (no
-// fused multiply-add), so the SIMD kernels, the scalar tails and the reference implementation
-// give the same bits. Sums of weights are accumulated in double.
+// Weights are w = ExpF(v − max), computed in float with a fixed sequence of IEEE operations
+// including fused multiply-adds (std::fma in scalar code; SIMD targets without FMA run the scalar
+// code), so the SIMD kernels, the scalar tails and the reference implementation give the same
+// bits. Sums of weights are accumulated in double.
 #ifndef TOKENSAMPLER_CORE_KERNELS_H_
 #define TOKENSAMPLER_CORE_KERNELS_H_
 
@@ -33,9 +34,13 @@ struct MaxResult {
 };
 
 // Decodes row bytes [begin, end) (element indexes) of `dtype` into out[begin, end), divided by
-// `divisor` when it is not 1, and finds the maximum and the first NaN.
+// `divisor` when it is not 1, and finds the maximum and the first NaN. With out == null (float32
+// and divisor 1 only) the row is only read.
 MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
                     float* out);
+
+// Reads `bytes` bytes once (SIMD, bandwidth-bound) and returns their XOR: the benchmark's floor.
+uint64_t StreamingRead(const uint8_t* data, size_t bytes);
 
 // The maximum of v[begin, end) (NaN must not occur).
 MaxResult Max(const float* v, size_t begin, size_t end);

@@ -121,9 +121,12 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   const float divisor = tempered ? p.temperature : 1.0f;
   std::vector<kernels::MaxResult>& blocks = scratch.block_max;
   blocks.resize(NumBlocks(v));
+  // A greedy float32 row that nothing changes is only read, not copied.
+  const bool read_only =
+      p.greedy() && !steps && !wants_logprobs && view.dtype() == DType::kFloat32;
+  float* decoded = read_only ? nullptr : logits.data();
   ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
-    blocks[b] =
-        kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, logits.data());
+    blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, decoded);
   });
   kernels::MaxResult top{kNegInf, -1, -1};
   for (const kernels::MaxResult& block : blocks) {
@@ -165,7 +168,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
                      "bad_words, min_tokens, token_bitmask, logit_bias or no_repeat_ngram_size)"));
   }
   float dist_max = max;
-  if (max == kPosInf) {
+  if (max == kPosInf && !read_only) {
     // +inf logits dominate: the row is uniform over them.
     ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
       kernels::InfToUniform(logits.data(), begin, end);

@@ -2,8 +2,8 @@
 // the row once. Prints one JSON line per chain:
 //   {"chain":…, "vocab":…, "threads":…, "us_per_row_median":…, "us_per_row_mean":…,
 //    "floor_us_per_row":…, "ratio_to_floor":…}
-// The floor is a single streaming read of the same rows, measured in the same run the same way
-// (rows visited in order, so each row comes from outside the core's caches both times).
+// The floor is a single streaming read (SIMD) of the same rows, measured in the same run the same
+// way (rows visited in order, so each row comes from outside the core's caches both times).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,6 +18,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_format.h"
 #include "client/cli/random_logits.h"
+#include "core/kernels.h"
 #include "core/sampler.h"
 #include "core/tensor.h"
 #include "tbb/task_arena.h"
@@ -30,7 +31,9 @@ ABSL_FLAG(int, rows, 64, "rows to generate");
 ABSL_FLAG(int, vocab, 128256, "vocabulary size");
 ABSL_FLAG(std::string, dtype, "f32", "f32 | bf16 | f16");
 ABSL_FLAG(uint64_t, seed, 1, "seed of the generated logits");
-ABSL_FLAG(std::vector<std::string>, chain, {},
+// --chain is repeatable and its value contains commas, which a std::vector<std::string> flag
+// would split: main() takes every --chain out of argv before Abseil parses the rest.
+ABSL_FLAG(std::string, chain, "",
           "a chain like 'top_k=50,top_p=0.95,temperature=0.8' (repeatable; default: chains a–f "
           "and typical_p=0.9); 'history=N' adds N random output tokens");
 ABSL_FLAG(int, threads, 1, "oneTBB threads");
@@ -43,21 +46,9 @@ using Clock = std::chrono::steady_clock;
 
 double Micros(Clock::duration d) { return std::chrono::duration<double, std::micro>(d).count(); }
 
-// Reads every byte once (XOR of 64-bit words, 8 independent lanes so it is bandwidth-bound).
+// The floor: every byte read once with the widest SIMD loads the machine has (kernels.h).
 uint64_t StreamingRead(const uint8_t* data, size_t bytes) {
-  uint64_t lanes[8] = {};
-  size_t i = 0;
-  for (; i + 64 <= bytes; i += 64) {
-    for (int l = 0; l < 8; ++l) {
-      uint64_t w;
-      std::memcpy(&w, data + i + 8 * static_cast<size_t>(l), 8);
-      lanes[l] ^= w;
-    }
-  }
-  uint64_t out = 0;
-  for (uint64_t l : lanes) out ^= l;
-  for (; i < bytes; ++i) out ^= data[i];
-  return out;
+  return kernels::StreamingRead(data, bytes);
 }
 
 struct Stats {
@@ -71,6 +62,11 @@ Stats Summarise(std::vector<double> v) {
   for (double x : v) s.mean += x;
   s.mean /= static_cast<double>(v.size());
   return s;
+}
+
+std::vector<std::string>& Chains() {
+  static std::vector<std::string> chains;
+  return chains;
 }
 
 int Main() {
@@ -126,7 +122,7 @@ int Main() {
   const int rows = static_cast<int>(bytes.size() / row_bytes);
   const int threads = absl::GetFlag(FLAGS_threads);
   const int reps = std::max(1, absl::GetFlag(FLAGS_repetitions));
-  std::vector<std::string> specs = absl::GetFlag(FLAGS_chain);
+  std::vector<std::string> specs = Chains();
   if (specs.empty()) specs = DefaultChains();
 
   tbb::task_arena arena(threads);
@@ -206,6 +202,17 @@ int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "tokensampler-bench (--generate --rows 64 --vocab V --seed S | --logits FILE --vocab V "
       "--dtype f32|bf16|f16) [--chain SPEC]... [--threads N]");
-  absl::ParseCommandLine(argc, argv);
+  std::vector<char*> rest;
+  for (int i = 0; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--chain" && i + 1 < argc) {
+      tokensampler::bench::Chains().push_back(argv[++i]);
+    } else if (arg.rfind("--chain=", 0) == 0) {
+      tokensampler::bench::Chains().push_back(arg.substr(8));
+    } else {
+      rest.push_back(argv[i]);
+    }
+  }
+  absl::ParseCommandLine(static_cast<int>(rest.size()), rest.data());
   return tokensampler::bench::Main();
 }

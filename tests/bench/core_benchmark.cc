@@ -1,11 +1,16 @@
-// Google Benchmark suites for the core pipeline, one per chain and vocabulary, on DESIGN.md's
-// realistic rows. Run: build/tests/bench/core_benchmark --benchmark_filter=…
+// Google Benchmark suites for the core pipeline: one per SIMD kernel (on one row in cache) and
+// one per chain and vocabulary, on DESIGN.md's realistic rows. Run:
+// build/tests/bench/core_benchmark --benchmark_filter=…
+#include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "benchmark/benchmark.h"
 #include "client/cli/random_logits.h"
+#include "core/kernels.h"
 #include "core/sampler.h"
+#include "core/tensor.h"
 #include "tests/bench/chain.h"
 
 namespace tokensampler::bench {
@@ -34,7 +39,110 @@ void BM_Chain(benchmark::State& state, const std::string& spec) {
   state.SetItemsProcessed(state.iterations());
 }
 
+// One realistic row in L2 (the state after pass 1), for the kernels.
+struct KernelRow {
+  explicit KernelRow(size_t vocab)
+      : values(cli::RandomLogits(1, static_cast<uint32_t>(vocab), /*seed=*/3)),
+        work(values),
+        weights(vocab),
+        ids(vocab) {
+    for (float v : values) max = std::max(max, v);
+  }
+  std::vector<float> values, work, weights;
+  std::vector<int32_t> ids;
+  float max = -1e30f;
+};
+
+void BM_DecodeMax(benchmark::State& state, DType dtype) {
+  const size_t vocab = static_cast<size_t>(state.range(0));
+  KernelRow row(vocab);
+  std::vector<uint8_t> bytes(vocab * DTypeSize(dtype));
+  for (size_t i = 0; i < vocab; ++i) {
+    if (dtype == DType::kFloat32) {
+      std::memcpy(bytes.data() + 4 * i, &row.values[i], 4);
+    } else {
+      const uint16_t h =
+          dtype == DType::kBFloat16 ? FloatToBf16(row.values[i]) : FloatToFp16(row.values[i]);
+      std::memcpy(bytes.data() + 2 * i, &h, 2);
+    }
+  }
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(
+        kernels::DecodeMax(dtype, bytes.data(), 0, vocab, 1.0f, row.work.data()));
+  }
+  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * bytes.size()));
+}
+
+void BM_Weights(benchmark::State& state) {
+  const size_t vocab = static_cast<size_t>(state.range(0));
+  KernelRow row(vocab);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(
+        kernels::Weights(row.work.data(), row.weights.data(), 0, vocab, 1.0f, row.max));
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+}
+
+void BM_CutWeightBelow(benchmark::State& state) {
+  const size_t vocab = static_cast<size_t>(state.range(0));
+  KernelRow row(vocab);
+  kernels::Weights(row.work.data(), row.weights.data(), 0, vocab, 1.0f, row.max);
+  for (auto _ : state) {
+    // A threshold nothing is below: the pass runs whole every time without changing the row.
+    benchmark::DoNotOptimize(
+        kernels::CutWeightBelow(row.work.data(), row.weights.data(), 0, vocab, 0.0f));
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+}
+
+void BM_MassAtOrBelow(benchmark::State& state) {
+  const size_t vocab = static_cast<size_t>(state.range(0));
+  const int pivots = static_cast<int>(state.range(1));
+  KernelRow row(vocab);
+  kernels::Weights(row.work.data(), row.weights.data(), 0, vocab, 1.0f, row.max);
+  std::vector<double> p(static_cast<size_t>(pivots)), sums(p.size());
+  std::vector<int64_t> counts(p.size());
+  for (int j = 0; j < pivots; ++j) p[static_cast<size_t>(j)] = -static_cast<double>(row.max) + j;
+  for (auto _ : state) {
+    kernels::MassAtOrBelow(row.work.data(), row.weights.data(), 0, vocab, kernels::Key{}, p.data(),
+                           pivots, sums.data(), counts.data());
+    benchmark::DoNotOptimize(sums.data());
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+}
+
+void BM_SelectKeyRange(benchmark::State& state) {
+  const size_t vocab = static_cast<size_t>(state.range(0));
+  KernelRow row(vocab);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(kernels::SelectKeyRange(row.work.data(), 0, vocab, kernels::Key{},
+                                                     -1e30, -row.max + 8.0, row.ids.data()));
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+}
+
 void Register() {
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    benchmark::RegisterBenchmark(
+        (std::string("kernel/DecodeMax/") + std::string(DTypeName(dtype))).c_str(),
+        [dtype](benchmark::State& s) { BM_DecodeMax(s, dtype); })
+        ->Arg(128256)
+        ->Unit(benchmark::kMicrosecond);
+  }
+  benchmark::RegisterBenchmark("kernel/Weights", BM_Weights)
+      ->Arg(128256)
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("kernel/CutWeightBelow", BM_CutWeightBelow)
+      ->Arg(128256)
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("kernel/MassAtOrBelow", BM_MassAtOrBelow)
+      ->Args({128256, 1})
+      ->Args({128256, 4})
+      ->Args({128256, 16})
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("kernel/SelectKeyRange", BM_SelectKeyRange)
+      ->Arg(128256)
+      ->Unit(benchmark::kMicrosecond);
   for (const std::string& spec : DefaultChains()) {
     benchmark::RegisterBenchmark(("chain/" + spec).c_str(),
                                  [spec](benchmark::State& s) { BM_Chain(s, spec); })
