@@ -449,7 +449,35 @@ void Dist::MinP(float min_p) {
     return;
   }
   if (min_p <= 0.0f) return;
-  CutWeightBelow(static_cast<double>(min_p));
+  if (weights_valid_) {
+    CutWeightBelow(static_cast<double>(min_p));
+    return;
+  }
+  // Without weights yet: ExpF is monotone (checked over every float in [−88, 0]), so the kept
+  // tokens are those at or above the smallest value v with ExpF(v − max) ≥ min_p, found by
+  // bisection over the float order — no exponential of the whole row.
+  ApplyDivision();
+  const auto keeps = [&](float v) { return kernels::ExpF(v - max_) >= min_p; };
+  float lo = -std::numeric_limits<float>::max(), hi = max_;  // keeps(hi), maybe not keeps(lo)
+  if (keeps(lo)) return;                                     // every finite value is kept
+  while (std::nextafter(lo, hi) != hi) {
+    // Midpoint in the float order (bit patterns of same-signed floats are ordered).
+    float mid = lo / 2 + hi / 2;
+    if (!(mid > lo && mid < hi)) mid = std::nextafter(lo, hi);
+    (keeps(mid) ? hi : lo) = mid;
+  }
+  const size_t m = Select(kernels::Key{}, -kDoubleInf, -static_cast<double>(hi));
+  if (static_cast<int64_t>(m) <= kSparseMax) {
+    s_.sparse_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
+    s_.sparse_values.resize(m);
+    for (size_t i = 0; i < m; ++i) {
+      s_.sparse_values[i] = values_[static_cast<size_t>(s_.sparse_ids[i])];
+    }
+    sparse_ = true;
+    count_ = static_cast<int64_t>(m);
+  } else {
+    CutValueBelow(hi);
+  }
 }
 
 void Dist::TypicalP(float mass) {

@@ -41,7 +41,7 @@ inline float RoundUp(double t) {
   if (t > static_cast<double>(std::numeric_limits<float>::max())) return kPosInf;
   if (t < -static_cast<double>(std::numeric_limits<float>::max())) {
     return t == -std::numeric_limits<double>::infinity() ? kNegInf
-                                                          : -std::numeric_limits<float>::max();
+                                                         : -std::numeric_limits<float>::max();
   }
   float f = static_cast<float>(t);
   if (static_cast<double>(f) < t) f = std::nextafter(f, kPosInf);
@@ -332,7 +332,7 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
   const hn::Rebind<hwy::float16_t, DF> dh;
   const size_t n = hn::Lanes(df);
   VF vmax = hn::Set(df, kNegInf);
-  VF nan_lanes = hn::Zero(df);  // all-ones lanes where a NaN was seen
+  auto nan = hn::Ne(vmax, vmax);  // no NaN seen yet (a mask of false)
   size_t i = begin;
   float smax = kNegInf;
   bool snan = false;
@@ -343,13 +343,13 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
         for (; i + n <= end; i += n) {
           const VF x = hn::LoadU(df, src + i);
           vmax = hn::Max(vmax, x);
-          nan_lanes = hn::Or(nan_lanes, hn::VecFromMask(df, hn::IsNaN(x)));
+          nan = hn::Or(nan, hn::IsNaN(x));
         }
         for (size_t t = i; t < end; ++t) {
           if (std::isnan(src[t])) snan = true;
           if (src[t] > smax) smax = src[t];
         }
-        const bool has_nan = snan || !hn::AllFalse(df, hn::MaskFromVec(nan_lanes));
+        const bool has_nan = snan || !hn::AllFalse(df, nan);
         float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
         if (smax > max) max = smax;
         return Finish(src, begin, end, has_nan ? kNegInf : max, has_nan);
@@ -359,7 +359,7 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
         if (divide) x = hn::Div(x, vdiv);
         hn::StoreU(x, df, out + i);
         vmax = hn::Max(vmax, x);
-        nan_lanes = hn::Or(nan_lanes, hn::VecFromMask(df, hn::IsNaN(x)));
+        nan = hn::Or(nan, hn::IsNaN(x));
       }
       for (size_t t = i; t < end; ++t) std::memcpy(out + t, src + t, sizeof(float));
       break;
@@ -372,7 +372,7 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
         if (divide) x = hn::Div(x, vdiv);
         hn::StoreU(x, df, out + i);
         vmax = hn::Max(vmax, x);
-        nan_lanes = hn::Or(nan_lanes, hn::VecFromMask(df, hn::IsNaN(x)));
+        nan = hn::Or(nan, hn::IsNaN(x));
       }
       for (size_t t = i; t < end; ++t) out[t] = Bf16ToFloat(src[t]);
       break;
@@ -384,7 +384,7 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
         if (divide) x = hn::Div(x, vdiv);
         hn::StoreU(x, df, out + i);
         vmax = hn::Max(vmax, x);
-        nan_lanes = hn::Or(nan_lanes, hn::VecFromMask(df, hn::IsNaN(x)));
+        nan = hn::Or(nan, hn::IsNaN(x));
       }
       const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
       for (size_t t = i; t < end; ++t) out[t] = Fp16ToFloat(bits[t]);
@@ -397,7 +397,7 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
     if (std::isnan(out[t])) snan = true;
     if (out[t] > smax) smax = out[t];
   }
-  const bool has_nan = snan || !hn::AllFalse(df, hn::MaskFromVec(nan_lanes));
+  const bool has_nan = snan || !hn::AllFalse(df, nan);
   // With a NaN the vector max is meaningless; the caller fails the row anyway.
   float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
   if (smax > max) max = smax;

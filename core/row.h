@@ -47,7 +47,7 @@ struct RowScratch {
   std::vector<std::pair<double, int32_t>> band;  // (key, id) of the tokens around a cut
   std::vector<float> band_values, band_weights;  // the tokens between two pivots, gathered
   std::vector<int32_t> band_ids, band_picks;
-  std::vector<double> pivot_sums;                // per block × pivot
+  std::vector<double> pivot_sums;  // per block × pivot
   std::vector<int64_t> pivot_counts;
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
 

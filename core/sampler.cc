@@ -122,8 +122,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   std::vector<kernels::MaxResult>& blocks = scratch.block_max;
   blocks.resize(NumBlocks(v));
   // A greedy float32 row that nothing changes is only read, not copied.
-  const bool read_only =
-      p.greedy() && !steps && !wants_logprobs && view.dtype() == DType::kFloat32;
+  const bool read_only = p.greedy() && !steps && !wants_logprobs && view.dtype() == DType::kFloat32;
   float* decoded = read_only ? nullptr : logits.data();
   ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
     blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, decoded);
