@@ -59,23 +59,44 @@ void Dist::ApplyDivision() {
   max_ = max_ / d;
   divisor_ = 1.0f;
   weights_valid_ = false;
+  head_valid_ = false;
 }
 
-void Dist::EnsureWeights() {
-  if (weights_valid_) return;
+void Dist::EnsureWeights(bool head) {
+  if (weights_valid_ && (!head || head_valid_)) return;
   const float d = divisor_;
   const float max = d == 1.0f ? max_ : max_ / d;
+  std::vector<int64_t>& heads = s_.block_counts;
+  heads.assign(s_.block_sums.size(), 0);
+  int32_t* head_ids = s_.head_ids.data();
   ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-    s_.block_sums[b] = kernels::Weights(values_.data(), s_.wf.data(), begin, end, d, max);
+    if (head) {
+      size_t count = 0;
+      s_.block_sums[b] = kernels::WeightsAndHead(values_.data(), s_.wf.data(), begin, end, d, max,
+                                                 kHeadMin, head_ids + begin, &count);
+      heads[b] = static_cast<int64_t>(count);
+    } else {
+      s_.block_sums[b] = kernels::Weights(values_.data(), s_.wf.data(), begin, end, d, max);
+    }
   });
   max_ = max;
   divisor_ = 1.0f;
   total_ = 0.0;
   for (double sum : s_.block_sums) total_ += sum;
   weights_valid_ = true;
+  if (head) {
+    head_size_ = 0;
+    for (size_t b = 0; b < heads.size(); ++b) {
+      const size_t c = static_cast<size_t>(heads[b]);
+      std::copy(head_ids + b * kBlock, head_ids + b * kBlock + c, head_ids + head_size_);
+      head_size_ += c;
+    }
+    head_valid_ = true;
+  }
 }
 
 void Dist::TotalBlocks() {
+  head_valid_ = false;
   total_ = 0.0;
   count_ = 0;
   for (size_t b = 0; b < s_.block_sums.size(); ++b) {
@@ -171,7 +192,8 @@ void Dist::MaybeSparse() {
   if (count_ >= 0 && count_ <= kSparseMax) ToSparse(kernels::Key{}, kDoubleMax);
 }
 
-Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
+Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
+                        double lo_cumulative, int64_t lo_known) {
   const size_t n = values_.size();
   // Sampled keys give the pivots.
   std::vector<double>& sample = s_.keys;
@@ -187,9 +209,9 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
   // additions), so the cut lies in (lo, hi]. The tokens in (lo, hi] are `band`: at first the
   // whole row; once a pass has narrowed it, they are gathered into compact arrays so that later
   // passes read only them.
-  double lo = -kDoubleInf, hi = kDoubleMax;
-  double lo_sum = 0.0;
-  int64_t lo_count = 0, hi_count = -1;
+  double lo = lo_key, hi = kDoubleMax;
+  double lo_sum = lo_cumulative * total_;
+  int64_t lo_count = lo_known, hi_count = -1;
   const double below = fraction * total_ * (1.0 - 1e-9);
   const double above = fraction * total_ * (1.0 + 1e-9);
   const float* band_v = values_.data();
@@ -200,10 +222,13 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
   std::vector<double> pivots;
   // First pass: geometric positions in the sample (most cuts fall in the first few), and the
   // largest key possible so that the kept count is known.
-  for (size_t pos = 0; pos < sample.size() && pivots.size() + 2 < 8; pos = pos == 0 ? 2 : pos * 4) {
-    pivots.push_back(sample[pos]);
+  const size_t above_lo =
+      static_cast<size_t>(std::upper_bound(sample.begin(), sample.end(), lo) - sample.begin());
+  for (size_t pos = 0; above_lo + pos < sample.size() && pivots.size() + 2 < 8;
+       pos = pos == 0 ? 2 : pos * 4) {
+    pivots.push_back(sample[above_lo + pos]);
   }
-  if (!sample.empty() && (pivots.empty() || pivots.back() != sample.back())) {
+  if (above_lo < sample.size() && (pivots.empty() || pivots.back() != sample.back())) {
     pivots.push_back(sample.back());
   }
   pivots.push_back(kDoubleMax);
@@ -320,7 +345,7 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction) {
     }
   }
   std::sort(band.begin(), band.end());
-  double cumulative = lo_sum / total_;
+  double cumulative = lo == lo_key ? lo_cumulative : lo_sum / total_;
   for (size_t i = 0; i < band.size(); ++i) {
     cumulative += static_cast<double>(s_.wf[static_cast<size_t>(band[i].second)]) / total_;
     if (cumulative >= fraction) {
@@ -434,8 +459,45 @@ void Dist::TopP(float p) {
     return;
   }
   if (p >= 1.0f) return;
-  EnsureWeights();
-  const Cut cut = FindCut(kernels::Key{}, static_cast<double>(p));
+  EnsureWeights(/*head=*/true);
+  const kernels::Key key{};
+  double lo = -kDoubleInf, lo_cumulative = 0.0;
+  int64_t lo_count = 0;
+  if (head_size_ <= kHeadMax) {
+    // The head holds the largest values: walk it in the reference's order (value descending,
+    // id ascending) with the reference's cumulative sum; the cut is usually there.
+    auto& band = s_.band;
+    band.clear();
+    for (size_t i = 0; i < head_size_; ++i) {
+      const int32_t id = s_.head_ids[i];
+      band.emplace_back(kernels::KeyOf(key, values_[static_cast<size_t>(id)]), id);
+    }
+    std::sort(band.begin(), band.end());
+    double cumulative = 0.0;
+    for (size_t i = 0; i < band.size(); ++i) {
+      cumulative += static_cast<double>(s_.wf[static_cast<size_t>(band[i].second)]) / total_;
+      if (cumulative >= static_cast<double>(p)) {
+        size_t last = i;
+        while (last + 1 < band.size() && band[last + 1].first == band[i].first) ++last;
+        s_.sparse_ids.clear();
+        for (size_t j = 0; j <= last; ++j) s_.sparse_ids.push_back(band[j].second);
+        std::sort(s_.sparse_ids.begin(), s_.sparse_ids.end());
+        s_.sparse_values.resize(s_.sparse_ids.size());
+        for (size_t j = 0; j < s_.sparse_ids.size(); ++j) {
+          s_.sparse_values[j] = values_[static_cast<size_t>(s_.sparse_ids[j])];
+        }
+        sparse_ = true;
+        count_ = static_cast<int64_t>(s_.sparse_ids.size());
+        return;
+      }
+    }
+    if (!band.empty()) {
+      lo = band.back().first;
+      lo_cumulative = cumulative;
+      lo_count = static_cast<int64_t>(band.size());
+    }
+  }
+  const Cut cut = FindCut(key, static_cast<double>(p), lo, lo_cumulative, lo_count);
   if (cut.count <= kSparseMax) {
     ToSparse(kernels::Key{}, cut.key);
   } else if (cut.key != kDoubleMax) {
@@ -492,7 +554,7 @@ void Dist::TypicalP(float mass) {
   key.max = static_cast<double>(max_);
   key.log_total = std::log(total_);
   key.entropy = h;
-  const Cut cut = FindCut(key, static_cast<double>(mass));
+  const Cut cut = FindCut(key, static_cast<double>(mass), -kDoubleInf, 0.0, 0);
   ToSparse(key, cut.key);
 }
 

@@ -65,6 +65,10 @@ class Dist {
  public:
   // Once a stage leaves at most this many tokens, the Dist turns sparse.
   static constexpr int64_t kSparseMax = 1024;
+  // The "head": tokens within ln 1024 ≈ 6.9 nats of the maximum, listed by the weights pass.
+  // Cuts by mass (top_p) usually fall among them; they are then sorted and nothing else is read.
+  static constexpr float kHeadMin = 1.0f / 1024.0f;
+  static constexpr size_t kHeadMax = 4096;
 
   // `values` is the sample's own copy of the processed row (steps 1–2 done, no NaN, no +inf),
   // `max` its maximum (finite).
@@ -99,8 +103,9 @@ class Dist {
 
   // Applies a pending temperature division (without computing weights).
   void ApplyDivision();
-  // Computes weights and block sums if they are not current (applies a pending division).
-  void EnsureWeights();
+  // Computes weights and block sums if they are not current (applies a pending division); with
+  // `head`, also the ids of the tokens with w ≥ kHeadMin (head_ids_, in id order).
+  void EnsureWeights(bool head = false);
   // Stores per-block (sum, count) results and totals them.
   void TotalBlocks();
   // Cuts by value / weight over all blocks; turns sparse when few remain.
@@ -113,8 +118,10 @@ class Dist {
   // Shannon entropy (nats) of the current weights.
   double Entropy();
   // The smallest cut key whose kept mass reaches `fraction` of the total (ties at the cut kept),
-  // with the reference's cumulative rule. REQUIRES: weights current.
-  Cut FindCut(const kernels::Key& key, double fraction);
+  // with the reference's cumulative rule, given that the tokens with key ≤ lo (lo_count of them)
+  // hold the cumulative fraction lo_cumulative < fraction. REQUIRES: weights current.
+  Cut FindCut(const kernels::Key& key, double fraction, double lo, double lo_cumulative,
+              int64_t lo_count);
   // Turns sparse, keeping the tokens with key ≤ `cut` (for kNegValue keys and the default cut:
   // every kept token).
   void ToSparse(const kernels::Key& key, double cut);
@@ -128,6 +135,8 @@ class Dist {
   float max_;
   float divisor_ = 1.0f;  // pending temperature division of values_
   bool weights_valid_ = false;
+  bool head_valid_ = false;  // head_ids_ lists every token with w ≥ kHeadMin
+  size_t head_size_ = 0;
   double total_ = 0.0;
   int64_t count_ = -1;  // kept tokens, −1 = not known
   bool sparse_ = false;

@@ -94,19 +94,30 @@ inline MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t
   return Finish(values, begin, end, nan ? kNegInf : max, nan);
 }
 
+inline double SumExp(const float* v, size_t begin, size_t end, float max) {
+  double sum = 0.0;
+  for (size_t i = begin; i < end; ++i) sum += static_cast<double>(ExpF(v[i] - max));
+  return sum;
+}
+
 inline MaxResult Max(const float* v, size_t begin, size_t end) {
   float max = kNegInf;
   for (size_t i = begin; i < end; ++i) max = v[i] > max ? v[i] : max;
   return Finish(v, begin, end, max, false);
 }
 
-inline double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
+inline double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max,
+                      float head_min = 0.0f, int32_t* head = nullptr,
+                      size_t* head_count = nullptr) {
   double sum = 0.0;
+  size_t heads = 0;
   for (size_t i = begin; i < end; ++i) {
     if (divisor != 1.0f) v[i] /= divisor;
     w[i] = ExpF(v[i] - max);
     sum += static_cast<double>(w[i]);
+    if (head != nullptr && w[i] >= head_min) head[heads++] = static_cast<int32_t>(i);
   }
+  if (head_count != nullptr) *head_count = heads;
   return sum;
 }
 
@@ -212,6 +223,13 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
 MaxResult MaxImpl(const float* v, size_t begin, size_t end) { return scalar::Max(v, begin, end); }
 double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
   return scalar::Weights(v, w, begin, end, divisor, max);
+}
+double SumExpImpl(const float* v, size_t begin, size_t end, float max) {
+  return scalar::SumExp(v, begin, end, max);
+}
+double WeightsAndHeadImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max,
+                          float head_min, int32_t* head, size_t* head_count) {
+  return scalar::Weights(v, w, begin, end, divisor, max, head_min, head, head_count);
 }
 SumCount CutValueBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
   return scalar::Cut(v, w, begin, end, [&](float x, float) { return x < t; });
@@ -416,18 +434,22 @@ MaxResult MaxImpl(const float* v, size_t begin, size_t end) {
   return Finish(v, begin, end, max, false);
 }
 
-double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
+double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, float max,
+                   float head_min, int32_t* head, size_t* head_count) {
 #if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
   // No fused multiply-add: the vector ExpF would round differently from the scalar one.
-  return scalar::Weights(v, w, begin, end, divisor, max);
+  return scalar::Weights(v, w, begin, end, divisor, max, head_min, head, head_count);
 #endif
   const DF df;
+  const DI di;
   const DD dd;
   const size_t n = hn::Lanes(df);
   const VF vmax = hn::Set(df, max);
   const VF vdiv = hn::Set(df, divisor);
+  const VF vhead = hn::Set(df, head_min);
   const bool divide = divisor != 1.0f;
   VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
+  size_t heads = 0;
   size_t i = begin;
   for (; i + n <= end; i += n) {
     VF x = hn::LoadU(df, v + i);
@@ -439,14 +461,52 @@ double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, 
     hn::StoreU(e, df, w + i);
     acc0 = hn::Add(acc0, Lower(e));
     acc1 = hn::Add(acc1, Upper(e));
+    if (head != nullptr) {
+      const auto m = hn::Ge(e, vhead);
+      if (!hn::AllFalse(df, m)) {
+        heads += hn::CompressStore(hn::Iota(di, static_cast<int32_t>(i)), hn::RebindMask(di, m), di,
+                                   head + heads);
+      }
+    }
   }
   double sum = SumD(hn::Add(acc0, acc1));
   for (; i < end; ++i) {
     if (divide) v[i] /= divisor;
     w[i] = ExpF(v[i] - max);
     sum += static_cast<double>(w[i]);
+    if (head != nullptr && w[i] >= head_min) head[heads++] = static_cast<int32_t>(i);
   }
+  if (head_count != nullptr) *head_count = heads;
   return sum;
+}
+
+double SumExpImpl(const float* v, size_t begin, size_t end, float max) {
+#if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
+  return scalar::SumExp(v, begin, end, max);
+#endif
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  const VF vmax = hn::Set(df, max);
+  VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF e = Exp(df, hn::Sub(hn::LoadU(df, v + i), vmax));
+    acc0 = hn::Add(acc0, Lower(e));
+    acc1 = hn::Add(acc1, Upper(e));
+  }
+  double sum = SumD(hn::Add(acc0, acc1));
+  for (; i < end; ++i) sum += static_cast<double>(ExpF(v[i] - max));
+  return sum;
+}
+
+double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
+  return WeightsBody(v, w, begin, end, divisor, max, 0.0f, nullptr, nullptr);
+}
+
+double WeightsAndHeadImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max,
+                          float head_min, int32_t* head, size_t* head_count) {
+  return WeightsBody(v, w, begin, end, divisor, max, head_min, head, head_count);
 }
 
 // Shared body of the cuts: `removed(x, e)` is the mask of tokens to remove.
@@ -830,6 +890,8 @@ double KeyOf(const Key& key, float v) {
 HWY_EXPORT(DecodeMaxImpl);
 HWY_EXPORT(MaxImpl);
 HWY_EXPORT(WeightsImpl);
+HWY_EXPORT(SumExpImpl);
+HWY_EXPORT(WeightsAndHeadImpl);
 HWY_EXPORT(CutValueBelowImpl);
 HWY_EXPORT(CutValueAboveImpl);
 HWY_EXPORT(CutWeightBelowImpl);
@@ -864,6 +926,14 @@ MaxResult Max(const float* v, size_t begin, size_t end) {
 }
 double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
   return HWY_DYNAMIC_DISPATCH(WeightsImpl)(v, w, begin, end, divisor, max);
+}
+double SumExp(const float* v, size_t begin, size_t end, float max) {
+  return HWY_DYNAMIC_DISPATCH(SumExpImpl)(v, begin, end, max);
+}
+double WeightsAndHead(float* v, float* w, size_t begin, size_t end, float divisor, float max,
+                      float head_min, int32_t* head, size_t* head_count) {
+  return HWY_DYNAMIC_DISPATCH(WeightsAndHeadImpl)(v, w, begin, end, divisor, max, head_min, head,
+                                                  head_count);
 }
 SumCount CutValueBelow(float* v, float* w, size_t begin, size_t end, float t) {
   return HWY_DYNAMIC_DISPATCH(CutValueBelowImpl)(v, w, begin, end, t);

@@ -49,6 +49,14 @@ MaxResult Max(const float* v, size_t begin, size_t end);
 // −inf). Returns Σ w in double.
 double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max);
 
+// Σ ExpF(v[i] − max) over [begin, end) in double (the weights, not stored).
+double SumExp(const float* v, size_t begin, size_t end, float max);
+
+// Weights, and also writes to head[0…] the ids of the tokens with w ≥ head_min (in id order);
+// `*head_count` receives how many. head has room for end − begin ids.
+double WeightsAndHead(float* v, float* w, size_t begin, size_t end, float divisor, float max,
+                      float head_min, int32_t* head, size_t* head_count);
+
 // v[i] /= divisor.
 void Scale(float* v, size_t begin, size_t end, float divisor);
 

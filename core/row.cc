@@ -19,6 +19,7 @@ void RowScratch::Reserve(int vocab_size) {
     weights.resize(v);
     wf.resize(v);
     ids.resize(v);
+    head_ids.resize(v);
   }
 }
 
@@ -60,13 +61,13 @@ void FillLogprobs(const SamplingParams& p, const LogitsView& view, int row, int3
     case LogprobsMode::kProcessedLogits:
       out.logprob = processed[static_cast<size_t>(token)];
       TopValues(
-          processed, n, [](float l) { return l; }, scratch.pairs, out.top_logprobs);
+          processed, n, [](float l) { return l; }, scratch, out.top_logprobs);
       break;
     case LogprobsMode::kProcessedLogprobs: {
       const Normalizer norm = Normalizer::Of(processed);
       out.logprob = norm.LogProb(processed[static_cast<size_t>(token)]);
       TopValues(
-          processed, n, [&](float l) { return norm.LogProb(l); }, scratch.pairs, out.top_logprobs);
+          processed, n, [&](float l) { return norm.LogProb(l); }, scratch, out.top_logprobs);
       break;
     }
   }
@@ -113,9 +114,29 @@ std::pair<float, int32_t> Argmax(absl::Span<const float> logits) {
 }
 
 double LogSumExp(absl::Span<const float> logits, float max) {
-  double sum = 0.0;
-  for (float l : logits) sum += std::exp(static_cast<double>(l) - max);
-  return static_cast<double>(max) + std::log(sum);
+  return static_cast<double>(max) + std::log(kernels::SumExp(logits.data(), 0, logits.size(), max));
+}
+
+size_t TopCandidates(absl::Span<const float> values, int32_t n, RowScratch& scratch, float* pivot) {
+  std::vector<double>& sample = scratch.keys;
+  sample.clear();
+  const size_t size = values.size();
+  const size_t stride = std::max<size_t>(1, size / 256);
+  for (size_t i = stride / 2; i < size; i += stride) {
+    if (values[i] != kNegInf) sample.push_back(static_cast<double>(values[i]));
+  }
+  const size_t rank = static_cast<size_t>(2.0 * n * static_cast<double>(sample.size()) /
+                                          static_cast<double>(size)) +
+                      3;
+  if (rank >= sample.size()) return 0;
+  std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(),
+                   std::greater<>());
+  *pivot = static_cast<float>(sample[rank]);
+  if (scratch.ids.size() < size) scratch.ids.resize(size);
+  const size_t m = kernels::SelectKeyRange(values.data(), 0, size, kernels::Key{},
+                                           -std::numeric_limits<double>::infinity(),
+                                           -static_cast<double>(*pivot), scratch.ids.data());
+  return m > static_cast<size_t>(n) ? m : 0;
 }
 
 double Weights(absl::Span<const float> logits, float max, std::vector<double>& weights) {
@@ -142,7 +163,7 @@ void RemoveBelow(absl::Span<float> logits, const std::vector<double>& weights, d
 
 Normalizer Normalizer::Of(absl::Span<const float> logits) {
   Normalizer n;
-  n.max = Argmax(logits).first;
+  n.max = kernels::Max(logits.data(), 0, logits.size()).max;
   if (n.max == std::numeric_limits<float>::infinity()) {
     for (float l : logits) n.inf_count += l == n.max;
     n.log_total = std::log(static_cast<double>(n.inf_count));

@@ -47,6 +47,7 @@ struct RowScratch {
   std::vector<std::pair<double, int32_t>> band;  // (key, id) of the tokens around a cut
   std::vector<float> band_values, band_weights;  // the tokens between two pivots, gathered
   std::vector<int32_t> band_ids, band_picks;
+  std::vector<int32_t> head_ids;   // tokens near the maximum (Dist::kHeadMin)
   std::vector<double> pivot_sums;  // per block × pivot
   std::vector<int64_t> pivot_counts;
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
@@ -92,31 +93,58 @@ struct Normalizer {
   float LogProb(float logit) const;
 };
 
+// For TopValues: ids (in scratch.ids, id order) of the tokens with value ≥ *pivot, a pivot from
+// a sample chosen so that more than n tokens qualify; returns their count, or 0 when no such
+// pivot was found (then every token is a candidate).
+size_t TopCandidates(absl::Span<const float> values, int32_t n, RowScratch& scratch, float* pivot);
+
 // The `n` largest values of `map(values[i])` that are not -inf, as (id, mapped value), by
 // descending value then ascending id. n < 0 = all of them. `map` must be non-decreasing.
+// Few of many: only the candidates above a sampled pivot are ranked (the same result, as long as
+// the n-th of them maps strictly above the pivot; otherwise every token is ranked).
 template <typename Map>
-void TopValues(absl::Span<const float> values, int32_t n, Map map,
-               std::vector<std::pair<float, int32_t>>& scratch, std::vector<TokenLogprob>& out) {
+void TopValues(absl::Span<const float> values, int32_t n, Map map, RowScratch& scratch,
+               std::vector<TokenLogprob>& out) {
   out.clear();
   if (n == 0) return;
-  scratch.clear();
-  for (size_t i = 0; i < values.size(); ++i) {
-    const float mapped = map(values[i]);
-    if (mapped != kNegInf) scratch.emplace_back(mapped, static_cast<int32_t>(i));
-  }
+  std::vector<std::pair<float, int32_t>>& pairs = scratch.pairs;
   const auto before = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
-  size_t take = scratch.size();
-  if (n > 0 && static_cast<size_t>(n) < take) {
-    take = static_cast<size_t>(n);
-    std::nth_element(scratch.begin(), scratch.begin() + static_cast<std::ptrdiff_t>(take),
-                     scratch.end(), before);
-    scratch.resize(take);
+  const auto rank = [&](size_t take) {
+    if (take < pairs.size()) {
+      std::nth_element(pairs.begin(), pairs.begin() + static_cast<std::ptrdiff_t>(take),
+                       pairs.end(), before);
+      pairs.resize(take);
+    }
+    std::sort(pairs.begin(), pairs.end(), before);
+  };
+  float pivot = 0.0f;
+  const size_t few =
+      n > 0 && n <= 1024 && values.size() >= 8192 ? TopCandidates(values, n, scratch, &pivot) : 0;
+  bool done = false;
+  if (few > 0) {
+    pairs.clear();
+    for (size_t i = 0; i < few; ++i) {
+      const int32_t id = scratch.ids[i];
+      const float mapped = map(values[static_cast<size_t>(id)]);
+      if (mapped != kNegInf) pairs.emplace_back(mapped, id);
+    }
+    if (pairs.size() > static_cast<size_t>(n)) {
+      rank(static_cast<size_t>(n));
+      done = pairs.back().first > map(pivot);
+    }
   }
-  std::sort(scratch.begin(), scratch.end(), before);
-  out.reserve(take);
-  for (const auto& [value, id] : scratch) out.push_back({id, value});
+  if (!done) {
+    pairs.clear();
+    for (size_t i = 0; i < values.size(); ++i) {
+      const float mapped = map(values[i]);
+      if (mapped != kNegInf) pairs.emplace_back(mapped, static_cast<int32_t>(i));
+    }
+    rank(n > 0 ? static_cast<size_t>(n) : pairs.size());
+  }
+  out.reserve(pairs.size());
+  for (const auto& [value, id] : pairs) out.push_back({id, value});
 }
 
 // Fills `out.logprob` and `out.top_logprobs` for `token` in the row's mode. `processed` is the

@@ -142,11 +142,11 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     if (p.logprobs_mode == LogprobsMode::kRawLogprobs) {
       raw_norm = Normalizer::Of(logits);
       TopValues(
-          logits, *p.logprobs, [&](float l) { return raw_norm.LogProb(l); }, scratch.pairs,
+          logits, *p.logprobs, [&](float l) { return raw_norm.LogProb(l); }, scratch,
           scratch.raw_top);
     } else {
       TopValues(
-          logits, *p.logprobs, [](float l) { return l; }, scratch.pairs, scratch.raw_top);
+          logits, *p.logprobs, [](float l) { return l; }, scratch, scratch.raw_top);
     }
   }
 

@@ -19,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "client/cli/random_logits.h"
 #include "core/kernels.h"
+#include "core/reference.h"
 #include "core/sampler.h"
 #include "core/tensor.h"
 #include "tbb/task_arena.h"
@@ -38,6 +39,8 @@ ABSL_FLAG(std::string, chain, "",
           "and typical_p=0.9); 'history=N' adds N random output tokens");
 ABSL_FLAG(int, threads, 1, "oneTBB threads");
 ABSL_FLAG(int, repetitions, 5, "passes over all rows per chain");
+ABSL_FLAG(bool, reference, false,
+          "time the reference pipeline (core/reference.h, the tests' oracle) instead; one thread");
 
 namespace tokensampler::bench {
 namespace {
@@ -125,8 +128,14 @@ int Main() {
   std::vector<std::string> specs = Chains();
   if (specs.empty()) specs = DefaultChains();
 
+  const bool reference = absl::GetFlag(FLAGS_reference);
+  if (reference && threads != 1) {
+    std::cerr << "error: --reference runs on one thread (--threads 1)\n";
+    return 2;
+  }
   tbb::task_arena arena(threads);
   Sampler sampler;
+  ReferenceSampler reference_sampler;
   volatile uint64_t sink = 0;
   for (const std::string& spec : specs) {
     absl::StatusOr<Chain> chain = ParseChain(spec);
@@ -158,7 +167,11 @@ int Main() {
           const RowRequest row{&chain->params, {}, history, std::nullopt};
           absl::StatusOr<std::vector<SampledToken>> out;
           const auto t0 = Clock::now();
-          arena.execute([&] { out = sampler.Run(*view, {&row, 1}); });
+          if (reference) {
+            out = reference_sampler.Run(*view, {&row, 1});
+          } else {
+            arena.execute([&] { out = sampler.Run(*view, {&row, 1}); });
+          }
           sample_us.push_back(Micros(Clock::now() - t0));
           if (!out.ok()) {
             std::cerr << "error: " << out.status().message() << "\n";
@@ -185,10 +198,10 @@ int Main() {
     const Stats sample = Summarise(sample_us);
     const Stats floor = Summarise(floor_us);
     std::printf(
-        "{\"chain\":\"%s\",\"vocab\":%d,\"dtype\":\"%s\",\"rows\":%d,\"threads\":%d,"
+        "{\"chain\":\"%s\",\"pipeline\":\"%s\",\"vocab\":%d,\"dtype\":\"%s\",\"rows\":%d,\"threads\":%d,"
         "\"us_per_row_median\":%.2f,\"us_per_row_mean\":%.2f,\"floor_us_per_row\":%.2f,"
         "\"ratio_to_floor\":%.2f}\n",
-        spec.c_str(), vocab, dtype_name.c_str(), rows, threads, sample.median, sample.mean,
+        spec.c_str(), reference ? "reference" : "fast", vocab, dtype_name.c_str(), rows, threads, sample.median, sample.mean,
         floor.median, sample.median / floor.median);
     std::fflush(stdout);
   }

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "core/kernels.h"
 #include "core/reference.h"
+#include "core/row.h"
 #include "core/sampler.h"
 #include "gtest/gtest.h"
 #include "tbb/task_arena.h"
@@ -265,6 +266,35 @@ TEST(FastTest, NaNFoundInEveryDtypeAndPosition) {
       const RowRequest req{&p, {}, {}, std::nullopt};
       const auto out = Sampler().Run(*view, {&req, 1});
       EXPECT_EQ(out.status().message(), absl::StrCat("logits.data is NaN at row 0, token ", pos));
+    }
+  }
+}
+
+TEST(FastTest, TopValuesOfManyEqualsRankingEveryToken) {
+  // The sampled-pivot path of TopValues (n ≤ 1024 of ≥ 8192) against ranking every token, with
+  // ties (values on a coarse grid) and a mapping that merges neighbouring values.
+  std::mt19937_64 rng(8);
+  RowScratch scratch;
+  for (int trial = 0; trial < 40; ++trial) {
+    std::vector<float> row = MakeRow(trial % 2 ? Shape::kTies : Shape::kRealistic, 20000, rng);
+    scratch.Reserve(static_cast<int>(row.size()));
+    const auto coarse = [](float l) { return std::floor(l * 4.0f) / 4.0f; };
+    for (int32_t n : {1, 5, 20, 300, 1024}) {
+      std::vector<TokenLogprob> got;
+      TopValues(absl::MakeConstSpan(row), n, coarse, scratch, got);
+      std::vector<std::pair<float, int32_t>> all;
+      for (size_t i = 0; i < row.size(); ++i) {
+        all.emplace_back(coarse(row[i]), static_cast<int32_t>(i));
+      }
+      std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) {
+        return a.first > b.first || (a.first == b.first && a.second < b.second);
+      });
+      ASSERT_EQ(got.size(), static_cast<size_t>(n));
+      for (int32_t j = 0; j < n; ++j) {
+        ASSERT_EQ(got[static_cast<size_t>(j)].token_id, all[static_cast<size_t>(j)].second)
+            << "trial " << trial << " n " << n << " #" << j;
+        ASSERT_EQ(got[static_cast<size_t>(j)].logprob, all[static_cast<size_t>(j)].first);
+      }
     }
   }
 }
