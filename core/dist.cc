@@ -219,7 +219,8 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
   const int32_t* band_ids = nullptr;  // null: the band is the row itself (index = id)
   size_t band_size = n;
 
-  std::vector<double> pivots;
+  std::vector<double>& pivots = s_.pivots;
+  pivots.clear();
   // First pass: geometric positions in the sample (most cuts fall in the first few), and the
   // largest key possible so that the kept count is known.
   const size_t above_lo =
@@ -645,8 +646,7 @@ void Dist::Xtc(const tokensampler::Xtc& xtc) {
     }
   }
   // The maximum went: weights are relative to the new one.
-  std::vector<kernels::MaxResult> parts;
-  max_ = RowMax(values_, parallel_, parts).max;
+  max_ = RowMax(values_, parallel_, s_.block_max).max;
   weights_valid_ = false;
   count_ = -1;
 }

@@ -50,6 +50,7 @@ struct RowScratch {
   std::vector<int32_t> head_ids;   // tokens near the maximum (Dist::kHeadMin)
   std::vector<double> pivot_sums;  // per block × pivot
   std::vector<int64_t> pivot_counts;
+  std::vector<double> pivots;                 // FindCut's pivots of one pass
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
 
   // Sizes the per-vocabulary buffers for `vocab_size` (only ever grows).
