@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <iterator>
 #include <limits>
 
 namespace tokensampler {
@@ -23,7 +25,65 @@ float RoundUp(double t) {
   return f;
 }
 
+// Floats in an order-preserving unsigned encoding, for bisection over the float order.
+uint32_t Ordered(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) != 0 ? ~u : u | 0x80000000u;
+}
+float FromOrdered(uint32_t o) {
+  const uint32_t u = (o & 0x80000000u) != 0 ? o & 0x7fffffffu : ~o;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+
 }  // namespace
+
+Dist::Range Dist::KeyRange(const kernels::Key& key, double pivot) const {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  constexpr float kMax = std::numeric_limits<float>::max();
+  if (pivot == -kDoubleInf) return {kInf, -kInf};  // nothing
+  if (key.kind == kernels::Key::kNegValue) {
+    // −v ≤ pivot ⇔ v ≥ −pivot ⇔ v ≥ RoundUp(−pivot).
+    return {pivot >= kDoubleMax ? -kMax : RoundUp(-pivot), kInf};
+  }
+  // The typical key is V-shaped in v (non-increasing, then non-decreasing): {key ≤ pivot} is an
+  // interval of floats around the minimum, whose ends are found by bisection over the float
+  // order with the key computed exactly as everywhere else.
+  const auto k = [&](float v) { return kernels::KeyOf(key, v); };
+  const double center = key.max + key.log_total - key.entropy;
+  float v0 =
+      static_cast<float>(std::clamp(center, -static_cast<double>(kMax), static_cast<double>(kMax)));
+  // The float nearest the centre is within half an ulp of it: the minimum is among its
+  // neighbours.
+  float probe = std::nextafter(std::nextafter(v0, -kInf), -kInf);
+  for (int i = 0; i < 5; ++i, probe = std::nextafter(probe, kInf)) {
+    if (k(probe) < k(v0)) v0 = probe;
+  }
+  if (!(k(v0) <= pivot)) return {kInf, -kInf};
+  uint32_t lo = Ordered(-kMax), hi = Ordered(v0);  // smallest with key ≤ pivot, in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (k(FromOrdered(mid)) <= pivot) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  const float from = FromOrdered(lo);
+  lo = Ordered(v0);
+  hi = Ordered(kMax);  // largest with key ≤ pivot, in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (k(FromOrdered(mid)) <= pivot) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return {from, FromOrdered(lo)};
+}
 
 kernels::MaxResult RowMax(absl::Span<const float> v, bool parallel,
                           std::vector<kernels::MaxResult>& blocks) {
@@ -158,13 +218,15 @@ double Dist::Entropy() {
 }
 
 size_t Dist::Select(const kernels::Key& key, double lo, double hi) {
+  const Range in = KeyRange(key, hi);
+  const Range below = KeyRange(key, lo);
   const size_t blocks = NumBlocks(values_.size());
   std::vector<int64_t>& counts = s_.block_counts;
   counts.assign(blocks, 0);
   int32_t* ids = s_.ids.data();
   ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-    counts[b] = static_cast<int64_t>(
-        kernels::SelectKeyRange(values_.data(), begin, end, key, lo, hi, ids + begin));
+    counts[b] = static_cast<int64_t>(kernels::SelectRanges(
+        values_.data(), begin, end, in.from, in.to, below.from, below.to, ids + begin));
   });
   // Compact the per-block runs in block order (id order).
   size_t out = 0;
@@ -212,44 +274,85 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
   double lo = lo_key, hi = kDoubleMax;
   double lo_sum = lo_cumulative * total_;
   int64_t lo_count = lo_known, hi_count = -1;
-  const double below = fraction * total_ * (1.0 - 1e-9);
-  const double above = fraction * total_ * (1.0 + 1e-9);
+  // Bracketing passes sum in float per block (relative error < 1e-4): pivots this close to the
+  // cut bracket nothing, and the exact mass below the final lo is computed in double.
+  const double below = fraction * total_ * (1.0 - 1e-3);
+  const double above = fraction * total_ * (1.0 + 1e-3);
   const float* band_v = values_.data();
   const float* band_w = s_.wf.data();
   const int32_t* band_ids = nullptr;  // null: the band is the row itself (index = id)
   size_t band_size = n;
+  double band_base = 0.0;  // exact mass of key ≤ the lo the band was gathered at
+  int64_t band_base_count = 0;
+  bool lo_moved = false;
 
   std::vector<double>& pivots = s_.pivots;
   pivots.clear();
-  // First pass: geometric positions in the sample (most cuts fall in the first few), and the
-  // largest key possible so that the kept count is known.
-  const size_t above_lo =
-      static_cast<size_t>(std::upper_bound(sample.begin(), sample.end(), lo) - sample.begin());
-  for (size_t pos = 0; above_lo + pos < sample.size() && pivots.size() + 2 < 8;
-       pos = pos == 0 ? 2 : pos * 4) {
-    pivots.push_back(sample[above_lo + pos]);
+  if (head_valid_ && head_size_ <= kHeadMax) {
+    // First pass pivots from an estimate of mass(key ≤ t): the head's tokens exactly, the rest
+    // from the strided sample (each sampled token stands for `stride` tokens; none of them is
+    // heavy, so the estimate is good). Pivots sit where the estimate crosses the target mass
+    // scaled by 1 ± δ, so that one pass usually brackets the cut tightly.
+    auto& est = s_.band;  // (key, weight) — reused; the band is built after this
+    est.clear();
+    std::vector<double>& est_w = s_.block_sums_scratch;
+    est_w.clear();
+    for (size_t i = 0; i < head_size_; ++i) {
+      const size_t id = static_cast<size_t>(s_.head_ids[i]);
+      est.emplace_back(kernels::KeyOf(key, values_[id]), static_cast<int32_t>(est_w.size()));
+      est_w.push_back(static_cast<double>(s_.wf[id]));
+    }
+    for (size_t i = stride / 2; i < n; i += stride) {
+      if (values_[i] == kNegInf || s_.wf[i] >= kHeadMin) continue;
+      est.emplace_back(kernels::KeyOf(key, values_[i]), static_cast<int32_t>(est_w.size()));
+      est_w.push_back(static_cast<double>(s_.wf[i]) * static_cast<double>(stride));
+    }
+    std::sort(est.begin(), est.end());
+    constexpr double kDeltas[] = {-0.3, -0.1, -0.03, -0.01, 0.01, 0.03, 0.1, 0.3};
+    double cumulative = 0.0;
+    size_t d = 0;
+    for (const auto& [k, index] : est) {
+      cumulative += est_w[static_cast<size_t>(index)];
+      while (d < std::size(kDeltas) && cumulative >= fraction * total_ * (1.0 + kDeltas[d])) {
+        if (k > lo && (pivots.empty() || pivots.back() != k)) pivots.push_back(k);
+        ++d;
+      }
+    }
+  } else {
+    // Geometric positions in the sample (most cuts fall in the first few).
+    const size_t above_lo =
+        static_cast<size_t>(std::upper_bound(sample.begin(), sample.end(), lo) - sample.begin());
+    for (size_t pos = 0; above_lo + pos < sample.size() && pivots.size() + 2 < 8;
+         pos = pos == 0 ? 1 : pos * 2) {
+      pivots.push_back(sample[above_lo + pos]);
+    }
+    if (above_lo < sample.size() && (pivots.empty() || pivots.back() != sample.back())) {
+      pivots.push_back(sample.back());
+    }
   }
-  if (above_lo < sample.size() && (pivots.empty() || pivots.back() != sample.back())) {
-    pivots.push_back(sample.back());
-  }
-  pivots.push_back(kDoubleMax);
+  pivots.push_back(kDoubleMax);  // and the largest key possible: the kept count
 
+  float from[kMaxPivots], to[kMaxPivots];
   for (int pass = 0; pass < 12; ++pass) {
     const int np = static_cast<int>(pivots.size());
+    for (int j = 0; j < np; ++j) {
+      const Range r = KeyRange(key, pivots[static_cast<size_t>(j)]);
+      from[j] = r.from;
+      to[j] = r.to;
+    }
     const size_t blocks = NumBlocks(band_size);
     s_.pivot_sums.assign(blocks * kMaxPivots, 0.0);
     s_.pivot_counts.assign(blocks * kMaxPivots, 0);
     ForBlocks(band_size, parallel_ && band_ids == nullptr, [&](size_t b, size_t begin, size_t end) {
-      kernels::MassAtOrBelow(band_v, band_w, begin, end, key, pivots.data(), np,
-                             s_.pivot_sums.data() + b * kMaxPivots,
-                             s_.pivot_counts.data() + b * kMaxPivots);
+      kernels::MassInRanges(band_v, band_w, begin, end, from, to, np,
+                            s_.pivot_sums.data() + b * kMaxPivots,
+                            s_.pivot_counts.data() + b * kMaxPivots);
     });
-    const double base_sum = band_ids == nullptr ? 0.0 : lo_sum;
-    const int64_t base_count = band_ids == nullptr ? 0 : lo_count;
     const double old_lo = lo, old_hi = hi;
     for (int j = 0; j < np; ++j) {
-      double sum = base_sum;
-      int64_t count = base_count;
+      // Within a gathered band the ranges count only the band's tokens: add what lies below it.
+      double sum = band_ids == nullptr ? 0.0 : band_base;
+      int64_t count = band_ids == nullptr ? 0 : band_base_count;
       for (size_t b = 0; b < blocks; ++b) {
         sum += s_.pivot_sums[b * kMaxPivots + static_cast<size_t>(j)];
         count += s_.pivot_counts[b * kMaxPivots + static_cast<size_t>(j)];
@@ -257,8 +360,8 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
       const double p = pivots[static_cast<size_t>(j)];
       if (sum < below && p > lo) {
         lo = p;
-        lo_sum = sum;
         lo_count = count;
+        lo_moved = true;
       }
       if ((sum >= above || p == kDoubleMax) && p < hi) hi = p;
       if (p == hi) hi_count = count;
@@ -277,13 +380,23 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
         s_.band_values[i] = values_[id];
         s_.band_weights[i] = s_.wf[id];
       }
+      band_base = lo_moved ? ExactMass(key, lo) : lo_sum;
+      band_base_count = lo_count;
+      lo_sum = band_base;
+      lo_moved = false;
     } else {
-      // Narrow the gathered band in place (order kept).
+      // Narrow the gathered band in place (order kept); what leaves below lo joins the base.
+      const Range keep = KeyRange(key, hi);
+      const Range gone = KeyRange(key, lo);
       size_t out = 0;
       for (size_t i = 0; i < band_size; ++i) {
-        const double k = kernels::KeyOf(key, s_.band_values[i]);
-        if (k > lo && k <= hi) {
-          s_.band_values[out] = s_.band_values[i];
+        const float x = s_.band_values[i];
+        const bool below_lo = x >= gone.from && x <= gone.to;
+        if (below_lo) {
+          band_base += static_cast<double>(s_.band_weights[i]);
+          ++band_base_count;
+        } else if (x >= keep.from && x <= keep.to) {
+          s_.band_values[out] = x;
           s_.band_weights[out] = s_.band_weights[i];
           s_.band_ids[out] = s_.band_ids[i];
           ++out;
@@ -292,6 +405,9 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
       s_.band_values.resize(out);
       s_.band_weights.resize(out);
       s_.band_ids.resize(out);
+      lo_sum = band_base;
+      lo_count = band_base_count;
+      lo_moved = false;
     }
     band_v = s_.band_values.data();
     band_w = s_.band_weights.data();
@@ -307,8 +423,8 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
     } else if (inside >= 4) {
       pivots.assign(first, last);
     } else {
-      double from = lo, to = hi;
-      if (from == -kDoubleInf || to == kDoubleMax) {
+      double lo_end = lo, hi_end = hi;
+      if (lo_end == -kDoubleInf || hi_end == kDoubleMax) {
         // An open end: the band's own extreme keys bound it.
         double kmin = kDoubleInf, kmax = -kDoubleInf;
         for (size_t i = 0; i < band_size; ++i) {
@@ -316,18 +432,23 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
           kmin = std::min(kmin, k);
           kmax = std::max(kmax, k);
         }
-        if (from == -kDoubleInf) from = kmin;
-        if (to == kDoubleMax) to = kmax;
-        pivots.push_back(from);
+        if (lo_end == -kDoubleInf) lo_end = kmin;
+        if (hi_end == kDoubleMax) hi_end = kmax;
+        pivots.push_back(lo_end);
       }
-      for (int j = 1; j < kMaxPivots - 1; ++j)
-        pivots.push_back(from + (to - from) * j / kMaxPivots);
-      pivots.push_back(to);
+      for (int j = 1; j < kMaxPivots - 1; ++j) {
+        pivots.push_back(lo_end + (hi_end - lo_end) * j / kMaxPivots);
+      }
+      pivots.push_back(hi_end);
     }
     pivots.erase(
         std::remove_if(pivots.begin(), pivots.end(), [&](double p) { return !(p > lo && p < hi); }),
         pivots.end());
     if (pivots.empty()) break;
+  }
+  if (lo_moved) {
+    // lo came from a bracketing pass: its exact mass, in double.
+    lo_sum = band_ids == nullptr ? ExactMass(key, lo) : band_base + BandMass(key, lo, band_size);
   }
 
   // Sort the band (lo, hi] by (key, id) and apply the reference's rule from lo's mass on.
@@ -357,6 +478,24 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
   }
   // Rounding left the cumulative mass short of the fraction: keep everything (the reference).
   return {kDoubleMax, lo_count + static_cast<int64_t>(band.size())};
+}
+
+double Dist::ExactMass(const kernels::Key& key, double lo) {
+  const Range r = KeyRange(key, lo);
+  std::vector<double>& parts = s_.block_sums_scratch;
+  parts.assign(NumBlocks(values_.size()), 0.0);
+  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+    parts[b] = kernels::MassInRange(values_.data(), s_.wf.data(), begin, end, r.from, r.to);
+  });
+  double sum = 0.0;
+  for (double part : parts) sum += part;
+  return sum;
+}
+
+double Dist::BandMass(const kernels::Key& key, double lo, size_t band_size) {
+  const Range r = KeyRange(key, lo);
+  return kernels::MassInRange(s_.band_values.data(), s_.band_weights.data(), 0, band_size, r.from,
+                              r.to);
 }
 
 // --- Stages ---------------------------------------------------------------------------------
@@ -549,6 +688,7 @@ void Dist::TypicalP(float mass) {
     return;
   }
   if (mass >= 1.0f) return;
+  EnsureWeights(/*head=*/true);
   const double h = Entropy();
   kernels::Key key;
   key.kind = kernels::Key::kTypical;

@@ -96,6 +96,17 @@ class Dist {
   bool sparse() const { return sparse_; }
 
  private:
+  // The floats v with key(v) ≤ a pivot: from ≤ v ≤ to (empty when from > to).
+  struct Range {
+    float from;
+    float to;
+  };
+  Range KeyRange(const kernels::Key& key, double pivot) const;
+  // Σ w over the row's tokens with key ≤ lo, in double.
+  double ExactMass(const kernels::Key& key, double lo);
+  // Σ w over the gathered band's tokens with key ≤ lo, in double.
+  double BandMass(const kernels::Key& key, double lo, size_t band_size);
+
   struct Cut {
     double key;     // keep tokens with key ≤ this
     int64_t count;  // how many that is

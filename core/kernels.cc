@@ -269,6 +269,35 @@ uint64_t StreamingReadImpl(const uint8_t* data, size_t bytes) {
 size_t SelectWeightAtLeastImpl(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
   return scalar::SelectWeightAtLeast(w, begin, end, t, ids);
 }
+void MassInRangesImpl(const float* v, const float* w, size_t begin, size_t end, const float* from,
+                      const float* to, int np, double* sums, int64_t* counts) {
+  for (size_t i = begin; i < end; ++i) {
+    for (int j = 0; j < np; ++j) {
+      if (v[i] >= from[j] && v[i] <= to[j]) {
+        sums[j] += static_cast<double>(w[i]);
+        ++counts[j];
+      }
+    }
+  }
+}
+double MassInRangeImpl(const float* v, const float* w, size_t begin, size_t end, float from,
+                       float to) {
+  double sum = 0.0;
+  for (size_t i = begin; i < end; ++i) {
+    if (v[i] >= from && v[i] <= to) sum += static_cast<double>(w[i]);
+  }
+  return sum;
+}
+size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from, float in_to,
+                        float out_from, float out_to, int32_t* ids) {
+  size_t out = 0;
+  for (size_t i = begin; i < end; ++i) {
+    if (v[i] >= in_from && v[i] <= in_to && !(v[i] >= out_from && v[i] <= out_to)) {
+      ids[out++] = static_cast<int32_t>(i);
+    }
+  }
+  return out;
+}
 const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
 
 #else
@@ -842,6 +871,88 @@ size_t SelectWeightAtLeastImpl(const float* w, size_t begin, size_t end, float t
 
 const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
 
+void MassInRangesImpl(const float* v, const float* w, size_t begin, size_t end, const float* from,
+                      const float* to, int np, double* sums, int64_t* counts) {
+  const DF df;
+  const size_t n = hn::Lanes(df);
+  constexpr int kMax = 16;
+  VF acc[kMax], cnt[kMax], lo[kMax], hi[kMax];
+  for (int j = 0; j < np; ++j) {
+    acc[j] = hn::Zero(df);
+    cnt[j] = hn::Zero(df);
+    lo[j] = hn::Set(df, from[j]);
+    hi[j] = hn::Set(df, to[j]);
+  }
+  const VF one = hn::Set(df, 1.0f);
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const VF e = hn::LoadU(df, w + i);
+    for (int j = 0; j < np; ++j) {
+      const auto m = hn::And(hn::Ge(x, lo[j]), hn::Le(x, hi[j]));
+      acc[j] = hn::Add(acc[j], hn::IfThenElseZero(m, e));
+      cnt[j] = hn::Add(cnt[j], hn::IfThenElseZero(m, one));
+    }
+  }
+  for (int j = 0; j < np; ++j) {
+    sums[j] += SumD(hn::Add(Lower(acc[j]), Upper(acc[j])));
+    counts[j] += static_cast<int64_t>(SumD(hn::Add(Lower(cnt[j]), Upper(cnt[j]))));
+  }
+  for (; i < end; ++i) {
+    for (int j = 0; j < np; ++j) {
+      if (v[i] >= from[j] && v[i] <= to[j]) {
+        sums[j] += static_cast<double>(w[i]);
+        ++counts[j];
+      }
+    }
+  }
+}
+
+double MassInRangeImpl(const float* v, const float* w, size_t begin, size_t end, float from,
+                       float to) {
+  const DF df;
+  const DD dd;
+  const size_t n = hn::Lanes(df);
+  const VF lo = hn::Set(df, from), hi = hn::Set(df, to);
+  VD acc = hn::Zero(dd);
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const VF e = hn::IfThenElseZero(hn::And(hn::Ge(x, lo), hn::Le(x, hi)), hn::LoadU(df, w + i));
+    acc = hn::Add(acc, hn::Add(Lower(e), Upper(e)));
+  }
+  double sum = SumD(acc);
+  for (; i < end; ++i) {
+    if (v[i] >= from && v[i] <= to) sum += static_cast<double>(w[i]);
+  }
+  return sum;
+}
+
+size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from, float in_to,
+                        float out_from, float out_to, int32_t* ids) {
+  const DF df;
+  const DI di;
+  const size_t n = hn::Lanes(df);
+  const VF a = hn::Set(df, in_from), b = hn::Set(df, in_to);
+  const VF c = hn::Set(df, out_from), d = hn::Set(df, out_to);
+  size_t out = 0;
+  size_t i = begin;
+  for (; i + n <= end; i += n) {
+    const VF x = hn::LoadU(df, v + i);
+    const auto in = hn::And(hn::Ge(x, a), hn::Le(x, b));
+    if (hn::AllFalse(df, in)) continue;
+    const auto m = hn::AndNot(hn::And(hn::Ge(x, c), hn::Le(x, d)), in);
+    out += hn::CompressStore(hn::Iota(di, static_cast<int32_t>(i)), hn::RebindMask(di, m), di,
+                             ids + out);
+  }
+  for (; i < end; ++i) {
+    if (v[i] >= in_from && v[i] <= in_to && !(v[i] >= out_from && v[i] <= out_to)) {
+      ids[out++] = static_cast<int32_t>(i);
+    }
+  }
+  return out;
+}
+
 #endif  // HWY_TARGET == HWY_SCALAR
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)
@@ -902,11 +1013,27 @@ HWY_EXPORT(SumSquaresImpl);
 HWY_EXPORT(WeightedLogitsImpl);
 HWY_EXPORT(InfToUniformImpl);
 HWY_EXPORT(TargetNameImpl);
+HWY_EXPORT(MassInRangesImpl);
+HWY_EXPORT(MassInRangeImpl);
+HWY_EXPORT(SelectRangesImpl);
 HWY_EXPORT(ScaleImpl);
 HWY_EXPORT(StreamingReadImpl);
 HWY_EXPORT(SelectWeightAtLeastImpl);
 
 const char* TargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameImpl)(); }
+
+void MassInRanges(const float* v, const float* w, size_t begin, size_t end, const float* from,
+                  const float* to, int n, double* sums, int64_t* counts) {
+  HWY_DYNAMIC_DISPATCH(MassInRangesImpl)(v, w, begin, end, from, to, n, sums, counts);
+}
+double MassInRange(const float* v, const float* w, size_t begin, size_t end, float from, float to) {
+  return HWY_DYNAMIC_DISPATCH(MassInRangeImpl)(v, w, begin, end, from, to);
+}
+size_t SelectRanges(const float* v, size_t begin, size_t end, float in_from, float in_to,
+                    float out_from, float out_to, int32_t* ids) {
+  return HWY_DYNAMIC_DISPATCH(SelectRangesImpl)(v, begin, end, in_from, in_to, out_from, out_to,
+                                                ids);
+}
 
 MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
                     float* out) {

@@ -92,6 +92,20 @@ double KeyOf(const Key& key, float v);
 void MassAtOrBelow(const float* v, const float* w, size_t begin, size_t end, const Key& key,
                    const double* pivots, int n, double* sums, int64_t* counts);
 
+// For each range j (n ≤ 16): sums[j] += Σ w and counts[j] += count over tokens with
+// from[j] ≤ v ≤ to[j]. The sums are accumulated in float within the call (for bracketing a cut;
+// relative error below 1e-4 for calls of up to 4096 tokens) and added to sums[j] in double.
+void MassInRanges(const float* v, const float* w, size_t begin, size_t end, const float* from,
+                  const float* to, int n, double* sums, int64_t* counts);
+
+// Σ w over tokens with from ≤ v ≤ to, in double (exact up to the order of additions).
+double MassInRange(const float* v, const float* w, size_t begin, size_t end, float from, float to);
+
+// Writes the ids of tokens with in_from ≤ v ≤ in_to but not out_from ≤ v ≤ out_to (in id
+// order); returns how many.
+size_t SelectRanges(const float* v, size_t begin, size_t end, float in_from, float in_to,
+                    float out_from, float out_to, int32_t* ids);
+
 // Writes the ids of kept tokens with lo < key ≤ hi to ids (in id order); returns how many.
 size_t SelectKeyRange(const float* v, size_t begin, size_t end, const Key& key, double lo,
                       double hi, int32_t* ids);

@@ -51,6 +51,7 @@ struct RowScratch {
   std::vector<double> pivot_sums;  // per block × pivot
   std::vector<int64_t> pivot_counts;
   std::vector<double> pivots;                 // FindCut's pivots of one pass
+  std::vector<double> block_sums_scratch;     // per-block exact masses
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
 
   // Sizes the per-vocabulary buffers for `vocab_size` (only ever grows).
