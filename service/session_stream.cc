@@ -51,6 +51,13 @@ SessionRegistry::~SessionRegistry() {
     stop_reaper_ = true;
   }
   if (reaper_.joinable()) reaper_.join();
+  {
+    // The server has shut down, so every stream is finished; wait for their OnDone to have
+    // unregistered them (it touches this registry).
+    absl::MutexLock lock(&mu_);
+    mu_.Await(absl::Condition(
+        +[](absl::flat_hash_set<SessionStream*>* streams) { return streams->empty(); }, &streams_));
+  }
   absl::MutexLock lock(&tasks_mu_);
   tasks_mu_.Await(absl::Condition(
       +[](int* in_flight) { return *in_flight == 0; }, &tasks_in_flight_));

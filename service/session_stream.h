@@ -56,8 +56,9 @@ class SessionRegistry {
   // borrowed and must outlive the registry.
   explicit SessionRegistry(const SessionOptions& options);
 
-  // Stops the reaper and waits until every task a stream enqueued has returned.
-  // REQUIRES: no stream is live (the grpc::Server serving them has shut down).
+  // Stops the reaper, waits until every stream has unregistered (OnDone) and every task a stream
+  // enqueued has returned. REQUIRES: the grpc::Server serving the streams has shut down (so
+  // every stream is finished or being finished).
   ~SessionRegistry();
 
   SessionRegistry(const SessionRegistry&) = delete;
