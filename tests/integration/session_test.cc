@@ -331,12 +331,16 @@ TEST(SessionClientTest, UnreachableServerFailsTheFirstCallWithUnavailable) {
   EXPECT_EQ(session->Ended().get().code(), absl::StatusCode::kUnavailable);
 }
 
-TEST(SessionClientTest, DestroyingAnOpenSessionCancelsIt) {
-  // An in-process server: its counters show the stream and sequence going away.
+// An in-process server on 127.0.0.1:0, whose session counters the test can read.
+absl::StatusOr<std::unique_ptr<service::Server>> StartInProcessServer() {
   service::ServerOptions options;
   options.listen_addresses = {"127.0.0.1:0"};
   options.threads = 1;
-  absl::StatusOr<std::unique_ptr<service::Server>> server = service::Server::Start(options);
+  return service::Server::Start(options);
+}
+
+TEST(SessionClientTest, DestroyingAnOpenSessionCancelsIt) {
+  absl::StatusOr<std::unique_ptr<service::Server>> server = StartInProcessServer();
   ASSERT_TRUE(server.ok()) << server.status();
   absl::StatusOr<Client> client = Client::Create((*server)->bound_addresses()[0]);
   ASSERT_TRUE(client.ok()) << client.status();
@@ -354,10 +358,7 @@ TEST(SessionClientTest, DestroyingAnOpenSessionCancelsIt) {
 // A client process that dies: its connection drops, the server cancels the stream and frees it.
 
 TEST(SessionClientProcessTest, KilledClientProcessFreesItsSessionState) {
-  service::ServerOptions options;
-  options.listen_addresses = {"127.0.0.1:0"};
-  options.threads = 1;
-  absl::StatusOr<std::unique_ptr<service::Server>> server = service::Server::Start(options);
+  absl::StatusOr<std::unique_ptr<service::Server>> server = StartInProcessServer();
   ASSERT_TRUE(server.ok()) << server.status();
   const service::SamplerService& service = (*server)->service();
 
