@@ -950,6 +950,22 @@ TEST_F(SessionServiceTest, ShutdownEndsOpenStreamsWithUnavailable) {
   EXPECT_EQ(live_sequences(), 0);
 }
 
+TEST_F(SessionServiceTest, OversizeRequestEndsTheStreamWithResourceExhausted) {
+  ServerOptions options;
+  options.max_message_bytes = 64 * 1024;
+  StartServer(options);
+  TestSession session(*stub_);
+  v1::SessionRequest add;
+  AddSequence(add, 1, Plain());
+  session.CallOk(add);
+  v1::SessionRequest big;
+  SetStep(big, {std::vector<float>(32 * 1024, 0.5f)}, {1});  // 128 KiB of logits
+  ASSERT_TRUE(session.Write(big));
+  const grpc::Status status = session.AwaitEnd();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  ExpectAllStateFreed();
+}
+
 TEST(SessionServerOptionsTest, RejectsBadLimits) {
   ServerOptions options;
   options.session.limits.max_sequences = 0;
