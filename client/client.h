@@ -1,4 +1,5 @@
-// tokensampler::Client: the C++ client of the tokensampler.v1.Sampler service, for model workers.
+// tokensampler::Client: the C++ client of the tokensampler.v1.Sampler service, for model workers
+// (stateless Sample and Health; the Session stream is SessionClient, client/session_client.h).
 //
 // A Client owns one gRPC channel (insecure: TCP `host:port` or a Unix socket `unix:/path`) and
 // turns every RPC outcome into absl::Status / absl::StatusOr with the gRPC code and message
@@ -76,6 +77,10 @@ class Client {
 
   // The target this client was created with.
   const std::string& target() const { return target_; }
+
+  // The channel and options, shared by the SessionClients opened on this client.
+  const std::shared_ptr<grpc::Channel>& channel() const { return channel_; }
+  const ClientOptions& options() const { return options_; }
 
  private:
   Client(std::string target, const ClientOptions& options, std::shared_ptr<grpc::Channel> channel);

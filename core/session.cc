@@ -104,7 +104,8 @@ absl::Status SequenceTable::Release(uint64_t id) {
 
 absl::StatusOr<std::vector<SampledToken>> SequenceTable::Step(const Sampler& sampler,
                                                               const LogitsView& logits,
-                                                              absl::Span<const uint64_t> ids) {
+                                                              absl::Span<const uint64_t> ids,
+                                                              const std::atomic<bool>* cancelled) {
   if (ids.size() != static_cast<size_t>(logits.rows())) {
     return absl::InvalidArgumentError(absl::StrCat("step.sequence_ids has ", ids.size(),
                                                    " ids but logits.rows is ", logits.rows()));
@@ -141,7 +142,7 @@ absl::StatusOr<std::vector<SampledToken>> SequenceTable::Step(const Sampler& sam
     requests.push_back(
         {&seq->params, seq->prompt, seq->output, seq->mirostat_mu, seq->sample_index});
   }
-  absl::StatusOr<std::vector<SampledToken>> results = sampler.Run(logits, requests);
+  absl::StatusOr<std::vector<SampledToken>> results = sampler.Run(logits, requests, cancelled);
   if (!results.ok()) return NameSequence(results.status(), ids);
   for (size_t i = 0; i < rows.size(); ++i) {
     Sequence& seq = *rows[i];

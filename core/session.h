@@ -7,6 +7,7 @@
 #ifndef TOKENSAMPLER_CORE_SESSION_H_
 #define TOKENSAMPLER_CORE_SESSION_H_
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -52,9 +53,11 @@ class SequenceTable {
   // μ; a sequence whose token finishes it is released. Returns one result per row, or on error
   // changes nothing: INVALID_ARGUMENT (ids.size() != rows, an id twice, params or history vs the
   // vocabulary, NaN, every token masked), NOT_FOUND naming the first unknown id,
-  // RESOURCE_EXHAUSTED when a history would exceed max_history_tokens.
+  // RESOURCE_EXHAUSTED when a history would exceed max_history_tokens, CANCELLED when
+  // `cancelled` (passed to Sampler::Run) became true before every row was sampled.
   absl::StatusOr<std::vector<SampledToken>> Step(const Sampler& sampler, const LogitsView& logits,
-                                                 absl::Span<const uint64_t> ids);
+                                                 absl::Span<const uint64_t> ids,
+                                                 const std::atomic<bool>* cancelled = nullptr);
 
   int64_t size() const { return static_cast<int64_t>(sequences_.size()); }
   bool contains(uint64_t id) const { return sequences_.contains(id); }

@@ -175,6 +175,26 @@ v1::FinishReason FinishReasonToProto(FinishReason reason) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
+// Fills the fields that v1::SampledToken and v1::SequenceResult share (same names).
+template <typename Proto>
+void SetTokenFields(const SampledToken& token, Proto& out) {
+  out.set_token_id(token.token_id);
+  out.set_logprob(token.logprob);
+  out.mutable_top_logprobs()->Reserve(static_cast<int>(token.top_logprobs.size()));
+  for (const TokenLogprob& top : token.top_logprobs) {
+    v1::TokenLogprob& top_out = *out.add_top_logprobs();
+    top_out.set_token_id(top.token_id);
+    top_out.set_logprob(top.logprob);
+  }
+  out.set_finish_reason(FinishReasonToProto(token.finish_reason));
+  if (token.stop_token_id.has_value()) {
+    out.set_stop_token_id(*token.stop_token_id);
+  } else if (token.stop_sequence_index.has_value()) {
+    out.set_stop_sequence_index(*token.stop_sequence_index);
+  }
+  if (token.mirostat_mu.has_value()) out.set_mirostat_mu(*token.mirostat_mu);
+}
+
 }  // namespace
 
 absl::StatusOr<DType> DTypeFromProto(v1::DType dtype) {
@@ -203,13 +223,18 @@ absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits) {
       absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(data.data()), data.size()));
 }
 
-absl::StatusOr<SamplingParams> ParamsFromProto(const v1::SamplingParams& proto,
-                                               int32_t vocab_size) {
+absl::StatusOr<SamplingParams> UnvalidatedParamsFromProto(const v1::SamplingParams& proto) {
   SamplingParams params;
   if (!proto.preset().empty()) {
     ASSIGN_OR_RETURN(params, PresetParams(proto.preset()));
   }
   RETURN_IF_ERROR(MergeExplicitFields(proto, params));
+  return params;
+}
+
+absl::StatusOr<SamplingParams> ParamsFromProto(const v1::SamplingParams& proto,
+                                               int32_t vocab_size) {
+  ASSIGN_OR_RETURN(SamplingParams params, UnvalidatedParamsFromProto(proto));
   RETURN_IF_ERROR(ValidateParams(params, vocab_size));
   return params;
 }
@@ -248,25 +273,21 @@ v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens) {
   response.mutable_results()->Reserve(static_cast<int>(tokens.size()));
   for (const SampledToken& token : tokens) {
     v1::SampledToken& out = *response.add_results();
-    out.set_token_id(token.token_id);
-    out.set_logprob(token.logprob);
-    out.mutable_top_logprobs()->Reserve(static_cast<int>(token.top_logprobs.size()));
-    for (const TokenLogprob& top : token.top_logprobs) {
-      v1::TokenLogprob& top_out = *out.add_top_logprobs();
-      top_out.set_token_id(top.token_id);
-      top_out.set_logprob(top.logprob);
-    }
-    out.set_finish_reason(FinishReasonToProto(token.finish_reason));
-    if (token.stop_token_id.has_value()) {
-      out.set_stop_token_id(*token.stop_token_id);
-    } else if (token.stop_sequence_index.has_value()) {
-      out.set_stop_sequence_index(*token.stop_sequence_index);
-    }
+    SetTokenFields(token, out);
     out.set_row_index(token.row_index);
     out.set_sample_index(token.sample_index);
-    if (token.mirostat_mu.has_value()) out.set_mirostat_mu(*token.mirostat_mu);
   }
   return response;
+}
+
+void SessionResultsToProto(absl::Span<const SampledToken> tokens,
+                           absl::Span<const uint64_t> sequence_ids, v1::SessionResponse& response) {
+  response.mutable_results()->Reserve(static_cast<int>(tokens.size()));
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    v1::SequenceResult& out = *response.add_results();
+    out.set_sequence_id(sequence_ids[i]);
+    SetTokenFields(tokens[i], out);
+  }
 }
 
 }  // namespace tokensampler::service

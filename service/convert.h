@@ -37,6 +37,11 @@ absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits);
 // ("rows[3].params.").
 absl::StatusOr<SamplingParams> ParamsFromProto(const v1::SamplingParams& proto, int32_t vocab_size);
 
+// ParamsFromProto without the range validation, for callers that validate later themselves
+// (SequenceTable::Add validates before it stores a sequence). Returns INVALID_ARGUMENT only for
+// an unknown preset or enum value.
+absl::StatusOr<SamplingParams> UnvalidatedParamsFromProto(const v1::SamplingParams& proto);
+
 // A SampleRequest converted to what Sampler::Run takes.
 // Ownership: `logits` and the spans in `rows` borrow from the SampleRequest it was made from,
 // which must outlive it; `rows[i].params` points into `params`, so the batch is move-only (a move
@@ -64,6 +69,11 @@ absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request);
 // Returns the response holding `tokens` in order (Σ n results, row-major as Sampler::Run returns
 // them).
 v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens);
+
+// Appends one SequenceResult per token to `response.results`: tokens[i] of the step row that
+// belongs to sequence_ids[i]. REQUIRES: tokens.size() == sequence_ids.size() (one sample per row).
+void SessionResultsToProto(absl::Span<const SampledToken> tokens,
+                           absl::Span<const uint64_t> sequence_ids, v1::SessionResponse& response);
 
 }  // namespace tokensampler::service
 

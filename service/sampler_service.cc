@@ -9,7 +9,8 @@
 
 namespace tokensampler::service {
 
-SamplerService::SamplerService(tbb::task_arena& arena) : arena_(arena) {}
+SamplerService::SamplerService(tbb::task_arena& arena, SessionOptions session_options)
+    : arena_(arena), session_options_(std::move(session_options)), sessions_(session_options_) {}
 
 SamplerService::~SamplerService() {
   absl::MutexLock lock(&mu_);
@@ -34,6 +35,14 @@ grpc::ServerUnaryReactor* SamplerService::Sample(grpc::CallbackServerContext* co
     TaskDone();
   });
   return reactor;
+}
+
+grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SamplerService::Session(
+    grpc::CallbackServerContext* context) {
+  return SessionStream::Start(context, SessionStream::Env{.arena = &arena_,
+                                                          .sampler = &sampler_,
+                                                          .options = &session_options_,
+                                                          .registry = &sessions_});
 }
 
 absl::Status SamplerService::SampleInArena(const v1::SampleRequest& request,

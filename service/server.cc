@@ -3,6 +3,9 @@
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/health_check_service_interface.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/match.h"
@@ -44,10 +47,27 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   for (const std::string& address : options.listen_addresses) {
     if (address.empty()) return absl::InvalidArgumentError("listen address must not be empty");
   }
+  if (options.session.limits.max_sequences <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("session max_sequences must be > 0, got ",
+                                                   options.session.limits.max_sequences));
+  }
+  if (options.session.limits.max_history_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("session max_history_tokens must be > 0, got ",
+                                                   options.session.limits.max_history_tokens));
+  }
+  if (options.session.idle_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("session idle_timeout must be > 0 (infinite = never), got ",
+                     absl::FormatDuration(options.session.idle_timeout)));
+  }
+  if (options.keepalive_time < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError(absl::StrCat("keepalive_time must be >= 0, got ",
+                                                   absl::FormatDuration(options.keepalive_time)));
+  }
 
   const int threads = options.threads > 0 ? options.threads : DefaultThreadCount();
   std::unique_ptr<Server> server(new Server(threads));
-  server->service_ = std::make_unique<SamplerService>(server->arena_);
+  server->service_ = std::make_unique<SamplerService>(server->arena_, options.session);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -56,6 +76,17 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   // Without this gRPC sets SO_REUSEPORT, and a second server on a busy port would silently
   // share its traffic instead of failing to start.
   builder.AddChannelArgument(GRPC_ARG_ALLOW_REUSEPORT, 0);
+  if (options.keepalive_time > absl::ZeroDuration()) {
+    // Pings find clients that vanished without closing their connection (a crashed host), so
+    // that their Session streams end and free their state.
+    builder.AddChannelArgument(
+        GRPC_ARG_KEEPALIVE_TIME_MS,
+        static_cast<int>(std::min<int64_t>(absl::ToInt64Milliseconds(options.keepalive_time),
+                                           std::numeric_limits<int>::max())));
+    builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 20000);
+    // Keep pinging a connection whose streams are open but quiet (a worker between requests).
+    builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  }
   builder.RegisterService(server->service_.get());
   // ServerBuilder writes each chosen port when BuildAndStart() returns.
   std::vector<int> ports(options.listen_addresses.size(), 0);
@@ -96,6 +127,9 @@ void Server::Shutdown(absl::Time deadline) {
   }
   // Probes see NOT_SERVING before the listeners close.
   server_->GetHealthCheckService()->Shutdown();
+  // Session streams never end by themselves: end them once their current request is answered,
+  // and let their UNAVAILABLE status reach the clients before the transports close.
+  service_->DrainSessions(deadline);
   server_->Shutdown(absl::ToChronoTime(deadline));
 }
 

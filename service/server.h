@@ -32,6 +32,12 @@ struct ServerOptions {
   int threads = 0;
   // Largest request message accepted; gRPC answers RESOURCE_EXHAUSTED beyond it.
   int max_message_bytes = 256 * 1024 * 1024;
+  // Session limits and idle timeout (see SessionOptions).
+  SessionOptions session;
+  // Interval of the HTTP/2 keepalive pings the server sends on an open connection; a client that
+  // does not answer within 20 s is gone, and its calls (and session state) are cancelled.
+  // absl::ZeroDuration() = no pings.
+  absl::Duration keepalive_time = absl::Seconds(60);
 };
 
 class Server {
@@ -39,7 +45,8 @@ class Server {
   // Builds and starts a server. Returns it serving (health SERVING for "" and
   // "tokensampler.v1.Sampler"), or
   //   INVALID_ARGUMENT  an option is out of range (negative threads, max_message_bytes ≤ 0,
-  //                     an empty address);
+  //                     an empty address, session limits ≤ 0, idle timeout ≤ 0, negative
+  //                     keepalive);
   //   UNAVAILABLE       an address could not be bound (in use, bad path, no permission).
   static absl::StatusOr<std::unique_ptr<Server>> Start(const ServerOptions& options);
 
@@ -57,12 +64,16 @@ class Server {
   // The size of the sampling arena (ServerOptions::threads, or the default it resolved to).
   int threads() const { return threads_; }
 
+  // The Sampler service (its session counters, for tests and metrics).
+  const SamplerService& service() const { return *service_; }
+
   // A channel to this server that bypasses the network (tests, embedding). Valid until the
   // server shuts down; `args` apply to the client side (e.g. its max receive message size).
   std::shared_ptr<grpc::Channel> InProcessChannel(const grpc::ChannelArguments& args);
 
   // Graceful stop: health turns NOT_SERVING, new calls are refused, calls in flight may finish
-  // until `deadline` and are cancelled after it. Returns once every call has finished.
+  // until `deadline` and are cancelled after it; Session streams end with UNAVAILABLE once their
+  // current request is answered. Returns once every call has finished.
   // Idempotent: later calls return at once.
   void Shutdown(absl::Time deadline);
 

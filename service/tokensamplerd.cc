@@ -2,6 +2,8 @@
 //
 //   tokensamplerd [--listen=127.0.0.1:50051] [--listen=unix:/run/ts.sock] [--threads=0]
 //                 [--max_message_bytes=268435456] [--shutdown_grace_seconds=10] [--port_file=PATH]
+//                 [--session_max_sequences=4096] [--session_max_history_tokens=1048576]
+//                 [--session_idle_timeout_seconds=300] [--keepalive_seconds=60]
 //
 // Logs one line per lifecycle event to stderr. SIGTERM or SIGINT → graceful shutdown (calls in
 // flight get --shutdown_grace_seconds to finish) → exit 0. Exit 1 when it cannot start.
@@ -17,6 +19,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -30,6 +33,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "core/session.h"
 #include "service/server.h"
 
 ABSL_FLAG(std::vector<std::string>, listen, {"127.0.0.1:50051"},
@@ -41,6 +45,18 @@ ABSL_FLAG(int64_t, max_message_bytes, int64_t{256} * 1024 * 1024,
           "Largest request accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int32_t, shutdown_grace_seconds, 10,
           "On SIGTERM/SIGINT, how long calls in flight may run before they are cancelled.");
+ABSL_FLAG(int64_t, session_max_sequences, tokensampler::SessionLimits{}.max_sequences,
+          "Session: most sequences live in one stream at a time; an add or fork beyond it gets "
+          "RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, session_max_history_tokens, tokensampler::SessionLimits{}.max_history_tokens,
+          "Session: most prompt + output tokens of one sequence; an add or step beyond it gets "
+          "RESOURCE_EXHAUSTED. The server keeps 4 bytes per token.");
+ABSL_FLAG(int32_t, session_idle_timeout_seconds, 300,
+          "Session: a stream with no request and no work for this long is ended with "
+          "RESOURCE_EXHAUSTED and its sequences are released; 0 = never.");
+ABSL_FLAG(int32_t, keepalive_seconds, 60,
+          "Interval of HTTP/2 keepalive pings to clients; a client that does not answer within "
+          "20 s is considered gone and its calls and Session state are dropped. 0 = no pings.");
 ABSL_FLAG(std::string, port_file, "",
           "If set, the bound addresses (port 0 resolved) are written to this file, one per line, "
           "once the server is serving. Written atomically (temporary file + rename).");
@@ -120,7 +136,9 @@ int main(int argc, char** argv) {
 
   absl::SetProgramUsageMessage(
       "tokensampler gRPC server: samples next tokens from LLM logits.\n"
-      "  tokensamplerd [--listen=127.0.0.1:50051] [--listen=unix:/path] [--threads=N]");
+      "  tokensamplerd [--listen=127.0.0.1:50051] [--listen=unix:/path] [--threads=N]\n"
+      "                [--session_max_sequences=N] [--session_max_history_tokens=N]\n"
+      "                [--session_idle_timeout_seconds=S] [--keepalive_seconds=S]");
   std::vector<std::string> args = MergeRepeatedFlag(argc, argv, "listen");
   std::vector<char*> arg_ptrs;
   for (std::string& arg : args) arg_ptrs.push_back(arg.data());
@@ -140,8 +158,29 @@ int main(int argc, char** argv) {
     return 1;
   }
 
+  const int64_t max_sequences = absl::GetFlag(FLAGS_session_max_sequences);
+  const int64_t max_history_tokens = absl::GetFlag(FLAGS_session_max_history_tokens);
+  const int32_t idle_seconds = absl::GetFlag(FLAGS_session_idle_timeout_seconds);
+  const int32_t keepalive_seconds = absl::GetFlag(FLAGS_keepalive_seconds);
+  for (const auto& [flag, value, least] :
+       {std::tuple<absl::string_view, int64_t, int64_t>{"session_max_sequences", max_sequences, 1},
+        {"session_max_history_tokens", max_history_tokens, 1},
+        {"session_idle_timeout_seconds", idle_seconds, 0},
+        {"keepalive_seconds", keepalive_seconds, 0}}) {
+    if (value < least) {
+      LogEvent("error",
+               absl::StrCat("message=\"--", flag, " must be >= ", least, ", got ", value, "\""));
+      return 1;
+    }
+  }
+
   tokensampler::service::ServerOptions options;
   options.listen_addresses = absl::GetFlag(FLAGS_listen);
+  options.session.limits.max_sequences = max_sequences;
+  options.session.limits.max_history_tokens = max_history_tokens;
+  options.session.idle_timeout =
+      idle_seconds == 0 ? absl::InfiniteDuration() : absl::Seconds(idle_seconds);
+  options.keepalive_time = absl::Seconds(keepalive_seconds);
   if (options.listen_addresses.empty()) {
     LogEvent("error", "message=\"--listen must name at least one address\"");
     return 1;
@@ -154,8 +193,12 @@ int main(int argc, char** argv) {
     LogEvent("error", absl::StrCat("message=\"", server.status().ToString(), "\""));
     return 1;
   }
-  LogEvent("start", absl::StrCat("version=", TOKENSAMPLER_VERSION, " threads=",
-                                 (*server)->threads(), " max_message_bytes=", max_message_bytes));
+  LogEvent("start",
+           absl::StrCat("version=", TOKENSAMPLER_VERSION, " threads=", (*server)->threads(),
+                        " max_message_bytes=", max_message_bytes, " session_max_sequences=",
+                        max_sequences, " session_max_history_tokens=", max_history_tokens,
+                        " session_idle_timeout_seconds=", idle_seconds,
+                        " keepalive_seconds=", keepalive_seconds));
   for (const std::string& address : (*server)->bound_addresses()) {
     LogEvent("listen", absl::StrCat("address=", address));
   }

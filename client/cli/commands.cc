@@ -3,7 +3,9 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
+#include <future>
 #include <iterator>
+#include <map>
 #include <sstream>
 
 #include "absl/flags/flag.h"
@@ -12,12 +14,14 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "client/cli/random_logits.h"
 #include "client/client.h"
 #include "client/logits.h"
+#include "client/session_client.h"
 #include "google/protobuf/util/json_util.h"
 
 // --- connection and output ---
@@ -29,7 +33,10 @@ ABSL_FLAG(int32_t, max_message_bytes, 256 << 20,
 ABSL_FLAG(bool, wait_for_ready, false,
           "Wait (up to --timeout_ms) for the server to become reachable instead of failing at "
           "once with UNAVAILABLE.");
-ABSL_FLAG(bool, json, false, "sample: print the response as one line of JSON.");
+ABSL_FLAG(bool, json, false,
+          "sample: print the response as one line of JSON; decode: one line per step.");
+ABSL_FLAG(uint32_t, sequences, 2, "decode: number of sequences to decode (each forked --n times).");
+ABSL_FLAG(uint32_t, steps, 8, "decode: most steps to run (fewer when every sequence finishes).");
 ABSL_FLAG(std::string, service, "",
           "health: the service to ask about (\"\" = the whole server, or "
           "tokensampler.v1.Sampler).");
@@ -43,14 +50,17 @@ ABSL_FLAG(bool, random, false,
           "peaked tokens) from --seed instead of reading --logits.");
 ABSL_FLAG(std::optional<uint32_t>, rows, std::nullopt,
           "sample: number of rows (--random: default 1; --logits: checked against the file).");
-ABSL_FLAG(std::optional<uint32_t>, vocab, std::nullopt, "sample: vocabulary size (required).");
+ABSL_FLAG(std::optional<uint32_t>, vocab, std::nullopt,
+          "sample, decode: vocabulary size (required).");
 ABSL_FLAG(std::string, dtype, "f32",
-          "sample: element type on the wire (and of the --logits file): f32, bf16 or f16.");
-ABSL_FLAG(uint64_t, seed, 0, "sample: seed of the --random logits.");
+          "sample, decode: element type on the wire (and of the --logits file): f32, bf16 or "
+          "f16.");
+ABSL_FLAG(uint64_t, seed, 0, "sample: seed of the --random logits; decode: of the toy model.");
 
 // --- row history (the same for every row) ---
 ABSL_FLAG(std::vector<std::string>, prompt_token_ids, {},
-          "sample: prompt token ids of every row, comma-separated (repetition penalty, DRY).");
+          "sample, decode: prompt token ids of every row / sequence, comma-separated (repetition "
+          "penalty, DRY). decode's default: sequence i starts with token i.");
 ABSL_FLAG(std::vector<std::string>, output_token_ids, {},
           "sample: tokens generated so far, comma-separated (penalties; its length is the "
           "seeded RNG step).");
@@ -361,9 +371,13 @@ std::string FinishReasonName(v1::FinishReason reason) {
   return std::string(absl::StripPrefix(v1::FinishReason_Name(reason), "FINISH_REASON_"));
 }
 
-std::string FormatResult(const v1::SampledToken& result, bool with_logprobs) {
-  std::string line = absl::StrCat("row ", result.row_index(), " sample ", result.sample_index(),
-                                  ": token ", result.token_id());
+namespace {
+
+// The fields v1::SampledToken and v1::SequenceResult share (same names), as FormatResult prints
+// them after the "row r sample s" / "step s sequence id" prefix.
+template <typename Result>
+void AppendResult(const Result& result, bool with_logprobs, std::string& line) {
+  absl::StrAppend(&line, ": token ", result.token_id());
   if (with_logprobs) absl::StrAppend(&line, " logprob ", result.logprob());
   if (!result.top_logprobs().empty()) {
     absl::StrAppend(&line, " [top:");
@@ -373,17 +387,25 @@ std::string FormatResult(const v1::SampledToken& result, bool with_logprobs) {
     absl::StrAppend(&line, "]");
   }
   absl::StrAppend(&line, " finish=", FinishReasonName(result.finish_reason()));
-  switch (result.matched_stop_case()) {
-    case v1::SampledToken::kStopTokenId:
-      absl::StrAppend(&line, " stop_token_id=", result.stop_token_id());
-      break;
-    case v1::SampledToken::kStopSequenceIndex:
-      absl::StrAppend(&line, " stop_sequence_index=", result.stop_sequence_index());
-      break;
-    case v1::SampledToken::MATCHED_STOP_NOT_SET:
-      break;
+  if (result.has_stop_token_id()) {
+    absl::StrAppend(&line, " stop_token_id=", result.stop_token_id());
+  } else if (result.has_stop_sequence_index()) {
+    absl::StrAppend(&line, " stop_sequence_index=", result.stop_sequence_index());
   }
   if (result.has_mirostat_mu()) absl::StrAppend(&line, " mirostat_mu=", result.mirostat_mu());
+}
+
+}  // namespace
+
+std::string FormatResult(const v1::SampledToken& result, bool with_logprobs) {
+  std::string line = absl::StrCat("row ", result.row_index(), " sample ", result.sample_index());
+  AppendResult(result, with_logprobs, line);
+  return line;
+}
+
+std::string FormatSequenceResult(int step, const v1::SequenceResult& result, bool with_logprobs) {
+  std::string line = absl::StrCat("step ", step, " sequence ", result.sequence_id());
+  AppendResult(result, with_logprobs, line);
   return line;
 }
 
@@ -395,7 +417,7 @@ std::string FormatResponseText(const v1::SampleResponse& response, bool with_log
   return text;
 }
 
-absl::StatusOr<std::string> FormatResponseJson(const v1::SampleResponse& response) {
+absl::StatusOr<std::string> FormatResponseJson(const google::protobuf::Message& response) {
   google::protobuf::util::JsonPrintOptions options;
   options.preserve_proto_field_names = true;
   options.always_print_primitive_fields = true;
@@ -426,6 +448,134 @@ int RunSample(std::ostream& out, std::ostream& err) {
   absl::StatusOr<std::string> json = FormatResponseJson(*response);
   if (!json.ok()) return Fail(err, json.status());
   out << *json;
+  return 0;
+}
+
+namespace {
+
+// Waits for `future` until `timeout`; DEADLINE_EXCEEDED if it is not ready by then.
+template <typename T>
+absl::StatusOr<T> Await(std::future<T>& future, absl::Duration timeout) {
+  if (future.wait_for(absl::ToChronoMilliseconds(timeout)) != std::future_status::ready) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("no answer from the server within ", absl::FormatDuration(timeout)));
+  }
+  return future.get();
+}
+
+}  // namespace
+
+int RunDecode(std::ostream& out, std::ostream& err) {
+  const std::optional<uint32_t> vocab = absl::GetFlag(FLAGS_vocab);
+  if (!vocab.has_value()) return Fail(err, absl::InvalidArgumentError("--vocab is required"));
+  if (*vocab == 0) return Fail(err, BadFlag("vocab", "> 0", "0"));
+  const uint32_t sequences = absl::GetFlag(FLAGS_sequences);
+  if (sequences == 0) return Fail(err, BadFlag("sequences", "> 0", "0"));
+  const uint32_t steps = absl::GetFlag(FLAGS_steps);
+  if (steps == 0) return Fail(err, BadFlag("steps", "> 0", "0"));
+  if (!absl::GetFlag(FLAGS_output_token_ids).empty() || !absl::GetFlag(FLAGS_logits).empty() ||
+      absl::GetFlag(FLAGS_random) || absl::GetFlag(FLAGS_rows).has_value()) {
+    return Fail(err, absl::InvalidArgumentError(
+                         "decode takes no --logits, --random, --rows or --output_token_ids: the "
+                         "toy model makes the logits and the server keeps the history"));
+  }
+  absl::StatusOr<v1::DType> dtype = ParseDType(absl::GetFlag(FLAGS_dtype));
+  if (!dtype.ok()) return Fail(err, dtype.status());
+  absl::StatusOr<v1::SamplingParams> params = SamplingParamsFromFlags();
+  if (!params.ok()) return Fail(err, params.status());
+  // --n samples of a sequence are the sequence and n - 1 forks of it.
+  const int32_t n = params->has_n() ? params->n() : 1;
+  if (n < 1) return Fail(err, BadFlag("n", ">= 1", absl::StrCat(n)));
+  params->clear_n();
+  absl::StatusOr<std::vector<int32_t>> prompt =
+      ParseTokenIds("prompt_token_ids", absl::GetFlag(FLAGS_prompt_token_ids));
+  if (!prompt.ok()) return Fail(err, prompt.status());
+  absl::StatusOr<Client> client = ClientFromFlags();
+  if (!client.ok()) return Fail(err, client.status());
+  const absl::Duration timeout = TimeoutFromFlags();
+  const bool json = absl::GetFlag(FLAGS_json);
+  const bool with_logprobs = params->has_logprobs();
+  const uint64_t seed = absl::GetFlag(FLAGS_seed);
+
+  // Sequence i is id i·n; its forks are i·n + 1 … i·n + n - 1. One request adds and forks all.
+  std::unique_ptr<SessionClient> session = SessionClient::Open(*client);
+  std::map<uint64_t, std::vector<int32_t>> histories;  // prompt + output of live sequences
+  std::map<uint64_t, std::pair<std::vector<int32_t>, std::string>> done;  // output, finish
+  v1::SessionRequest start;
+  for (uint32_t i = 0; i < sequences; ++i) {
+    const uint64_t id = uint64_t{i} * static_cast<uint64_t>(n);
+    v1::AddSequence& add = *start.add_add();
+    add.set_sequence_id(id);
+    *add.mutable_params() = *params;
+    std::vector<int32_t> history =
+        prompt->empty() ? std::vector<int32_t>{static_cast<int32_t>(i % *vocab)} : *prompt;
+    add.mutable_prompt_token_ids()->Add(history.begin(), history.end());
+    if (n > 1) start.add_fork()->set_parent_id(id);
+    for (int32_t k = 0; k < n; ++k) {
+      if (k > 0)
+        start.mutable_fork(start.fork_size() - 1)->add_child_ids(id + static_cast<uint64_t>(k));
+      histories[id + static_cast<uint64_t>(k)] = history;
+    }
+  }
+  const size_t prompt_size = histories.begin()->second.size();
+  std::future<absl::StatusOr<v1::SessionResponse>> started = session->Send(std::move(start));
+  if (absl::StatusOr<absl::StatusOr<v1::SessionResponse>> r = Await(started, timeout); !r.ok()) {
+    return Fail(err, r.status());
+  } else if (!r->ok()) {
+    return Fail(err, r->status());
+  }
+
+  for (uint32_t step = 0; step < steps && !histories.empty(); ++step) {
+    // The toy model: each live sequence's next-token logits from its last two tokens.
+    std::vector<uint64_t> ids;
+    std::vector<float> rows;
+    for (const auto& [id, history] : histories) {
+      ids.push_back(id);
+      const size_t size = history.size();
+      const std::vector<float> row =
+          ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], *vocab);
+      rows.insert(rows.end(), row.begin(), row.end());
+    }
+    absl::StatusOr<v1::Logits> logits = MakeLogits(rows, *vocab, *dtype);
+    if (!logits.ok()) return Fail(err, logits.status());
+    v1::SessionRequest request;
+    *request.mutable_step()->mutable_logits() = *std::move(logits);
+    request.mutable_step()->mutable_sequence_ids()->Add(ids.begin(), ids.end());
+    std::future<absl::StatusOr<v1::SessionResponse>> answer = session->Send(std::move(request));
+    absl::StatusOr<absl::StatusOr<v1::SessionResponse>> response = Await(answer, timeout);
+    if (!response.ok()) return Fail(err, response.status());
+    if (!response->ok()) return Fail(err, response->status());
+    if (json) {
+      absl::StatusOr<std::string> line = FormatResponseJson(**response);
+      if (!line.ok()) return Fail(err, line.status());
+      out << *line;
+    }
+    for (const v1::SequenceResult& result : (*response)->results()) {
+      if (!json) out << FormatSequenceResult(static_cast<int>(step), result, with_logprobs) << "\n";
+      std::vector<int32_t>& history = histories[result.sequence_id()];
+      history.push_back(result.token_id());
+      if (result.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+        done[result.sequence_id()] = {
+            std::vector<int32_t>(history.begin() + static_cast<std::ptrdiff_t>(prompt_size),
+                                 history.end()),
+            FinishReasonName(result.finish_reason())};
+        histories.erase(result.sequence_id());
+      }
+    }
+  }
+  for (const auto& [id, history] : histories) {
+    done[id] = {std::vector<int32_t>(history.begin() + static_cast<std::ptrdiff_t>(prompt_size),
+                                     history.end()),
+                "none"};
+  }
+  if (!json) {
+    for (const auto& [id, output] : done) {
+      out << "sequence " << id << ": " << absl::StrJoin(output.first, " ")
+          << " finish=" << output.second << "\n";
+    }
+  }
+  // Unfinished sequences are released with the stream.
+  if (absl::Status closed = session->Close(); !closed.ok()) return Fail(err, closed);
   return 0;
 }
 

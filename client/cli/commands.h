@@ -1,5 +1,6 @@
 // The `tokensampler` CLI: its flags, the request they build, the output it prints, and the
-// `sample` / `health` subcommands. main.cc only parses the command line and dispatches here.
+// `sample` / `decode` / `health` subcommands. main.cc only parses the command line and dispatches
+// here.
 //
 // Flags are process-wide absl flags (declared below so tests can set them with absl::SetFlag).
 // Every sampling parameter flag is optional-typed: a flag that is not given leaves the proto
@@ -32,6 +33,8 @@ ABSL_DECLARE_FLAG(int32_t, max_message_bytes);
 ABSL_DECLARE_FLAG(bool, wait_for_ready);
 ABSL_DECLARE_FLAG(bool, json);
 ABSL_DECLARE_FLAG(std::string, service);
+ABSL_DECLARE_FLAG(uint32_t, sequences);
+ABSL_DECLARE_FLAG(uint32_t, steps);
 
 // Logits source.
 ABSL_DECLARE_FLAG(std::string, logits);
@@ -142,12 +145,17 @@ std::string FinishReasonName(v1::FinishReason reason);
 // `mirostat_mu=...`.
 std::string FormatResult(const v1::SampledToken& result, bool with_logprobs);
 
+// One line, no newline, like FormatResult for a Session step:
+// `step 3 sequence 7: token 1234 logprob -0.53 [top: 1234:-0.53 77:-1.9] finish=none`.
+std::string FormatSequenceResult(int step, const v1::SequenceResult& result, bool with_logprobs);
+
 // FormatResult of every result, one per line, each ending in '\n'.
 std::string FormatResponseText(const v1::SampleResponse& response, bool with_logprobs);
 
-// The response as one line of proto3 JSON with the proto's field names (`token_id`,
-// `top_logprobs`, ...), zero values included, plus '\n'. Returns INTERNAL if printing fails.
-absl::StatusOr<std::string> FormatResponseJson(const v1::SampleResponse& response);
+// A response (SampleResponse, SessionResponse) as one line of proto3 JSON with the proto's field
+// names (`token_id`, `top_logprobs`, ...), zero values included, plus '\n'. Returns INTERNAL if
+// printing fails.
+absl::StatusOr<std::string> FormatResponseJson(const google::protobuf::Message& response);
 
 // "error: INVALID_ARGUMENT: <message>" (no newline).
 std::string FormatError(const absl::Status& status);
@@ -158,6 +166,15 @@ std::string FormatError(const absl::Status& status);
 // or --json) to `out`. Returns the process exit code: 0 on success; 1 after printing FormatError
 // to `err` for any error, local or from the server.
 int RunSample(std::ostream& out, std::ostream& err);
+
+// `tokensampler decode`: a demo of the Session stream. Decodes --sequences sequences (each with
+// --n - 1 forks) for up to --steps steps with the sampling-parameter flags, the logits coming from
+// a toy trigram model (ToyModelLogits(--seed, last two tokens, --vocab)). Prints one line per
+// sequence per step (FormatSequenceResult) and a summary line per sequence
+// (`sequence 3: 12 7 9 finish=LENGTH`), or with --json one SessionResponse per step. Returns 0,
+// or 1 after printing FormatError to `err` (bad flags, or the server's error, e.g.
+// `add[0].params.top_p must be in (0, 1], got 0`).
+int RunDecode(std::ostream& out, std::ostream& err);
 
 // `tokensampler health`: asks --target's health service about --service. Prints SERVING or
 // NOT_SERVING to `out` and returns 0 / 1; on an error prints FormatError to `err` and returns 1.

@@ -1,7 +1,8 @@
 // `tokensampler`: command-line client of the tokensampler service.
 //
 //   tokensampler sample --target 127.0.0.1:50051 --random --vocab 32000 --temperature 0 --logprobs
-//   5 tokensampler health --target unix:/run/tokensampler.sock
+//   5 tokensampler decode --target 127.0.0.1:50051 --vocab 32000 --sequences 2 --steps 8 --top_p
+//   0.9 tokensampler health --target unix:/run/tokensampler.sock
 //
 // Exit codes: 0 success (health: SERVING); 1 an error, printed as "error: CODE: message" (health:
 // also NOT_SERVING); 2 a usage error (no or unknown subcommand).
@@ -19,10 +20,13 @@
 namespace {
 
 constexpr absl::string_view kUsage =
-    "tokensampler <sample|health> [flags]\n"
+    "tokensampler <sample|decode|health> [flags]\n"
     "\n"
     "  sample  sample next tokens from logits (--logits FILE or --random, --vocab V) with\n"
     "          sampling-parameter flags; prints one line per result, or --json\n"
+    "  decode  demo of the Session stream: decode --sequences sequences of a toy trigram\n"
+    "          model (--vocab V, --seed) for --steps steps with sampling-parameter flags;\n"
+    "          prints one line per sequence per step, then each sequence\n"
     "  health  print SERVING (exit 0) or NOT_SERVING (exit 1)\n"
     "\n"
     "Run `tokensampler --helpfull` for every flag.";
@@ -40,6 +44,7 @@ int main(int argc, char** argv) {
   const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
   const std::string_view command = args.size() == 2 ? args[1] : "";
   if (command == "sample") return tokensampler::cli::RunSample(std::cout, std::cerr);
+  if (command == "decode") return tokensampler::cli::RunDecode(std::cout, std::cerr);
   if (command == "health") return tokensampler::cli::RunHealth(std::cout, std::cerr);
   std::cerr << "usage: " << kUsage << "\n";
   return 2;

@@ -75,4 +75,12 @@ std::vector<float> RandomLogits(uint32_t rows, uint32_t vocab_size, uint64_t see
   return logits;
 }
 
+std::vector<float> ToyModelLogits(uint64_t seed, int64_t second_last, int64_t last,
+                                  uint32_t vocab_size) {
+  SplitMix64 key(seed);
+  key = SplitMix64(key.Next() ^ static_cast<uint64_t>(second_last + 1));
+  key = SplitMix64(key.Next() ^ (static_cast<uint64_t>(last + 1) * 0x9e3779b97f4a7c15ull));
+  return RandomLogits(1, vocab_size, key.Next());
+}
+
 }  // namespace tokensampler::cli

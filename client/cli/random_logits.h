@@ -18,6 +18,13 @@ namespace tokensampler::cli {
 // Returns rows × vocab_size logits, row-major. REQUIRES: vocab_size > 0.
 std::vector<float> RandomLogits(uint32_t rows, uint32_t vocab_size, uint64_t seed);
 
+// A toy trigram "language model" for demos (`tokensampler decode`): the next-token logits after
+// the tokens `second_last`, `last` (-1 where the history is shorter) are one row of RandomLogits
+// keyed by (seed, second_last, last). The same history always gives the same row.
+// REQUIRES: vocab_size > 0.
+std::vector<float> ToyModelLogits(uint64_t seed, int64_t second_last, int64_t last,
+                                  uint32_t vocab_size);
+
 }  // namespace tokensampler::cli
 
 #endif  // TOKENSAMPLER_CLIENT_CLI_RANDOM_LOGITS_H_

@@ -1,13 +1,15 @@
 #!/usr/bin/python3
 """A toy model worker: a word trigram language model whose next-token logits are sampled by
-tokensampler, one `Sample` call per step for a batch of rows with different settings.
+tokensampler, for a batch of rows with different settings — first statelessly (one `Sample` call
+per step, every row carrying its full history), then through a `Session` stream (the server keeps
+each sequence's history; a step sends only the logits and the sequence ids), which must give
+exactly the same text.
 
 The model is trained at start-up from client/examples/data/corpus.txt (original text written for
 this example, dedicated to the public domain): interpolated Witten-Bell trigram → bigram →
 add-one unigram, so every word has a non-zero probability. Each row of the batch carries its own
-sampling parameters and its full history (prompt + output so far), as a stateless worker would.
-It prints each row's text and the effect of its setting: distinct-word ratio, the model's
-perplexity of the text, and the share of trigrams not found in the corpus.
+sampling parameters. It prints each row's text and the effect of its setting: distinct-word
+ratio, the model's perplexity of the text, and the share of trigrams not found in the corpus.
 
     PYTHONPATH=build/python /usr/bin/python3 client/examples/ngram_worker.py \\
         --daemon build/service/tokensamplerd          # or --target unix:/path | host:port
@@ -105,6 +107,30 @@ def generate(client, model, prompt, settings, steps, seed):
     return outputs, logprobs, finish
 
 
+def generate_session(client, model, prompt, settings, steps, seed):
+    """As `generate`, through one Session stream: each setting is a sequence added once with its
+    prompt; a step sends only the live sequences' logits and ids. A sequence ends when a result
+    has a finish reason (the server then releases it). Returns what `generate` returns."""
+    rows = len(settings)
+    outputs = [[] for _ in range(rows)]
+    logprobs = [[] for _ in range(rows)]
+    finish = [0] * rows
+    with client.session() as session:
+        session.add(range(rows), [dict(p, seed=seed, logprobs=0, max_tokens=steps)
+                                  for _, p in settings], prompt_token_ids=[prompt] * rows)
+        live = list(range(rows))
+        while live:
+            logits = np.stack([model.logits(prompt + outputs[row]) for row in live])
+            result = session.step(logits, live)
+            for row, token, logprob, reason in zip(live, result.token_ids, result.logprobs,
+                                                   result.finish_reasons):
+                outputs[row].append(int(token))
+                logprobs[row].append(float(logprob))
+                finish[row] = int(reason)
+            live = [row for row, done in zip(live, result.finished) if not done]
+    return outputs, logprobs, finish
+
+
 def report(model, prompt, settings, outputs, logprobs, finish, out=sys.stdout):
     for (name, _), ids, lps, reason in zip(settings, outputs, logprobs, finish):
         words = [model.vocab[i] for i in ids]
@@ -137,19 +163,27 @@ def main(argv=None):
     if not prompt:
         parser.error(f"no word of --prompt {args.prompt!r} is in the corpus")
     print(f"trained a word trigram model on {len(words)} words, vocabulary {len(model.vocab)}; "
-          f"{len(SETTINGS)} rows x {args.steps} steps, one Sample call per step\n"
+          f"{len(SETTINGS)} rows x {args.steps} steps, one Sample call per step, then the same "
+          "through a Session\n"
           "distinct words: unique / total; perplexity: exp(-mean log P) of the text under the "
           "model; novel trigrams: share not in the corpus\n")
 
     daemon = tokensampler.Daemon(args.daemon).start() if args.daemon else None
     try:
         with tokensampler.Client(daemon.target if daemon else args.target) as client:
-            outputs, logprobs, finish = generate(client, model, prompt, SETTINGS, args.steps,
-                                                 args.seed)
+            sampled = generate(client, model, prompt, SETTINGS, args.steps, args.seed)
+            streamed = generate_session(client, model, prompt, SETTINGS, args.steps, args.seed)
     finally:
         if daemon:
             daemon.stop()
-    report(model, prompt, SETTINGS, outputs, logprobs, finish)
+    report(model, prompt, SETTINGS, *sampled)
+    same = streamed == sampled
+    print(f"\nSession: {len(SETTINGS)} sequences decoded through one stream, the server keeping "
+          f"their histories: {'the same' if same else 'DIFFERENT'} tokens, logprobs and finish "
+          "reasons as with Sample")
+    if not same:
+        report(model, prompt, SETTINGS, *streamed)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,11 @@
 #include <cmath>
 #include <cstdio>
 #include <fstream>
+#include <functional>
 #include <numeric>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/flags/flag.h"
@@ -507,6 +509,24 @@ TEST(FormatResultTest, StopMatchAndMirostat) {
               HasSubstr("finish=STOP stop_sequence_index=1 "));
 }
 
+TEST(FormatSequenceResultTest, StepAndSequenceThenTheTokenAsFormatResult) {
+  v1::SequenceResult result;
+  result.set_sequence_id(7);
+  result.set_token_id(1234);
+  result.set_logprob(-0.53f);
+  v1::TokenLogprob* top = result.add_top_logprobs();
+  top->set_token_id(1234);
+  top->set_logprob(-0.53f);
+  EXPECT_EQ(FormatSequenceResult(3, result, /*with_logprobs=*/true),
+            "step 3 sequence 7: token 1234 logprob -0.53 [top: 1234:-0.53] finish=none");
+  result.set_finish_reason(v1::FINISH_REASON_STOP);
+  result.set_stop_sequence_index(2);
+  result.set_mirostat_mu(4.5f);
+  EXPECT_EQ(FormatSequenceResult(0, result, /*with_logprobs=*/false),
+            "step 0 sequence 7: token 1234 [top: 1234:-0.53] finish=STOP stop_sequence_index=2 "
+            "mirostat_mu=4.5");
+}
+
 TEST(FormatResponseTextTest, OneLinePerResult) {
   v1::SampleResponse response;
   *response.add_results() = Token(0, 0, 1, -0.5f);
@@ -565,6 +585,66 @@ TEST(RunSampleTest, UnreachableServerIsUnavailable) {
   std::ostringstream out, err;
   EXPECT_EQ(RunSample(out, err), 1);
   EXPECT_THAT(err.str(), ::testing::StartsWith("error: UNAVAILABLE: "));
+}
+
+TEST(RunDecodeTest, LocalErrorsPrintErrorAndExitOne) {
+  const std::pair<std::function<void()>, std::string> cases[] = {
+      {[] {}, "error: INVALID_ARGUMENT: --vocab is required\n"},
+      {[] {
+         absl::SetFlag(&FLAGS_vocab, 8u);
+         absl::SetFlag(&FLAGS_steps, 0u);
+       },
+       "error: INVALID_ARGUMENT: --steps must be > 0, got \"0\"\n"},
+      {[] {
+         absl::SetFlag(&FLAGS_vocab, 8u);
+         absl::SetFlag(&FLAGS_sequences, 0u);
+       },
+       "error: INVALID_ARGUMENT: --sequences must be > 0, got \"0\"\n"},
+      {[] {
+         absl::SetFlag(&FLAGS_vocab, 8u);
+         absl::SetFlag(&FLAGS_n, 0);
+       },
+       "error: INVALID_ARGUMENT: --n must be >= 1, got \"0\"\n"},
+      {[] {
+         absl::SetFlag(&FLAGS_vocab, 8u);
+         absl::SetFlag(&FLAGS_random, true);
+       },
+       "error: INVALID_ARGUMENT: decode takes no --logits, --random, --rows or "
+       "--output_token_ids: the toy model makes the logits and the server keeps the history\n"},
+      {[] {
+         absl::SetFlag(&FLAGS_vocab, 8u);
+         absl::SetFlag(&FLAGS_dtype, "f64");
+       },
+       "error: INVALID_ARGUMENT: --dtype must be f32, bf16 or f16, got \"f64\"\n"},
+  };
+  for (const auto& [set_flags, expected] : cases) {
+    absl::FlagSaver saver;
+    set_flags();
+    std::ostringstream out, err;
+    EXPECT_EQ(RunDecode(out, err), 1) << expected;
+    EXPECT_EQ(out.str(), "");
+    EXPECT_EQ(err.str(), expected);
+  }
+}
+
+TEST(RunDecodeTest, UnreachableServerIsUnavailable) {
+  absl::FlagSaver saver;
+  absl::SetFlag(&FLAGS_vocab, 8u);
+  absl::SetFlag(&FLAGS_target, absl::StrCat("unix:", ::testing::TempDir(), "/cli_test_none.sock"));
+  std::ostringstream out, err;
+  EXPECT_EQ(RunDecode(out, err), 1);
+  EXPECT_EQ(out.str(), "");
+  EXPECT_THAT(err.str(), ::testing::StartsWith("error: UNAVAILABLE: "));
+}
+
+TEST(ToyModelLogitsTest, DependsOnTheSeedAndTheLastTwoTokensOnly) {
+  const std::vector<float> row = ToyModelLogits(1, 5, 6, 100);
+  ASSERT_EQ(row.size(), 100u);
+  EXPECT_EQ(ToyModelLogits(1, 5, 6, 100), row);
+  EXPECT_NE(ToyModelLogits(2, 5, 6, 100), row);
+  EXPECT_NE(ToyModelLogits(1, 4, 6, 100), row);
+  EXPECT_NE(ToyModelLogits(1, 5, 7, 100), row);
+  EXPECT_NE(ToyModelLogits(1, -1, 6, 100), row);
 }
 
 TEST(RunHealthTest, UnreachableServerIsUnavailable) {

@@ -1,6 +1,7 @@
 // SequenceTable: server-side sequence state gives exactly what Sample gives with full histories.
 #include "core/session.h"
 
+#include <atomic>
 #include <map>
 #include <random>
 #include <vector>
@@ -218,6 +219,27 @@ TEST(SequenceTableTest, RowErrorsNameTheSequence) {
   EXPECT_THAT(std::string(table.Step(sampler, *view, std::vector<uint64_t>{77}).status().message()),
               ::testing::StartsWith("sequence 77, rows[0]: every token is masked"));
   EXPECT_TRUE(table.contains(77));
+}
+
+TEST(SequenceTableTest, CancelledStepChangesNothing) {
+  SequenceTable table(SessionLimits{});
+  Sampler sampler;
+  SamplingParams p;
+  p.seed = 5;
+  p.max_tokens = 1;
+  ASSERT_TRUE(table.Add(1, p, {2}).ok());
+  const auto bytes = FlatRows(1, 10);
+  auto view = LogitsView::Create(DType::kFloat32, 1, 10, bytes);
+  const std::atomic<bool> cancelled(true);
+  auto step = table.Step(sampler, *view, std::vector<uint64_t>{1}, &cancelled);
+  EXPECT_EQ(step.status().code(), absl::StatusCode::kCancelled);
+  // Still live with an empty output: the next step is the sequence's first (and, with
+  // max_tokens 1, its last).
+  const std::atomic<bool> go(false);
+  auto again = table.Step(sampler, *view, std::vector<uint64_t>{1}, &go);
+  ASSERT_TRUE(again.ok()) << again.status();
+  EXPECT_EQ((*again)[0].finish_reason, FinishReason::kLength);
+  EXPECT_FALSE(table.contains(1));
 }
 
 }  // namespace

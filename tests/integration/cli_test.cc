@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -19,9 +20,11 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "client/cli/random_logits.h"
 #include "client/client.h"
 #include "client/logits.h"
 #include "gmock/gmock.h"
@@ -40,6 +43,7 @@ namespace {
 
 using ::testing::AllOf;
 using ::testing::ElementsAre;
+using ::testing::EndsWith;
 using ::testing::HasSubstr;
 using ::testing::MatchesRegex;
 using ::testing::SizeIs;
@@ -267,6 +271,107 @@ TEST_F(CliTest, StoppedServerIsUnavailable) {
   const CliResult r = RunCli({"health", "--target=" + target, "--timeout_ms=5000"});
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.err, StartsWith("error: UNAVAILABLE: "));
+}
+
+// --- decode: the Session stream ---
+
+// The greedy chain of the toy model from `first`: what `decode --temperature 0` must print.
+std::vector<int32_t> GreedyToyChain(uint64_t seed, int32_t first, uint32_t vocab, int steps) {
+  std::vector<int32_t> history = {first};
+  for (int i = 0; i < steps; ++i) {
+    const size_t size = history.size();
+    const std::vector<float> row =
+        cli::ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], vocab);
+    history.push_back(static_cast<int32_t>(std::max_element(row.begin(), row.end()) - row.begin()));
+  }
+  return std::vector<int32_t>(history.begin() + 1, history.end());
+}
+
+TEST_F(CliTest, DecodeGreedyFollowsTheToyModelOnBothTransports) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  for (const std::string& target : {tcp(), unix_socket()}) {
+    const CliResult r = RunCli({"decode", "--target=" + target, "--vocab=64", "--sequences=3",
+                                "--steps=5", "--temperature=0", "--seed=7"});
+    ASSERT_EQ(r.exit_code, 0) << target << ": " << r.err;
+    const std::vector<std::string> lines = Lines(r.out);
+    ASSERT_THAT(lines, SizeIs(5 * 3 + 3)) << r.out;
+    for (int seq = 0; seq < 3; ++seq) {
+      const std::vector<int32_t> chain = GreedyToyChain(7, seq, 64, 5);
+      for (int step = 0; step < 5; ++step) {
+        EXPECT_EQ(lines[static_cast<size_t>(step * 3 + seq)],
+                  absl::StrCat("step ", step, " sequence ", seq, ": token ",
+                               chain[static_cast<size_t>(step)], " finish=none"));
+      }
+      EXPECT_EQ(lines[static_cast<size_t>(15 + seq)],
+                absl::StrCat("sequence ", seq, ": ", absl::StrJoin(chain, " "), " finish=none"));
+    }
+  }
+}
+
+TEST_F(CliTest, DecodeForksAreTheNSamplesOfSampleAndStopAtMaxTokens) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const std::vector<std::string> args = {"decode",         "--target=" + unix_socket(),
+                                         "--vocab=1000",   "--sequences=2",
+                                         "--n=3",          "--sample_seed=11",
+                                         "--max_tokens=2", "--steps=9",
+                                         "--logprobs=1",   "--seed=3"};
+  const CliResult r = RunCli(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::vector<std::string> lines = Lines(r.out);
+  // Two steps of six sequences (2 × (1 + 2 forks)), then a summary line each.
+  ASSERT_THAT(lines, SizeIs(2 * 6 + 6)) << r.out;
+  for (int i = 0; i < 6; ++i) {
+    EXPECT_THAT(lines[static_cast<size_t>(6 + i)], EndsWith("finish=LENGTH"));
+    EXPECT_THAT(lines[static_cast<size_t>(12 + i)], EndsWith("finish=LENGTH"));
+  }
+  // Seeded: the same run prints the same.
+  EXPECT_EQ(RunCli(args).out, r.out);
+
+  // Step 0 of sequence 1 (ids 3, 4, 5; prompt {1}) is Sample with n = 3 on the same row.
+  absl::StatusOr<Client> client = Client::Create(unix_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  v1::SampleRequest request;
+  *request.mutable_logits() =
+      *MakeLogits(cli::ToyModelLogits(3, -1, 1, 1000), 1000, v1::DTYPE_FLOAT32);
+  v1::SampleRow& row = *request.add_rows();
+  row.mutable_params()->set_seed(11);
+  row.mutable_params()->set_n(3);
+  row.mutable_params()->set_max_tokens(2);
+  row.mutable_params()->set_logprobs(1);
+  row.add_prompt_token_ids(1);
+  absl::StatusOr<v1::SampleResponse> want = client->Sample(request, kTimeout);
+  ASSERT_TRUE(want.ok()) << want.status();
+  for (int k = 0; k < 3; ++k) {
+    EXPECT_THAT(lines[static_cast<size_t>(3 + k)],
+                StartsWith(absl::StrCat("step 0 sequence ", 3 + k, ": token ",
+                                        want->results(k).token_id(), " logprob ")));
+  }
+}
+
+TEST_F(CliTest, DecodeJsonPrintsOneResponsePerStep) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const CliResult r = RunCli({"decode", "--target=" + tcp(), "--vocab=32", "--steps=3", "--json"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::vector<std::string> lines = Lines(r.out);
+  ASSERT_THAT(lines, SizeIs(3));
+  for (const std::string& line : lines) {
+    EXPECT_THAT(line, StartsWith("{\"request_id\":"));
+    EXPECT_THAT(line, HasSubstr("\"sequence_id\":\"1\""));
+  }
+}
+
+TEST_F(CliTest, DecodeErrorsPrintTheServerMessageAndExitOne) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon({"--session_max_sequences=2"}));
+  const CliResult bad_param = RunCli({"decode", "--target=" + tcp(), "--vocab=8", "--top_p=0"});
+  EXPECT_EQ(bad_param.exit_code, 1);
+  EXPECT_EQ(bad_param.out, "");
+  EXPECT_EQ(bad_param.err,
+            "error: INVALID_ARGUMENT: add[0].params.top_p must be in (0, 1], got 0\n");
+  const CliResult too_many = RunCli({"decode", "--target=" + tcp(), "--vocab=8", "--sequences=3"});
+  EXPECT_EQ(too_many.exit_code, 1);
+  EXPECT_EQ(too_many.err,
+            "error: RESOURCE_EXHAUSTED: add[2]: the session would hold 3 sequences; the limit "
+            "is 2\n");
 }
 
 // --- the C++ client library ---

@@ -285,5 +285,119 @@ class ServiceTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, grpc.StatusCode.UNAVAILABLE)
 
 
+class SessionTest(unittest.TestCase):
+    """Client.session(): the Session stream against the real daemon."""
+
+    def setUp(self):
+        self.client = tokensampler.Client(DAEMON.target, timeout=30)
+        self.addCleanup(self.client.close)
+
+    def test_steps_match_sample_with_full_histories_for_every_dtype(self):
+        vocab = 300
+        params = [{"seed": 1, "repetition_penalty": 1.3, "logprobs": 2},
+                  {"seed": 2, "top_k": 20, "presence_penalty": 0.5, "logprobs": 0},
+                  {"mirostat_mode": 2, "seed": 3, "logprobs": 0}]
+        prompts = [[1, 2, 3], [4], []]
+        dtypes = {"float32": lambda x: (x, None), "float16": lambda x: (x.astype(np.float16), None),
+                  "bfloat16 bits": lambda x: (bfloat16_bits(x), "bfloat16")}
+        if torch is not None:
+            dtypes["torch bfloat16"] = lambda x: (torch.tensor(x).bfloat16(), None)
+        for name, encode in dtypes.items():
+            with self.subTest(dtype=name), self.client.session() as session:
+                session.add([10, 11, 12], params, prompt_token_ids=prompts)
+                outputs, mus = [[], [], []], [None, None, None]
+                for step in range(6):
+                    x = exact_logits(3, vocab, seed=100 + step)
+                    logits, dtype = encode(x)
+                    got = session.step(logits, [10, 11, 12], dtype=dtype)
+                    want = self.client.sample(logits, params, dtype=dtype,
+                                              prompt_token_ids=prompts, output_token_ids=outputs,
+                                              mirostat_mu=mus)
+                    np.testing.assert_array_equal(got.sequence_ids, [10, 11, 12])
+                    np.testing.assert_array_equal(got.token_ids, want.token_ids[:, 0])
+                    np.testing.assert_array_equal(got.logprobs, want.logprobs[:, 0])
+                    self.assertEqual(got.top_logprobs, [t[0] for t in want.top_logprobs])
+                    for row in range(3):
+                        outputs[row].append(int(want.token_ids[row, 0]))
+                    mus[2] = float(want.mirostat_mu[2, 0])
+
+    def test_fork_gives_the_n_samples_of_sample_and_release_drops(self):
+        x = np.random.default_rng(20).normal(0, 1, (1, 500)).astype(np.float32)
+        params = {"seed": 77, "logprobs": 0}
+        with self.client.session() as session:
+            session.add(1, params, prompt_token_ids=[[9, 8]])
+            session.fork(1, [2, 3, 4])
+            got = session.step(np.repeat(x, 4, axis=0), [1, 2, 3, 4])
+            want = self.client.sample(x, dict(params, n=4), prompt_token_ids=[[9, 8]])
+            np.testing.assert_array_equal(got.token_ids, want.token_ids[0])
+            self.assertGreater(len(set(got.token_ids.tolist())), 1)
+
+            session.release([2, 3])
+            with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                session.step(x, [3])
+            self.assertEqual(caught.exception.code, grpc.StatusCode.NOT_FOUND)
+            self.assertIn("sequence 3 is not in this session", caught.exception.details)
+            self.assertEqual(session.step(np.repeat(x, 2, axis=0), [1, 4]).token_ids.shape, (2,))
+
+    def test_finished_sequences_are_released_by_the_server(self):
+        x = exact_logits(2, 50, seed=21)
+        with self.client.session() as session:
+            session.add([1, 2], [{"temperature": 0, "max_tokens": 1}, {"temperature": 0}])
+            result = session.step(x, [1, 2])
+            np.testing.assert_array_equal(result.finished, [True, False])
+            self.assertEqual(result.finish_reasons[0], sampler_pb2.FINISH_REASON_LENGTH)
+            with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                session.step(x, [1, 2])
+            self.assertEqual(caught.exception.code, grpc.StatusCode.NOT_FOUND)
+            self.assertEqual(session.step(x[1:], [2]).token_ids[0], x[1].argmax())
+
+    def test_request_errors_raise_with_the_code_and_the_stream_goes_on(self):
+        x = exact_logits(1, 20, seed=22)
+        with self.client.session() as session:
+            session.add(1, {"temperature": 0})
+            for call, code, words in (
+                    (lambda: session.add(1), grpc.StatusCode.ALREADY_EXISTS,
+                     "add[0]: sequence 1 already exists"),
+                    (lambda: session.add(2, {"top_p": 0.0}), grpc.StatusCode.INVALID_ARGUMENT,
+                     "add[0].params.top_p must be in (0, 1], got 0"),
+                    (lambda: session.add(2, {"n": 2}), grpc.StatusCode.INVALID_ARGUMENT,
+                     "add[0].params.n must be 1 in a session (fork the sequence for more "
+                     "samples), got 2"),
+                    (lambda: session.fork(9, [10]), grpc.StatusCode.NOT_FOUND,
+                     "fork[0]: sequence 9 is not in this session"),
+                    (lambda: session.release(9), grpc.StatusCode.NOT_FOUND,
+                     "release[0]: sequence 9 is not in this session"),
+                    (lambda: session.step(x, [1, 2]), grpc.StatusCode.INVALID_ARGUMENT,
+                     "step: step.sequence_ids has 2 ids but logits.rows is 1")):
+                with self.subTest(words=words):
+                    with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                        call()
+                    self.assertEqual(caught.exception.code, code)
+                    self.assertEqual(caught.exception.details, words)
+                    self.assertEqual(session.step(x, [1]).token_ids[0], x.argmax())
+            with self.assertRaises(ValueError):
+                session.step(x, [1.5])
+            with self.assertRaises(ValueError):
+                session.add([3, 4], [{}, {}, {}])
+
+    def test_limits_and_the_end_of_the_stream(self):
+        with tokensampler.Daemon(os.environ["TOKENSAMPLERD"],
+                                 args=["--threads=1", "--session_max_sequences=2"]) as daemon:
+            with tokensampler.Client(daemon.target, timeout=30) as client:
+                session = client.session()
+                with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                    session.add([1, 2, 3])
+                self.assertEqual(caught.exception.code, grpc.StatusCode.RESOURCE_EXHAUSTED)
+                self.assertEqual(caught.exception.details,
+                                 "add[2]: the session would hold 3 sequences; the limit is 2")
+                self.assertEqual(daemon.stop(), 0)  # SIGTERM ends the stream: UNAVAILABLE
+                with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                    session.add(5)
+                self.assertEqual(caught.exception.code, grpc.StatusCode.UNAVAILABLE)
+                with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                    session.add(6)
+                self.assertEqual(caught.exception.code, grpc.StatusCode.FAILED_PRECONDITION)
+
+
 if __name__ == "__main__":
     unittest.main()

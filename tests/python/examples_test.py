@@ -56,6 +56,9 @@ class NgramWorkerTest(unittest.TestCase):
                 text = lines[header + 1]
                 self.assertTrue(text.startswith("   the miller"), text)
                 self.assertGreaterEqual(len(text.split()), steps)
+        self.assertIn("Session: 7 sequences decoded through one stream, the server keeping "
+                      "their histories: the same tokens, logprobs and finish reasons as with "
+                      "Sample", done.stdout)
 
     def test_greedy_is_the_models_argmax_and_seeded_rows_repeat(self):
         worker = load(NGRAM_WORKER)
@@ -72,6 +75,33 @@ class NgramWorkerTest(unittest.TestCase):
         self.assertEqual(first[0][0], expected)
         self.assertEqual(first, again)  # same seed, same history → same tokens
         self.assertNotEqual(first[0][1], expected)
+
+    def test_session_gives_the_tokens_of_sample_and_ends_sequences_by_itself(self):
+        worker = load(NGRAM_WORKER)
+        with open(worker.CORPUS, encoding="utf-8") as f:
+            model = worker.TrigramModel(worker.tokenize(f.read()))
+        prompt = [model.ids["the"], model.ids["miller"]]
+        # Settings ending at different steps: EOS on "." for one, max_tokens for the others.
+        period = model.ids["."]
+        settings = [("greedy", {"temperature": 0}), ("hot", {"temperature": 1.5}),
+                    ("until a period", {"eos_token_ids": [period], "min_p": 0.05}),
+                    ("top_p", {"top_p": 0.8})]
+        with tokensampler.Client(DAEMON.target) as client:
+            sampled = worker.generate(client, model, prompt, settings, steps=25, seed=9)
+            streamed = worker.generate_session(client, model, prompt, settings, steps=25, seed=9)
+        s_out, s_logprobs, s_finish = streamed
+        f_out, f_logprobs, f_finish = sampled
+        self.assertEqual(s_finish[2], tokensampler.FinishReason.Value("FINISH_REASON_EOS"))
+        end = len(s_out[2])
+        self.assertLess(end, 25)
+        self.assertEqual(s_out[2][-1], period)
+        # generate() (stateless) stepped that row on after its EOS; up to it, the same.
+        self.assertEqual(s_out[2], f_out[2][:end])
+        self.assertEqual(s_logprobs[2], f_logprobs[2][:end])
+        for row in (0, 1, 3):
+            self.assertEqual(s_out[row], f_out[row])
+            self.assertEqual(s_logprobs[row], f_logprobs[row])
+            self.assertEqual(s_finish[row], f_finish[row])
 
 
 class PlotSamplingTest(unittest.TestCase):

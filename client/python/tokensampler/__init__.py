@@ -4,6 +4,10 @@
     client = tokensampler.Client("unix:/run/tokensampler/ts.sock")
     result = client.sample(logits, {"temperature": 0.7, "top_p": 0.9})  # result.token_ids[row, 0]
 
+    with client.session() as session:          # stateful: the server keeps the histories
+        session.add([0, 1], {"temperature": 0.7, "seed": 1}, prompt_token_ids=[p0, p1])
+        step = session.step(logits, [0, 1])     # step.token_ids[row], step.finished[row]
+
 The gRPC stubs (tokensampler.v1.sampler_pb2, sampler_pb2_grpc) are generated from proto/ by the
 CMake target `tokensampler_python`, which assembles this package in <build>/python.
 """
@@ -18,10 +22,12 @@ except ImportError as error:
         "`tokensampler_python` and put <build>/python on PYTHONPATH (or pip install it)"
     ) from error
 
-from tokensampler.client import Client, SampleResult, TokenSamplerError, make_request
+from tokensampler.client import Client, SampleResult, make_request
+from tokensampler.errors import TokenSamplerError
 from tokensampler.daemon import Daemon
 from tokensampler.logits import encode_logits
 from tokensampler.params import make_params
+from tokensampler.session import Session, StepResult
 
 SamplingParams = sampler_pb2.SamplingParams
 FinishReason = sampler_pb2.FinishReason
@@ -30,7 +36,7 @@ SamplerStage = sampler_pb2.SamplerStage
 
 __all__ = [
     "Client", "Daemon", "FinishReason", "LogprobsMode", "SampleResult", "SamplerStage",
-    "SamplingParams", "TokenSamplerError", "encode_logits", "make_params", "make_request",
-    "sampler_pb2",
+    "SamplingParams", "Session", "StepResult", "TokenSamplerError", "encode_logits",
+    "make_params", "make_request", "sampler_pb2",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Client: the tokensampler.v1.Sampler service for Python model workers.
+"""Client: the tokensampler.v1.Sampler service for Python model workers (stateless `sample`;
+`session()` opens the stateful Session stream, see tokensampler/session.py).
 
 One Client owns one insecure gRPC channel (TCP "host:port" or "unix:/path"). It connects lazily
 and reconnects by itself; creating it does no I/O. Thread-safe, like the grpc.Channel under it.
@@ -12,21 +13,13 @@ import grpc
 import numpy as np
 
 from tokensampler._health import health_check_pb2
+from tokensampler.errors import TokenSamplerError
 from tokensampler.logits import encode_logits
 from tokensampler.params import make_params
+from tokensampler.session import Session
 from tokensampler.v1 import sampler_pb2, sampler_pb2_grpc
 
 _CLIENT_DEFAULT = object()  # per-call timeout: use the Client's
-
-
-class TokenSamplerError(Exception):
-    """A failed call. `code` is the grpc.StatusCode, `details` the server's message, e.g.
-    INVALID_ARGUMENT, "rows[0].params.top_p must be in (0, 1], got 1.5"."""
-
-    def __init__(self, code, details):
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,6 +166,13 @@ class Client:
                                output_token_ids=output_token_ids, mirostat_mu=mirostat_mu)
         response = self._call(self._stub.Sample, request, timeout)
         return SampleResult.from_response(response, request.logits.rows)
+
+    def session(self, *, timeout=None):
+        """Opens a Session stream (tokensampler.Session): the server keeps each sequence's state,
+        a step sends only its logits and sequence ids. `timeout` (seconds) is a deadline for the
+        whole stream; None (the default) sets none. Use it as a context manager:
+        `with client.session() as session: ...` (closed on exit, cancelled on an exception)."""
+        return Session(self._stub, timeout=timeout)
 
     def health(self, service="", *, wait_for_ready=False, timeout=_CLIENT_DEFAULT):
         """Asks grpc.health.v1 Health.Check about `service` ("" = the whole server, or

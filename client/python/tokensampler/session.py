@@ -1,0 +1,198 @@
+"""Session: the Sampler.Session stream for Python model workers.
+
+The server keeps each sequence's parameters, prompt, output so far, mirostat μ and seeded RNG
+position for as long as the stream lives, so a step sends only this step's logits and the ids of
+the sequences they belong to:
+
+    with client.session() as session:
+        session.add([7, 9], {"temperature": 0.7, "seed": 1}, prompt_token_ids=[p7, p9])
+        result = session.step(logits, [7, 9])       # logits: [2, vocab] numpy / torch
+        result.token_ids, result.finished            # numpy arrays, one entry per row
+        session.fork(7, [8]); session.release([9])
+
+Each call sends one request and waits for its answer. A request's own error (NOT_FOUND for an
+unknown or finished id, ALREADY_EXISTS, INVALID_ARGUMENT, RESOURCE_EXHAUSTED over a session
+limit) raises TokenSamplerError and the stream goes on. When the stream itself ends (the server's
+idle timeout, its shutdown, a network failure) the call raises TokenSamplerError with the
+stream's status and the session is closed: open a new one.
+
+Thread-compatible: use a Session from one thread at a time.
+"""
+
+import dataclasses
+import operator
+import queue
+from collections.abc import Mapping
+
+import grpc
+import numpy as np
+
+from tokensampler.errors import TokenSamplerError
+from tokensampler.logits import encode_logits
+from tokensampler.params import make_params
+from tokensampler.v1 import sampler_pb2
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_END = object()  # ends the request iterator: the client half-closes the stream
+
+
+def _ids(name, values):
+    """One id or an iterable of ids → a list of non-negative ints (numpy integers accepted,
+    floats refused rather than truncated)."""
+    if isinstance(values, (int, np.integer)):
+        values = [values]
+    try:
+        ids = [operator.index(v) for v in values]
+    except TypeError as error:
+        raise ValueError(f"{name}: sequence ids must be integers ({error})") from None
+    if any(i < 0 for i in ids):
+        raise ValueError(f"{name}: sequence ids are unsigned, got {ids}")
+    return ids
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """The outcome of one `Session.step`, one entry per logits row (in the order of the ids).
+
+    A row whose finish reason is set ended its sequence; the server has released it.
+    """
+
+    sequence_ids: np.ndarray    # uint64 [rows]
+    token_ids: np.ndarray       # int32 [rows]
+    logprobs: np.ndarray        # float32 [rows], in each sequence's logprobs_mode
+    finish_reasons: np.ndarray  # int32 [rows], sampler_pb2.FinishReason values (0 = going on)
+    top_logprobs: list          # [row] → {token_id: logprob}, by descending value
+    response: sampler_pb2.SessionResponse
+
+    @property
+    def finished(self):
+        """bool [rows]: the sequences this step ended."""
+        return self.finish_reasons != 0
+
+    @classmethod
+    def from_response(cls, response):
+        results = response.results
+        return cls(
+            sequence_ids=np.fromiter((r.sequence_id for r in results), np.uint64, len(results)),
+            token_ids=np.fromiter((r.token_id for r in results), np.int32, len(results)),
+            logprobs=np.fromiter((r.logprob for r in results), np.float32, len(results)),
+            finish_reasons=np.fromiter((r.finish_reason for r in results), np.int32,
+                                       len(results)),
+            top_logprobs=[{t.token_id: t.logprob for t in r.top_logprobs} for r in results],
+            response=response)
+
+
+class Session:
+    """One Session stream on `stub` (see `Client.session`). `timeout` (seconds, None = none) is
+    the deadline of the whole stream."""
+
+    def __init__(self, stub, timeout=None):
+        self._requests = queue.Queue()
+        self._next_id = 1
+        self._closed = False
+        self._responses = stub.Session(iter(self._requests.get, _END), timeout=timeout)
+
+    # --- the four operations ---
+
+    def add(self, sequence_ids, params=None, *, prompt_token_ids=None):
+        """Starts sequences. `sequence_ids`: one id or a list. `params`: one dict /
+        SamplingParams for all, or one per id (keys are SamplingParams field names; `n` must stay
+        unset: fork instead). `prompt_token_ids`: None, or one token-id sequence per id."""
+        ids = _ids("sequence_ids", sequence_ids)
+        if params is None or isinstance(params, (Mapping, sampler_pb2.SamplingParams)):
+            params = [make_params(params)] * len(ids)
+        else:
+            params = [make_params(p) for p in params]
+        prompts = [None] * len(ids) if prompt_token_ids is None else list(prompt_token_ids)
+        if len(params) != len(ids) or len(prompts) != len(ids):
+            raise ValueError(f"{len(ids)} sequence ids but {len(params)} params and "
+                             f"{len(prompts)} prompts")
+        request = sampler_pb2.SessionRequest()
+        for sequence_id, p, prompt in zip(ids, params, prompts):
+            add = request.add.add(sequence_id=sequence_id)
+            add.params.CopyFrom(p)
+            if prompt is not None:
+                add.prompt_token_ids.extend(int(t) for t in np.asarray(prompt).ravel())
+        self.send(request)
+
+    def step(self, logits, sequence_ids, *, dtype=None):
+        """Samples one token for each row of `logits` ([rows, vocab] numpy array or torch
+        tensor, sent as raw bytes as in Client.sample): row i belongs to sequence_ids[i].
+        Returns a StepResult."""
+        request = sampler_pb2.SessionRequest()
+        request.step.logits.CopyFrom(encode_logits(logits, dtype))
+        request.step.sequence_ids.extend(_ids("sequence_ids", sequence_ids))
+        return StepResult.from_response(self.send(request))
+
+    def fork(self, parent_id, child_ids):
+        """Copies sequence `parent_id` into new sequences `child_ids`; each child draws from its
+        own random stream (forking into k children = Sample with n = k + 1)."""
+        request = sampler_pb2.SessionRequest()
+        request.fork.add(parent_id=int(parent_id), child_ids=_ids("child_ids", child_ids))
+        self.send(request)
+
+    def release(self, sequence_ids):
+        """Drops sequences (finished ones are released by the server already)."""
+        request = sampler_pb2.SessionRequest(release=_ids("sequence_ids", sequence_ids))
+        self.send(request)
+
+    def send(self, request):
+        """Sends any SessionRequest (release, add, fork and step together are applied in that
+        order) and returns its SessionResponse. Sets `request.request_id`."""
+        if self._closed:
+            raise TokenSamplerError(grpc.StatusCode.FAILED_PRECONDITION, "the session is closed")
+        request.request_id = self._next_id
+        self._next_id += 1
+        self._requests.put(request)
+        try:
+            response = next(self._responses)
+        except grpc.RpcError as error:
+            self._end()
+            raise TokenSamplerError(error.code(), error.details()) from None
+        except StopIteration:
+            self._end()
+            raise TokenSamplerError(grpc.StatusCode.INTERNAL,
+                                    "the server ended the session without answering") from None
+        if response.request_id != request.request_id:
+            raise TokenSamplerError(grpc.StatusCode.INTERNAL,
+                                    f"answer to request {response.request_id}, expected "
+                                    f"{request.request_id}")
+        if response.error.code:
+            raise TokenSamplerError(_CODES.get(response.error.code, grpc.StatusCode.UNKNOWN),
+                                    response.error.message)
+        return response
+
+    # --- lifetime ---
+
+    def close(self):
+        """Half-closes the stream and waits for the server to end it (its sequences are
+        released). Raises TokenSamplerError when it ended with an error before."""
+        if self._closed:
+            return
+        self._end()
+        try:
+            for extra in self._responses:
+                raise TokenSamplerError(grpc.StatusCode.INTERNAL,
+                                        f"unexpected answer {extra.request_id} after close")
+        except grpc.RpcError as error:
+            raise TokenSamplerError(error.code(), error.details()) from None
+
+    def cancel(self):
+        """Cancels the stream at once (the server drops its sequences)."""
+        self._responses.cancel()
+        self._end()
+
+    def _end(self):
+        """No more requests: ends the request iterator gRPC consumes (once)."""
+        if not self._closed:
+            self._closed = True
+            self._requests.put(_END)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc_info):
+        if exc_type is None:
+            self.close()
+        else:
+            self.cancel()

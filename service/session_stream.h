@@ -1,0 +1,201 @@
+// The server side of Sampler.Session: SessionStream, the reactor of one bidirectional stream that
+// owns the stream's SequenceTable, and SessionRegistry, the live streams of one service with
+// their counters, the idle-stream reaper and the shutdown drain.
+//
+// A SessionStream reads one request at a time, processes requests strictly in order in the
+// service's tbb::task_arena (never on a gRPC thread), and writes one response per request in the
+// same order. It reads the next request while the current one is processed, and stops reading
+// while two responses wait to be written (flow control reaches the client). Several streams run
+// in parallel: each has at most one task in the arena at a time.
+//
+// Thread-safety: SessionRegistry is thread-safe. A SessionStream is driven by gRPC reactions,
+// its own arena task and the registry (drain, idle expiry), all serialised by its mutex; the
+// SequenceTable is touched only by the one running task (task_running_ hands it over).
+// Lock order: SessionRegistry::mu_ before SessionStream::mu_; no gRPC operation is started while
+// holding a SessionStream's mutex (gRPC may run a reaction inline on the calling thread).
+#ifndef TOKENSAMPLER_SERVICE_SESSION_STREAM_H_
+#define TOKENSAMPLER_SERVICE_SESSION_STREAM_H_
+
+#include <grpcpp/grpcpp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <optional>
+#include <thread>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "core/sampler.h"
+#include "core/session.h"
+#include "oneapi/tbb/task_arena.h"
+#include "tokensampler/v1/sampler.grpc.pb.h"
+
+namespace tokensampler::service {
+
+struct SessionOptions {
+  // Per stream: live sequences; per sequence: prompt + output tokens. RESOURCE_EXHAUSTED beyond.
+  SessionLimits limits;
+  // A stream with no request and nothing running for this long is ended with
+  // RESOURCE_EXHAUSTED and its sequences are released. absl::InfiniteDuration() = never.
+  absl::Duration idle_timeout = absl::Minutes(5);
+  // Test seam (empty in production): called in the arena right before a step is sampled, with
+  // the stream's cancellation flag. A test holds a step here to cancel the stream during it.
+  std::function<void(const std::atomic<bool>& cancelled)> before_step_for_testing;
+};
+
+class SessionStream;
+
+class SessionRegistry {
+ public:
+  // Starts the idle reaper thread unless `options.idle_timeout` is infinite. `options` is
+  // borrowed and must outlive the registry.
+  explicit SessionRegistry(const SessionOptions& options);
+
+  // Stops the reaper, waits until every stream has unregistered (OnDone) and every task a stream
+  // enqueued has returned. REQUIRES: the grpc::Server serving the streams has shut down (so
+  // every stream is finished or being finished).
+  ~SessionRegistry();
+
+  SessionRegistry(const SessionRegistry&) = delete;
+  SessionRegistry& operator=(const SessionRegistry&) = delete;
+
+  // Makes every live stream end with UNAVAILABLE once its current request is answered; streams
+  // opened later end at once. Idempotent.
+  void BeginShutdown();
+
+  // Blocks until no stream is live or `deadline` passes; returns whether none is live.
+  bool AwaitNoStreams(absl::Time deadline);
+
+  // Streams open now, sequences live in them now, and steps stopped by a cancellation so far.
+  int64_t live_sessions() const { return live_sessions_.load(std::memory_order_relaxed); }
+  int64_t live_sequences() const { return live_sequences_.load(std::memory_order_relaxed); }
+  int64_t cancelled_steps() const { return cancelled_steps_.load(std::memory_order_relaxed); }
+
+ private:
+  friend class SessionStream;
+
+  // Adds `stream`; returns false when shutting down (the stream must then end at once).
+  bool Register(SessionStream* stream);
+  void Unregister(SessionStream* stream);
+  void AddLiveSequences(int64_t delta) {
+    live_sequences_.fetch_add(delta, std::memory_order_relaxed);
+  }
+  void CountCancelledStep() { cancelled_steps_.fetch_add(1, std::memory_order_relaxed); }
+  void TaskStarted();
+  void TaskDone();
+
+  // The reaper thread: every tick, asks each stream to end itself if it is idle.
+  void ReapIdleStreams();
+
+  const SessionOptions& options_;
+
+  absl::Mutex mu_;
+  absl::flat_hash_set<SessionStream*> streams_ ABSL_GUARDED_BY(mu_);
+  bool shutting_down_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_reaper_ ABSL_GUARDED_BY(mu_) = false;
+
+  // A leaf lock (streams take it from arena enqueues, possibly under mu_).
+  absl::Mutex tasks_mu_;
+  int tasks_in_flight_ ABSL_GUARDED_BY(tasks_mu_) = 0;
+
+  std::atomic<int64_t> live_sessions_{0};
+  std::atomic<int64_t> live_sequences_{0};
+  std::atomic<int64_t> cancelled_steps_{0};
+
+  std::thread reaper_;
+};
+
+class SessionStream final
+    : public grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse> {
+ public:
+  // What a stream borrows from its service; everything must outlive the stream.
+  struct Env {
+    tbb::task_arena* arena = nullptr;
+    const Sampler* sampler = nullptr;
+    const SessionOptions* options = nullptr;
+    SessionRegistry* registry = nullptr;
+  };
+
+  // Starts serving the stream of `context` and returns its reactor, which deletes itself in
+  // OnDone.
+  static SessionStream* Start(grpc::CallbackServerContext* context, const Env& env);
+
+  SessionStream(const SessionStream&) = delete;
+  SessionStream& operator=(const SessionStream&) = delete;
+
+  void OnReadDone(bool ok) override;
+  void OnWriteDone(bool ok) override;
+  void OnCancel() override;
+  void OnDone() override;
+
+ private:
+  friend class SessionRegistry;
+
+  // What one turn of Pump() starts, decided under mu_ and done without it.
+  struct Actions {
+    bool read = false;
+    const v1::SessionResponse* write = nullptr;
+    bool task = false;
+    bool try_cancel = false;
+    std::optional<grpc::Status> finish;
+
+    int starts() const {
+      return (read ? 1 : 0) + (write ? 1 : 0) + (task ? 1 : 0) + (try_cancel ? 1 : 0);
+    }
+    bool none() const { return starts() == 0 && !finish.has_value(); }
+  };
+
+  SessionStream(grpc::CallbackServerContext* context, const Env& env);
+  ~SessionStream() override = default;
+
+  // Called by the registry with its mutex held.
+  void Drain();                       // end with UNAVAILABLE after the current request
+  void ExpireIfIdle(absl::Time now);  // end with RESOURCE_EXHAUSTED if idle too long
+
+  // Runs `update` under mu_, then starts whatever the new state allows, until nothing is left.
+  // Never touches the stream after Finish(). Call without holding mu_.
+  void Pump(const std::function<void()>& update);
+  Actions NextActions() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+
+  // The arena task: processes current_ and hands the response back.
+  void RunTask();
+  // Applies one request to table_; fills `response` (results) or returns the error.
+  absl::Status Apply(const v1::SessionRequest& request, v1::SessionResponse& response);
+
+  const Env env_;
+  grpc::CallbackServerContext* const context_;
+
+  // Owned by the running task while task_running_ (set and cleared under mu_).
+  SequenceTable table_;
+  v1::SessionRequest current_;
+  // Set when the stream is cancelled or broken; read by Sampler::Run between rows.
+  std::atomic<bool> cancelled_{false};
+  // Target of the read in flight (read_in_flight_).
+  v1::SessionRequest read_buffer_;
+
+  absl::Mutex mu_;
+  bool read_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  bool reads_done_ ABSL_GUARDED_BY(mu_) = false;  // the client half-closed (or reads failed)
+  std::deque<v1::SessionRequest> pending_ ABSL_GUARDED_BY(mu_);  // read, not yet processed
+  bool task_running_ ABSL_GUARDED_BY(mu_) = false;
+  // Responses to write, in order; the front one is being written while write_in_flight_.
+  std::deque<v1::SessionResponse> writes_ ABSL_GUARDED_BY(mu_);
+  bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
+  // Operations decided under mu_ but not yet started by Pump; Finish waits for them.
+  int starting_ ABSL_GUARDED_BY(mu_) = 0;
+  // Drain or idle expiry: stop reading and processing, end with this status once written out.
+  std::optional<grpc::Status> end_status_ ABSL_GUARDED_BY(mu_);
+  bool try_cancel_wanted_ ABSL_GUARDED_BY(mu_) = false;  // a write is stuck: cancel the call
+  bool try_cancel_issued_ ABSL_GUARDED_BY(mu_) = false;
+  bool finishing_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Time last_activity_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace tokensampler::service
+
+#endif  // TOKENSAMPLER_SERVICE_SESSION_STREAM_H_
