@@ -796,6 +796,44 @@ int32_t Dist::Draw(double coin) {
     const int32_t index = tokensampler::Draw(s_.sparse_values, coin, s_);
     return s_.sparse_ids[static_cast<size_t>(index)];
   }
+  if (!weights_valid_ && divisor_ == 1.0f) {
+    // Nothing needs the weights but the draw: sum them per block without storing them, then
+    // compute only the weights of the block the coin lands in (and of later blocks should
+    // rounding carry the scan on).
+    ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+      s_.block_sums[b] = kernels::SumExp(values_.data(), begin, end, max_);
+    });
+    total_ = 0.0;
+    for (double sum : s_.block_sums) total_ += sum;
+    const double target = coin * total_;
+    double cumulative = 0.0;
+    size_t b = 0;
+    while (b + 1 < s_.block_sums.size() && cumulative + s_.block_sums[b] <= target) {
+      cumulative += s_.block_sums[b];
+      ++b;
+    }
+    int32_t last_positive = -1;
+    for (; b < s_.block_sums.size(); ++b) {
+      const size_t begin = b * kBlock, end = std::min(values_.size(), begin + kBlock);
+      kernels::Weights(values_.data(), s_.wf.data(), begin, end, 1.0f, max_);
+      for (size_t i = begin; i < end; ++i) {
+        const float w = s_.wf[i];
+        if (w <= 0.0f) continue;
+        cumulative += static_cast<double>(w);
+        last_positive = static_cast<int32_t>(i);
+        if (cumulative > target) return last_positive;
+      }
+    }
+    if (last_positive >= 0) return last_positive;  // rounding: the last kept token
+    for (size_t back = s_.block_sums.size(); back-- > 0;) {
+      const size_t begin = back * kBlock, end = std::min(values_.size(), begin + kBlock);
+      kernels::Weights(values_.data(), s_.wf.data(), begin, end, 1.0f, max_);
+      for (size_t i = end; i-- > begin;) {
+        if (s_.wf[i] > 0.0f) return static_cast<int32_t>(i);
+      }
+    }
+    return -1;  // unreachable: the maximum has weight 1
+  }
   EnsureWeights();
   // The block holding the target by the block sums, then token by token from there on.
   const double target = coin * total_;
