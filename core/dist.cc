@@ -85,6 +85,27 @@ Dist::Range Dist::KeyRange(const kernels::Key& key, double pivot) const {
   return {from, FromOrdered(lo)};
 }
 
+double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>& sample) {
+  const size_t n = values.size();
+  sample.clear();
+  const size_t stride = std::max<size_t>(1, n / kTopKSample);
+  for (size_t i = stride / 2; i < n; i += stride) {
+    if (values[i] != kNegInf) sample.push_back(static_cast<double>(values[i]));
+  }
+  return PivotFromSample(sample, k, n);
+}
+
+double PivotFromSample(std::vector<double>& sample, int32_t k, size_t n) {
+  // The j-th largest sampled value, j chosen so that about 2k tokens are ≥ it.
+  const size_t rank =
+      static_cast<size_t>(2.0 * k * static_cast<double>(sample.size()) / static_cast<double>(n)) +
+      3;
+  if (rank >= sample.size()) return -std::numeric_limits<double>::infinity();
+  std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(),
+                   std::greater<>());
+  return sample[rank];
+}
+
 kernels::MaxResult RowMax(absl::Span<const float> v, bool parallel,
                           std::vector<kernels::MaxResult>& blocks) {
   blocks.resize(NumBlocks(v.size()));
@@ -543,29 +564,34 @@ void Dist::TopK(int32_t k) {
   if (k <= 0) return;
   if (count_ >= 0 && k >= count_) return;
   ApplyDivision();
-  const size_t n = values_.size();
-  // A pivot from a sample: the j-th largest sampled value, j chosen so that about twice k tokens
-  // are ≥ it; fewer than k means the pivot was too high and everything kept is taken instead.
-  std::vector<double>& sample = s_.keys;
-  sample.clear();
-  const size_t stride = std::max<size_t>(1, n / kSampleSize);
-  for (size_t i = stride / 2; i < n; i += stride) {
-    if (values_[i] != kNegInf) sample.push_back(static_cast<double>(values_[i]));
-  }
-  const size_t rank =
-      static_cast<size_t>(2.0 * k * static_cast<double>(sample.size()) / static_cast<double>(n)) +
-      3;
-  double pivot = -kDoubleInf;
-  if (rank < sample.size()) {
-    std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(),
-                     std::greater<>());
-    pivot = sample[rank];
-  }
   const kernels::Key key{};
-  size_t m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
+  std::vector<float>& cand = s_.cand_values;  // the candidates' values, by id order
+  size_t m = 0;
+  double pivot = -kDoubleInf;
+  if (s_.preselected) {
+    // Pass 1 already selected the tokens ≥ the pivot while each block was in L1.
+    s_.preselected = false;
+    pivot = static_cast<double>(s_.preselect_pivot);
+    for (size_t b = 0; b < s_.preselect_counts.size(); ++b) {
+      const size_t c = static_cast<size_t>(s_.preselect_counts[b]);
+      std::copy(s_.ids.begin() + static_cast<ptrdiff_t>(b * kBlock),
+                s_.ids.begin() + static_cast<ptrdiff_t>(b * kBlock + c),
+                s_.ids.begin() + static_cast<ptrdiff_t>(m));
+      std::copy(cand.begin() + static_cast<ptrdiff_t>(b * kBlock),
+                cand.begin() + static_cast<ptrdiff_t>(b * kBlock + c),
+                cand.begin() + static_cast<ptrdiff_t>(m));
+      m += c;
+    }
+  } else {
+    pivot = TopKPivot(values_, k, s_.keys);
+    m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
+    for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])];
+  }
+  // Fewer than k above the pivot: it was too high; take everything kept instead.
   if (m < static_cast<size_t>(k) && pivot != -kDoubleInf) {
     pivot = -kDoubleInf;
     m = Select(key, -kDoubleInf, kDoubleMax);
+    for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])];
   }
   if (pivot == -kDoubleInf && m <= static_cast<size_t>(k)) {
     count_ = static_cast<int64_t>(m);  // k ≥ the kept tokens: nothing to cut
@@ -573,20 +599,16 @@ void Dist::TopK(int32_t k) {
     return;
   }
   // The k-th largest candidate value is the threshold; ties with it stay.
-  std::vector<double>& vals = s_.keys;
-  vals.resize(m);
-  for (size_t i = 0; i < m; ++i)
-    vals[i] = static_cast<double>(values_[static_cast<size_t>(s_.ids[i])]);
+  std::vector<float>& vals = s_.band_values;
+  vals.assign(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(m));
   std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), std::greater<>());
-  const float threshold = static_cast<float>(vals[static_cast<size_t>(k - 1)]);
+  const float threshold = vals[static_cast<size_t>(k - 1)];
   s_.sparse_ids.clear();
   s_.sparse_values.clear();
   for (size_t i = 0; i < m; ++i) {
-    const int32_t id = s_.ids[i];
-    const float v = values_[static_cast<size_t>(id)];
-    if (v >= threshold) {
-      s_.sparse_ids.push_back(id);
-      s_.sparse_values.push_back(v);
+    if (cand[i] >= threshold) {
+      s_.sparse_ids.push_back(s_.ids[i]);
+      s_.sparse_values.push_back(cand[i]);
     }
   }
   sparse_ = true;

@@ -57,6 +57,16 @@ void ForBlocks(size_t n, bool parallel, Fn&& fn) {
   }
 }
 
+// Tokens sampled to choose the pivot of top_k.
+constexpr size_t kTopKSample = 256;
+
+// top_k's pivot: a value with about 2k of `values` at or above it, from a strided sample of
+// kTopKSample values (−inf: too few values to choose one). `sample` is scratch.
+double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>& sample);
+// The same from a sample already taken (at positions stride/2 + i·stride, stride = n / 256,
+// −inf values left out) of a row of n tokens.
+double PivotFromSample(std::vector<double>& sample, int32_t k, size_t n);
+
 // Max and first argmax of a row, block by block.
 kernels::MaxResult RowMax(absl::Span<const float> v, bool parallel,
                           std::vector<kernels::MaxResult>& blocks);

@@ -331,6 +331,15 @@ HWY_INLINE VF Exp(DF df, VF x) {
   return hn::IfThenZeroElse(below, hn::Mul(y, scale));
 }
 
+// Appends the lanes of `v` selected by `m` at out (writes a whole vector there: the caller
+// guarantees room for Lanes(d) values). Compress in a register and a plain store: AMD's Zen
+// cores run a compress-to-memory as slow microcode.
+template <class D, class V, class M, typename T>
+HWY_INLINE size_t AppendSelected(D d, V v, M m, T* out) {
+  hn::StoreU(hn::Compress(v, m), d, out);
+  return hn::CountTrue(d, m);
+}
+
 HWY_INLINE VD Lower(VF v) { return hn::PromoteTo(DD(), hn::LowerHalf(DFH(), v)); }
 HWY_INLINE VD Upper(VF v) { return hn::PromoteTo(DD(), hn::UpperHalf(DFH(), v)); }
 
@@ -471,6 +480,7 @@ double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, 
 #endif
   const DF df;
   const DI di;
+  const auto iota0 = hn::Iota(di, 0);
   const DD dd;
   const size_t n = hn::Lanes(df);
   const VF vmax = hn::Set(df, max);
@@ -493,8 +503,9 @@ double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, 
     if (head != nullptr) {
       const auto m = hn::Ge(e, vhead);
       if (!hn::AllFalse(df, m)) {
-        heads += hn::CompressStore(hn::Iota(di, static_cast<int32_t>(i)), hn::RebindMask(di, m), di,
-                                   head + heads);
+        // heads ≤ i − begin, so a whole vector at head + heads stays within [begin, end).
+        heads += AppendSelected(di, hn::Add(iota0, hn::Set(di, static_cast<int32_t>(i))),
+                                hn::RebindMask(di, m), head + heads);
       }
     }
   }
@@ -680,16 +691,19 @@ size_t SelectValueRange(const float* v, size_t begin, size_t end, float from, fl
                         int32_t* ids) {
   const DF df;
   const DI di;
+  const auto iota0 = hn::Iota(di, 0);
   const size_t n = hn::Lanes(df);
   const VF vfrom = hn::Set(df, from), vbelow = hn::Set(df, below);
+  const bool one_sided = below == kPosInf;  // every value is < +inf here
   size_t out = 0;
   size_t i = begin;
   for (; i + n <= end; i += n) {
     const VF x = hn::LoadU(df, v + i);
-    const auto m = hn::And(hn::Ge(x, vfrom), hn::Lt(x, vbelow));
+    const auto m = one_sided ? hn::Ge(x, vfrom) : hn::And(hn::Ge(x, vfrom), hn::Lt(x, vbelow));
     if (hn::AllFalse(df, m)) continue;
-    out += hn::CompressStore(hn::Iota(di, static_cast<int32_t>(i)), hn::RebindMask(di, m), di,
-                             ids + out);
+    // out ≤ i − begin, so a whole vector at ids + out stays within the caller's end − begin.
+    out += AppendSelected(di, hn::Add(iota0, hn::Set(di, static_cast<int32_t>(i))),
+                          hn::RebindMask(di, m), ids + out);
   }
   for (; i < end; ++i) {
     if (v[i] >= from && v[i] < below) ids[out++] = static_cast<int32_t>(i);
@@ -717,7 +731,7 @@ size_t SelectKeyRangeImpl(const float* v, size_t begin, size_t end, const Key& k
       const auto m = hn::And(hn::Gt(k, vlo), hn::Le(k, vhi));
       if (hn::AllFalse(dd, m)) continue;
       const VD idx = hn::Iota(dd, static_cast<double>(i + h * half));
-      const size_t c = hn::CompressStore(idx, m, dd, picked);
+      const size_t c = AppendSelected(dd, idx, m, picked);
       for (size_t j = 0; j < c; ++j) ids[out++] = static_cast<int32_t>(picked[j]);
     }
   }
@@ -932,6 +946,7 @@ size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from,
                         float out_from, float out_to, int32_t* ids) {
   const DF df;
   const DI di;
+  const auto iota0 = hn::Iota(di, 0);
   const size_t n = hn::Lanes(df);
   const VF a = hn::Set(df, in_from), b = hn::Set(df, in_to);
   const VF c = hn::Set(df, out_from), d = hn::Set(df, out_to);
@@ -942,8 +957,9 @@ size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from,
     const auto in = hn::And(hn::Ge(x, a), hn::Le(x, b));
     if (hn::AllFalse(df, in)) continue;
     const auto m = hn::AndNot(hn::And(hn::Ge(x, c), hn::Le(x, d)), in);
-    out += hn::CompressStore(hn::Iota(di, static_cast<int32_t>(i)), hn::RebindMask(di, m), di,
-                             ids + out);
+    // out ≤ i − begin, so a whole vector at ids + out stays within the caller's end − begin.
+    out += AppendSelected(di, hn::Add(iota0, hn::Set(di, static_cast<int32_t>(i))),
+                          hn::RebindMask(di, m), ids + out);
   }
   for (; i < end; ++i) {
     if (v[i] >= in_from && v[i] <= in_to && !(v[i] >= out_from && v[i] <= out_to)) {

@@ -20,6 +20,7 @@ void RowScratch::Reserve(int vocab_size) {
     wf.resize(v);
     ids.resize(v);
     head_ids.resize(v);
+    cand_values.resize(v);
   }
 }
 

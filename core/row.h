@@ -50,8 +50,13 @@ struct RowScratch {
   std::vector<int32_t> head_ids;   // tokens near the maximum (Dist::kHeadMin)
   std::vector<double> pivot_sums;  // per block × pivot
   std::vector<int64_t> pivot_counts;
-  std::vector<double> pivots;                 // FindCut's pivots of one pass
-  std::vector<double> block_sums_scratch;     // per-block exact masses
+  std::vector<double> pivots;  // FindCut's pivots of one pass
+  std::vector<double> block_sums_scratch;
+  // top_k candidates selected by pass 1 (Dist::TopK): values by block, counts per block.
+  std::vector<float> cand_values;
+  std::vector<int64_t> preselect_counts;
+  float preselect_pivot = 0.0f;
+  bool preselected = false;                   // per-block exact masses
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
 
   // Sizes the per-vocabulary buffers for `vocab_size` (only ever grows).
