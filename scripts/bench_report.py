@@ -50,34 +50,51 @@ def main():
     reps = ["--repetitions", opts.repetitions]
     results = []
     for vocab in VOCABS:
-        for threads in ("1", "2"):
-            results += run(opts.bench, ["--vocab", str(vocab), "--threads", threads] + reps)
+        results += run(opts.bench, ["--vocab", str(vocab), "--threads", "1"] + reps)
+        results += run(opts.bench, ["--vocab", str(vocab), "--threads", "1", "--batch"] + reps)
+        results += run(opts.bench, ["--vocab", str(vocab), "--threads", "2"] + reps)
     results += run(opts.bench, ["--vocab", "128256", "--reference", "--repetitions", "1"])
+    for dtype in ("bf16", "f16"):
+        results += run(opts.bench, ["--vocab", "128256", "--dtype", dtype] + reps)
     os.makedirs(os.path.join(opts.out, "bench"), exist_ok=True)
     os.makedirs(os.path.join(opts.out, "img"), exist_ok=True)
     with open(os.path.join(opts.out, "bench", "results.jsonl"), "w") as f:
         for r in results:
             f.write(json.dumps(r) + "\n")
 
-    def pick(chain, vocab, threads, pipeline="fast"):
+    def pick(chain, vocab, threads, pipeline="fast", mode=None, dtype="f32"):
+        mode = mode or ("row" if threads == 1 else "batch")
         for r in results:
-            if (r["chain"], r["vocab"], r["threads"], r["pipeline"]) == (chain, vocab, threads,
-                                                                         pipeline):
+            if (r["chain"], r["vocab"], r["threads"], r["pipeline"], r["mode"],
+                    r["dtype"]) == (chain, vocab, threads, pipeline, mode, dtype):
                 return r
         return None
 
-    print("| chain | reference µs | fast µs median | mean | floor µs | ratio | target | "
-          "2 threads µs/row | 2 threads vs 1 (mean) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| chain | reference µs | fast µs median | mean | floor µs | median / floor | "
+          "mean / floor | target | bf16 µs | 1 thread batch µs/row | 2 threads | speed-up |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for chain, label in LABELS.items():
         ref = pick(chain, 128256, 1, "reference")
         one = pick(chain, 128256, 1)
+        bf16 = pick(chain, 128256, 1, dtype="bf16")
+        batch = pick(chain, 128256, 1, mode="batch")
         two = pick(chain, 128256, 2)
         print(f"| {label} | {ref['us_per_row_median']:.0f} | {one['us_per_row_median']:.1f} | "
               f"{one['us_per_row_mean']:.1f} | {one['floor_us_per_row']:.1f} | "
-              f"{one['ratio_to_floor']:.2f} | ≤ {TARGETS[label]} | "
+              f"{one['ratio_to_floor']:.2f} | "
+              f"{one['us_per_row_mean'] / one['floor_us_per_row']:.2f} | ≤ {TARGETS[label]} | "
+              f"{bf16['us_per_row_median']:.1f} | {batch['us_per_row_median']:.1f} | "
               f"{two['us_per_row_median']:.1f} | "
-              f"{one['us_per_row_mean'] / two['us_per_row_median']:.2f}× |")
+              f"{batch['us_per_row_median'] / two['us_per_row_median']:.2f}× |")
+    print()
+    print("| chain | " + " | ".join(f"V={v} µs (×floor)" for v in VOCABS) + " |")
+    print("|---|" + "---|" * len(VOCABS))
+    for chain, label in LABELS.items():
+        cells = []
+        for v in VOCABS:
+            r = pick(chain, v, 1)
+            cells.append(f"{r['us_per_row_median']:.1f} ({r['ratio_to_floor']:.2f})")
+        print(f"| {label} | " + " | ".join(cells) + " |")
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
     labels = list(LABELS.values())

@@ -1,7 +1,10 @@
 // tokensampler-bench: how long the core pipeline takes per row, against the cost of reading
 // the row once. Prints one JSON line per chain:
-//   {"chain":…, "vocab":…, "threads":…, "us_per_row_median":…, "us_per_row_mean":…,
-//    "floor_us_per_row":…, "ratio_to_floor":…}
+//   {"chain":…, "pipeline":"fast"|"reference", "mode":"row"|"batch", "vocab":…, "dtype":…,
+//    "rows":…, "threads":…, "us_per_row_median":…, "us_per_row_mean":…, "floor_us_per_row":…,
+//    "ratio_to_floor":…}
+// mode "row" times one row per call (latency; --threads 1), "batch" the whole batch per call
+// divided by its rows (throughput; --threads N > 1, or --batch). A first untimed pass warms up.
 // The floor is a single streaming read (SIMD) of the same rows, measured in the same run the same
 // way (rows visited in order, so each row comes from outside the core's caches both times).
 #include <algorithm>
@@ -39,6 +42,8 @@ ABSL_FLAG(std::string, chain, "",
           "and typical_p=0.9); 'history=N' adds N random output tokens");
 ABSL_FLAG(int, threads, 1, "oneTBB threads");
 ABSL_FLAG(int, repetitions, 5, "passes over all rows per chain");
+ABSL_FLAG(bool, batch, false,
+          "time whole batches (throughput per row) also with --threads 1, as with more threads");
 ABSL_FLAG(bool, reference, false,
           "time the reference pipeline (core/reference.h, the tests' oracle) instead; one thread");
 
@@ -129,8 +134,9 @@ int Main() {
   if (specs.empty()) specs = DefaultChains();
 
   const bool reference = absl::GetFlag(FLAGS_reference);
-  if (reference && threads != 1) {
-    std::cerr << "error: --reference runs on one thread (--threads 1)\n";
+  const bool batch_mode = absl::GetFlag(FLAGS_batch);
+  if (reference && (threads != 1 || batch_mode)) {
+    std::cerr << "error: --reference runs row by row on one thread (--threads 1, no --batch)\n";
     return 2;
   }
   tbb::task_arena arena(threads);
@@ -152,13 +158,15 @@ int Main() {
       history[i] = static_cast<int32_t>((i * 2654435761u) % static_cast<size_t>(vocab));
     }
     std::vector<double> floor_us, sample_us;
-    for (int rep = 0; rep < reps; ++rep) {
+    // Repetition 0 warms up (scratch buffers grow, pages fault in) and is not timed.
+    for (int rep = -1; rep < reps; ++rep) {
+      const size_t floor_mark = floor_us.size(), sample_mark = sample_us.size();
       for (int r = 0; r < rows; ++r) {
         const auto t0 = Clock::now();
         sink = sink ^ StreamingRead(bytes.data() + static_cast<size_t>(r) * row_bytes, row_bytes);
         floor_us.push_back(Micros(Clock::now() - t0));
       }
-      if (threads == 1) {
+      if (threads == 1 && !batch_mode) {
         // One row at a time: per-row latency, rows visited in order like the floor.
         for (int r = 0; r < rows; ++r) {
           auto view = LogitsView::Create(
@@ -194,14 +202,19 @@ int Main() {
           return 1;
         }
       }
+      if (rep < 0) {
+        floor_us.resize(floor_mark);
+        sample_us.resize(sample_mark);
+      }
     }
     const Stats sample = Summarise(sample_us);
     const Stats floor = Summarise(floor_us);
     std::printf(
-        "{\"chain\":\"%s\",\"pipeline\":\"%s\",\"vocab\":%d,\"dtype\":\"%s\",\"rows\":%d,\"threads\":%d,"
+        "{\"chain\":\"%s\",\"pipeline\":\"%s\",\"mode\":\"%s\",\"vocab\":%d,\"dtype\":\"%s\",\"rows\":%d,\"threads\":%d,"
         "\"us_per_row_median\":%.2f,\"us_per_row_mean\":%.2f,\"floor_us_per_row\":%.2f,"
         "\"ratio_to_floor\":%.2f}\n",
-        spec.c_str(), reference ? "reference" : "fast", vocab, dtype_name.c_str(), rows, threads, sample.median, sample.mean,
+        spec.c_str(), reference ? "reference" : "fast",
+        threads == 1 && !batch_mode ? "row" : "batch", vocab, dtype_name.c_str(), rows, threads, sample.median, sample.mean,
         floor.median, sample.median / floor.median);
     std::fflush(stdout);
   }
