@@ -5,53 +5,31 @@
 
 #include "core/status_macros.h"
 #include "service/convert.h"
-#include "service/status.h"
+#include "service/unary_call.h"
 
 namespace tokensampler::service {
 
-SamplerService::SamplerService(tbb::task_arena& arena) : arena_(arena) {}
-
-SamplerService::~SamplerService() {
-  absl::MutexLock lock(&mu_);
-  mu_.Await(absl::Condition(
-      +[](int* in_flight) { return *in_flight == 0; }, &tasks_in_flight_));
-}
+SamplerService::SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics& metrics)
+    : arena_(arena), guard_(guard), sample_metrics_(metrics.ForRpc("Sample")) {}
 
 grpc::ServerUnaryReactor* SamplerService::Sample(grpc::CallbackServerContext* context,
                                                  const v1::SampleRequest* request,
                                                  v1::SampleResponse* response) {
-  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-  TaskStarted();
-  // gRPC keeps `context`, `request` and `response` alive until the reactor is finished; nothing
-  // of the call is touched after Finish().
-  arena_.enqueue([this, context, request, response, reactor] {
-    if (context->IsCancelled()) {
-      reactor->Finish(grpc::Status(grpc::StatusCode::CANCELLED,
-                                   "the call was cancelled before sampling started"));
-    } else {
-      reactor->Finish(ToGrpcStatus(SampleInArena(*request, *response)));
-    }
-    TaskDone();
-  });
-  return reactor;
+  return StartUnaryCall(context, guard_, arena_, sample_metrics_,
+                        static_cast<int64_t>(request->ByteSizeLong()), request->rows_size(),
+                        [this, request, response](const std::atomic<bool>& cancelled) {
+                          return SampleInArena(*request, *response, cancelled);
+                        });
 }
 
 absl::Status SamplerService::SampleInArena(const v1::SampleRequest& request,
-                                           v1::SampleResponse& response) const {
+                                           v1::SampleResponse& response,
+                                           const std::atomic<bool>& cancelled) const {
   ASSIGN_OR_RETURN(const Batch batch, BatchFromProto(request));
-  ASSIGN_OR_RETURN(const std::vector<SampledToken> tokens, sampler_.Run(batch.logits, batch.rows));
+  ASSIGN_OR_RETURN(const std::vector<SampledToken> tokens,
+                   sampler_.Run(batch.logits, batch.rows, &cancelled));
   response = ResponseToProto(tokens);
   return absl::OkStatus();
-}
-
-void SamplerService::TaskStarted() {
-  absl::MutexLock lock(&mu_);
-  ++tasks_in_flight_;
-}
-
-void SamplerService::TaskDone() {
-  absl::MutexLock lock(&mu_);
-  --tasks_in_flight_;
 }
 
 }  // namespace tokensampler::service

@@ -1,31 +1,32 @@
 // SamplerService: the tokensampler.v1.Sampler gRPC service (callback API).
 //
 // Thread-safe: gRPC calls the handlers from many threads at once. Handlers never block a gRPC
-// thread: each call is enqueued into the tbb::task_arena the service is handed, the work runs
-// there (core parallelises inside the same arena), and the call is finished from that task.
+// thread: each call goes through the server's CallGuard (drain, token, limits, metrics) and is
+// enqueued into the tbb::task_arena the service is handed (StartUnaryCall); the work runs there
+// (core parallelises inside the same arena), and the call is finished from that task.
 #ifndef TOKENSAMPLER_SERVICE_SAMPLER_SERVICE_H_
 #define TOKENSAMPLER_SERVICE_SAMPLER_SERVICE_H_
 
 #include <grpcpp/grpcpp.h>
 
-#include "absl/base/thread_annotations.h"
+#include <atomic>
+
 #include "absl/status/status.h"
-#include "absl/synchronization/mutex.h"
 #include "core/sampler.h"
 #include "oneapi/tbb/task_arena.h"
+#include "service/call_guard.h"
+#include "service/metrics.h"
 #include "tokensampler/v1/sampler.grpc.pb.h"
 
 namespace tokensampler::service {
 
 class SamplerService final : public v1::Sampler::CallbackService {
  public:
-  // `arena` runs every call's work. It is borrowed and must outlive the service.
-  explicit SamplerService(tbb::task_arena& arena);
-
-  // Waits until every task this service enqueued has returned. Register the service with a
-  // grpc::Server that is shut down before this runs (grpc::Server::Shutdown waits for every call
-  // to be finished).
-  ~SamplerService() override;
+  // `arena` runs every call's work; `guard` admits and accounts every call (and waits for the
+  // tasks it enqueued); `metrics` holds the per-RPC metrics. All borrowed: they must outlive the
+  // service, and the service must outlive the grpc::Server it is registered with.
+  SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics& metrics);
+  ~SamplerService() override = default;
 
   SamplerService(const SamplerService&) = delete;
   SamplerService& operator=(const SamplerService&) = delete;
@@ -36,18 +37,15 @@ class SamplerService final : public v1::Sampler::CallbackService {
                                    v1::SampleResponse* response) override;
 
  private:
-  // The body of Sample; runs in the arena. Returns OK with `response` filled, or the error.
-  absl::Status SampleInArena(const v1::SampleRequest& request, v1::SampleResponse& response) const;
-
-  // Keep count of enqueued tasks so that the destructor can wait for them.
-  void TaskStarted();
-  void TaskDone();
+  // The body of Sample; runs in the arena. Returns OK with `response` filled, or the error
+  // (CANCELLED once `cancelled` is set).
+  absl::Status SampleInArena(const v1::SampleRequest& request, v1::SampleResponse& response,
+                             const std::atomic<bool>& cancelled) const;
 
   tbb::task_arena& arena_;
+  CallGuard& guard_;
+  RpcMetrics& sample_metrics_;
   const Sampler sampler_;
-
-  absl::Mutex mu_;
-  int tasks_in_flight_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace tokensampler::service
