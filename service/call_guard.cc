@@ -230,19 +230,27 @@ CallGuard::Call::Call(CallGuard& guard, RpcMetrics& rpc, std::string peer)
 CallGuard::Call::Call(Call&& other) noexcept
     : guard_(std::exchange(other.guard_, nullptr)),
       rpc_(other.rpc_),
-      peer_(std::move(other.peer_)) {}
+      peer_(std::move(other.peer_)),
+      finished_(other.finished_) {}
 
 CallGuard::Call& CallGuard::Call::operator=(Call&& other) noexcept {
   if (this != &other) {
-    Finish(absl::CancelledError("the call was dropped"));
+    Close();
     guard_ = std::exchange(other.guard_, nullptr);
     rpc_ = other.rpc_;
     peer_ = std::move(other.peer_);
+    finished_ = other.finished_;
   }
   return *this;
 }
 
-CallGuard::Call::~Call() { Finish(absl::CancelledError("the call was dropped")); }
+CallGuard::Call::~Call() { Close(); }
+
+void CallGuard::Call::Close() {
+  if (guard_ == nullptr) return;
+  Finish(absl::CancelledError("the call was dropped"));
+  std::exchange(guard_, nullptr)->CloseCall();
+}
 
 absl::StatusOr<CallGuard::Request> CallGuard::Call::Admit(int64_t bytes, int64_t rows) {
   if (absl::Status reserved = guard_->Reserve(*rpc_, bytes); !reserved.ok()) return reserved;
@@ -251,12 +259,11 @@ absl::StatusOr<CallGuard::Request> CallGuard::Call::Admit(int64_t bytes, int64_t
 }
 
 void CallGuard::Call::Finish(const absl::Status& status) {
-  if (guard_ == nullptr) return;
-  CallGuard* guard = std::exchange(guard_, nullptr);
+  if (guard_ == nullptr || finished_) return;
+  finished_ = true;
   rpc_->CallHandled(status.code());
   rpc_->CallClosed();
-  guard->LogError(*rpc_, peer_, status);
-  guard->CloseCall();
+  guard_->LogError(*rpc_, peer_, status);
 }
 
 // --- Request ---

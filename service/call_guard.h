@@ -14,7 +14,8 @@
 //                     (RESOURCE_EXHAUSTED over the limits: answer that step with it),
 //                     request->Started() when a sampling thread picks it up,
 //                     request->Done(status) when it is answered;
-//   at stream end:    call->Finish(status), then Finish() the stream.
+//   at stream end:    call->Finish(status), then Finish() the stream; destroy the Call in
+//                     OnDone (a drain waits until then).
 //
 // Thread-safe. Call and Request are thread-compatible handles (one owner at a time).
 #ifndef TOKENSAMPLER_SERVICE_CALL_GUARD_H_
@@ -125,7 +126,10 @@ class CallGuard {
   bool notifying_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-// An open call. Finish() records its outcome; a Call destroyed unfinished counts as CANCELLED.
+// An open call. Finish() records its outcome; the call stays open (a drain waits for it) until
+// the Call is destroyed — keep it until gRPC is done with the call (the reactor's OnDone), so
+// that the answer is on its way before the listeners close. A Call destroyed unfinished counts
+// as CANCELLED.
 class CallGuard::Call {
  public:
   Call(Call&& other) noexcept;
@@ -139,8 +143,7 @@ class CallGuard::Call {
   // Finish() if the call ends with it). REQUIRES: the call is not finished.
   absl::StatusOr<Request> Admit(int64_t bytes, int64_t rows);
 
-  // Ends the call: counts it by code, logs it when it failed, and closes it (a drain stops
-  // waiting for it). Idempotent.
+  // Records the call's outcome: counts it by code, logs it when it failed. Idempotent.
   void Finish(const absl::Status& status);
 
   const std::string& peer() const { return peer_; }
@@ -149,10 +152,13 @@ class CallGuard::Call {
  private:
   friend class CallGuard;
   Call(CallGuard& guard, RpcMetrics& rpc, std::string peer);
+  // Finishes (as CANCELLED) if needed and closes the call.
+  void Close();
 
-  CallGuard* guard_ = nullptr;  // null once finished or moved from
+  CallGuard* guard_ = nullptr;  // null once closed or moved from
   RpcMetrics* rpc_ = nullptr;
   std::string peer_;
+  bool finished_ = false;
 };
 
 // An admitted request. Done() records it and releases its share of the limits; a Request

@@ -7,6 +7,7 @@
 #include <grpcpp/security/server_credentials.h>
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <exception>
@@ -351,18 +352,21 @@ void Server::Shutdown(absl::Time deadline) {
     log = started_ && logger_ != nullptr;
   }
   const absl::Time start = absl::Now();
+  // Probes read NOT_SERVING and new calls are refused while the calls in flight finish; the
+  // listeners stay open until then so that the NOT_SERVING answer can be read.
+  guard_->StartDrain();
+  SetServing(false);
   if (log) {
     logger_->Log(LogLevel::kInfo, "drain",
                  {{"calls_in_flight", guard_->open_calls()},
                   {"deadline_seconds", absl::ToDoubleSeconds(deadline - start)}});
   }
-  // Probes read NOT_SERVING and new calls are refused while the calls in flight finish; the
-  // listeners stay open until then so that the NOT_SERVING answer can be read.
-  guard_->StartDrain();
-  SetServing(false);
   const int left = guard_->WaitForIdle(deadline);
-  // Closes the listeners; what is still running after `deadline` is cancelled.
-  server_->Shutdown(absl::ToChronoTime(deadline));
+  // Closes the listeners; what is still running after `deadline` is cancelled. Once every call
+  // is done, gRPC would otherwise also wait (until `deadline`) for idle clients to hang up after
+  // its GOAWAY: a second is enough for refusals still being written.
+  server_->Shutdown(absl::ToChronoTime(
+      left == 0 ? std::min(deadline, absl::Now() + absl::Seconds(1)) : deadline));
   if (log) {
     logger_->Log(
         left == 0 ? LogLevel::kInfo : LogLevel::kWarning, "drained",

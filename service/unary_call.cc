@@ -19,8 +19,15 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
   UnaryCall(grpc::CallbackServerContext& context, UnaryWork work)
       : context_(context), work_(std::move(work)) {}
 
-  // Refused before any work: answers at once; only gRPC holds the reactor.
-  void Refuse(const absl::Status& status) { Finish(ToGrpcStatus(status)); }
+  // Refused before any work: answers at once; only gRPC holds the reactor. `call`, when the
+  // refusal came after it was opened, stays open until OnDone.
+  void Refuse(const absl::Status& status, std::optional<CallGuard::Call> call = std::nullopt) {
+    if (call.has_value()) {
+      call->Finish(status);
+      call_ = std::move(call);
+    }
+    Finish(ToGrpcStatus(status));
+  }
 
   // Admitted: the arena task takes the second reference.
   void Admitted(CallGuard::Call call, CallGuard::Request request) {
@@ -77,7 +84,8 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
     return absl::CancelledError("the call was cancelled; its work was stopped");
   }
 
-  // Records the outcome, frees the call's share of the limits, then answers. Runs once.
+  // Records the outcome, frees the call's share of the limits, then answers. Runs once. The call
+  // stays open for a drain until this object is deleted (after OnDone).
   void Complete(const absl::Status& status) {
     request_->Done(status);
     call_->Finish(status);
@@ -107,8 +115,7 @@ grpc::ServerUnaryReactor* StartUnaryCall(grpc::CallbackServerContext* context, C
   }
   absl::StatusOr<CallGuard::Request> request = call->Admit(request_bytes, rows);
   if (!request.ok()) {
-    call->Finish(request.status());
-    reactor->Refuse(request.status());
+    reactor->Refuse(request.status(), *std::move(call));
     return reactor;
   }
   reactor->Admitted(*std::move(call), *std::move(request));

@@ -30,6 +30,11 @@ ABSL_DECLARE_FLAG(std::string, target);
 ABSL_DECLARE_FLAG(int64_t, timeout_ms);
 ABSL_DECLARE_FLAG(int32_t, max_message_bytes);
 ABSL_DECLARE_FLAG(bool, wait_for_ready);
+ABSL_DECLARE_FLAG(bool, tls);
+ABSL_DECLARE_FLAG(std::string, tls_ca);
+ABSL_DECLARE_FLAG(std::string, tls_cert);
+ABSL_DECLARE_FLAG(std::string, tls_key);
+ABSL_DECLARE_FLAG(std::string, auth_token_file);
 ABSL_DECLARE_FLAG(bool, json);
 ABSL_DECLARE_FLAG(std::string, service);
 
