@@ -249,7 +249,9 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
         absl::StrJoin(options.listen_addresses, ", "),
         "] (address in use or not bindable, or a TLS certificate / key gRPC rejects?)"));
   }
-  // Not serving until everything below is up (the default health service starts at SERVING).
+  // Not serving until everything below is up. gRPC's default health service starts with ""
+  // SERVING: for the microseconds until this line a probe could read that, before any address
+  // is logged or written to a port file.
   server->SetServing(false);
   absl::StatusOr<std::vector<std::string>> bound = BoundAddresses(options.listen_addresses, ports);
   if (!bound.ok()) return bound.status();
