@@ -383,8 +383,9 @@ TEST(SessionClientProcessTest, KilledClientProcessFreesItsSessionState) {
 // The session flags at start-up.
 
 TEST(SessionDaemonStartupTest, BadSessionFlagsExitWithOneNamingTheFlag) {
-  for (const std::string flag : {"--session_max_sequences=0", "--session_max_history_tokens=-5",
-                                 "--session_idle_timeout_seconds=-1", "--keepalive_seconds=-1"}) {
+  for (const std::string flag :
+       {"--session_max_sequences=0", "--session_max_history_tokens=-5",
+        "--session_idle_timeout_seconds=-1", "--keepalive_time_seconds=0"}) {
     std::string log;
     absl::StatusOr<int> exit =
         DaemonProcess::RunToExit(TOKENSAMPLERD_PATH, {"--listen=127.0.0.1:0", flag}, &log);
@@ -404,7 +405,7 @@ TEST(SessionDaemonStartupTest, HelpListsTheSessionFlags) {
   std::remove(out_path.c_str());
   ASSERT_TRUE(exit.has_value());
   for (const char* flag : {"--session_max_sequences", "--session_max_history_tokens",
-                           "--session_idle_timeout_seconds", "--keepalive_seconds"}) {
+                           "--session_idle_timeout_seconds", "--keepalive_time_seconds"}) {
     EXPECT_THAT(help, HasSubstr(flag));
   }
   EXPECT_THAT(help, HasSubstr("default: 4096"));
@@ -416,11 +417,11 @@ TEST(SessionDaemonStartupTest, SessionFlagsAreLoggedAtStart) {
   absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon = DaemonProcess::Start(
       TOKENSAMPLERD_PATH,
       {"--listen=127.0.0.1:0", "--session_max_sequences=10", "--session_max_history_tokens=100",
-       "--session_idle_timeout_seconds=0", "--keepalive_seconds=0"});
+       "--session_idle_timeout_seconds=0", "--keepalive_time_seconds=5"});
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   EXPECT_THAT((*daemon)->Stderr(),
               HasSubstr("session_max_sequences=10 session_max_history_tokens=100 "
-                        "session_idle_timeout_seconds=0 keepalive_seconds=0"));
+                        "session_idle_timeout_seconds=0 keepalive_time_seconds=5"));
   absl::StatusOr<int> stopped = (*daemon)->Stop();
   ASSERT_TRUE(stopped.ok()) << stopped.status();
   EXPECT_EQ(*stopped, 0);
