@@ -114,6 +114,15 @@ class SecuredServerTest(unittest.TestCase):
         with self.client(self.daemon.target, token="py-secret") as client:
             self.assertEqual(client.sample(LOGITS, GREEDY).token_ids[0, 0], 3)
 
+    def test_session_needs_the_token(self):
+        with self.client(self.daemon.target) as client, client.session() as session:
+            with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                session.add([1], GREEDY)
+            self.assertEqual(caught.exception.code, grpc.StatusCode.UNAUTHENTICATED)
+        with self.client(**self.mtls(token="py-secret")) as client, client.session() as session:
+            session.add([1, 2], GREEDY)
+            np.testing.assert_array_equal(session.step(LOGITS, [1, 2]).token_ids, [3, 0])
+
     def test_health_needs_no_token_and_has_its_own_port(self):
         with self.client(self.daemon.target) as client:
             self.assertTrue(client.health())
