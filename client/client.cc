@@ -23,11 +23,39 @@ namespace health = client_internal::health;
 // The full method name on the wire; our message copy lives in another package (see the proto).
 constexpr absl::string_view kHealthCheckMethod = "/grpc.health.v1.Health/Check";
 
-// Prepares `context` for one call: deadline and wait-for-ready.
+// Prepares `context` for one call: deadline, wait-for-ready, bearer token.
 void Configure(grpc::ClientContext& context, absl::Duration timeout, const ClientOptions& options) {
   const absl::Time deadline = absl::Now() + timeout;
   if (deadline != absl::InfiniteFuture()) context.set_deadline(absl::ToChronoTime(deadline));
   context.set_wait_for_ready(options.wait_for_ready);
+  if (!options.bearer_token.empty()) {
+    context.AddMetadata("authorization", absl::StrCat("Bearer ", options.bearer_token));
+  }
+}
+
+absl::Status ValidateSecurity(const ClientOptions& options) {
+  if (options.tls.has_value() &&
+      options.tls->cert_chain.empty() != options.tls->private_key.empty()) {
+    return absl::InvalidArgumentError(
+        "tls: the client certificate chain and private key must be given together");
+  }
+  for (const char c : options.bearer_token) {
+    // gRPC sends ASCII metadata values as they are; anything else would be refused on send.
+    if (c < 0x20 || c > 0x7e) {
+      return absl::InvalidArgumentError(
+          "bearer_token must be printable ASCII (no newline or control character)");
+    }
+  }
+  return absl::OkStatus();
+}
+
+std::shared_ptr<grpc::ChannelCredentials> Credentials(const ClientOptions& options) {
+  if (!options.tls.has_value()) return grpc::InsecureChannelCredentials();
+  grpc::SslCredentialsOptions ssl;
+  ssl.pem_root_certs = options.tls->root_certs;
+  ssl.pem_cert_chain = options.tls->cert_chain;
+  ssl.pem_private_key = options.tls->private_key;
+  return grpc::SslCredentials(ssl);
 }
 
 }  // namespace
@@ -47,12 +75,13 @@ absl::StatusOr<Client> Client::Create(absl::string_view target, const ClientOpti
     return absl::InvalidArgumentError(
         absl::StrCat("target must be host:port or unix:/path, got \"", target, "\""));
   }
+  if (absl::Status valid = ValidateSecurity(options); !valid.ok()) return valid;
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);
   args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, options.use_http_proxy ? 1 : 0);
   std::shared_ptr<grpc::Channel> channel =
-      grpc::CreateCustomChannel(std::string(target), grpc::InsecureChannelCredentials(), args);
+      grpc::CreateCustomChannel(std::string(target), Credentials(options), args);
   if (channel == nullptr) {
     return absl::InternalError(absl::StrCat("could not create a channel to \"", target, "\""));
   }

@@ -1,9 +1,10 @@
 // tokensampler::Client: the C++ client of the tokensampler.v1.Sampler service, for model workers
 // (stateless Sample and Health; the Session stream is SessionClient, client/session_client.h).
 //
-// A Client owns one gRPC channel (insecure: TCP `host:port` or a Unix socket `unix:/path`) and
-// turns every RPC outcome into absl::Status / absl::StatusOr with the gRPC code and message
-// unchanged. The channel connects lazily and reconnects by itself; creating a Client does no I/O.
+// A Client owns one gRPC channel (TCP `host:port`, plaintext or TLS / mutual TLS, or a Unix socket
+// `unix:/path`) and turns every RPC outcome into absl::Status / absl::StatusOr with the gRPC code
+// and message unchanged. It can send a bearer token with every call. The channel connects lazily
+// and reconnects by itself; creating a Client does no I/O.
 //
 // Thread-safety: thread-safe. One Client may be shared by any number of threads; calls run
 // concurrently over the one channel (HTTP/2 multiplexes them).
@@ -14,6 +15,7 @@
 #include <grpcpp/support/status.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/status.h"
@@ -24,6 +26,16 @@
 #include "tokensampler/v1/sampler.pb.h"
 
 namespace tokensampler {
+
+// TLS towards a server started with --tls_cert (PEM contents, not paths).
+struct ClientTlsOptions {
+  // CA bundle that the server's certificate must chain to; empty = the system's roots.
+  std::string root_certs;
+  // The client's certificate chain and key, for a server that requires mutual TLS
+  // (--tls_client_ca); both or neither.
+  std::string cert_chain;
+  std::string private_key;
+};
 
 struct ClientOptions {
   // Largest message the client sends or receives, in bytes; -1 = no limit. A bigger request
@@ -39,6 +51,14 @@ struct ClientOptions {
   // gRPC honours http_proxy / https_proxy from the environment unless told not to. A worker
   // talks to its sidecar or an in-cluster Service directly, so proxies are off by default.
   bool use_http_proxy = false;
+
+  // Set = TLS (the server's TCP listener was started with --tls_cert); nullopt = plaintext
+  // (a Unix socket, or a TCP listener without TLS).
+  std::optional<ClientTlsOptions> tls;
+
+  // Non-empty = sent with every call as "authorization: Bearer <token>" (a server started with
+  // --auth_token_file answers UNAUTHENTICATED without it).
+  std::string bearer_token;
 };
 
 // Returns the absl::Status with the same code and message as `status` (gRPC and Abseil share the
@@ -49,8 +69,10 @@ class Client {
  public:
   // Returns a client for `target`: "host:port" (e.g. "127.0.0.1:50051", "[::1]:50051"),
   // "unix:/path/to.sock", or any other gRPC target URI ("dns:///name:port").
-  // Returns INVALID_ARGUMENT for an empty target or "unix:" without a path. Does not connect:
-  // an unreachable server shows up as UNAVAILABLE on the first call.
+  // Returns INVALID_ARGUMENT for an empty target or "unix:" without a path, a TLS certificate
+  // without its key (or the reverse), or a bearer token that cannot be sent as metadata (a
+  // character outside printable ASCII). Does not connect: an unreachable server, or a TLS
+  // handshake that fails, shows up as UNAVAILABLE on the first call.
   static absl::StatusOr<Client> Create(absl::string_view target, const ClientOptions& options = {});
 
   Client(Client&&) = default;

@@ -17,13 +17,16 @@ absl::Status ResponseStatus(const v1::SessionResponse& response) {
 }  // namespace
 
 std::unique_ptr<SessionClient> SessionClient::Open(const Client& client) {
-  return std::unique_ptr<SessionClient>(
-      new SessionClient(client.channel(), client.options().wait_for_ready));
+  return std::unique_ptr<SessionClient>(new SessionClient(client.channel(), client.options()));
 }
 
-SessionClient::SessionClient(std::shared_ptr<grpc::Channel> channel, bool wait_for_ready)
+SessionClient::SessionClient(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options)
     : stub_(v1::Sampler::NewStub(std::move(channel))), ended_future_(ended_.get_future()) {
-  context_.set_wait_for_ready(wait_for_ready);
+  context_.set_wait_for_ready(options.wait_for_ready);
+  // Client::Create checked that the token can be sent as metadata.
+  if (!options.bearer_token.empty()) {
+    context_.AddMetadata("authorization", absl::StrCat("Bearer ", options.bearer_token));
+  }
   // The call's headers go out with the first request: opening never blocks, even while
   // waiting for the server to be ready.
   context_.set_initial_metadata_corked(true);

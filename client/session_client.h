@@ -90,7 +90,7 @@ class SessionClient {
  private:
   using Deliver = std::function<void(absl::StatusOr<v1::SessionResponse>)>;
 
-  SessionClient(std::shared_ptr<grpc::Channel> channel, bool wait_for_ready);
+  SessionClient(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options);
 
   // Sends `request` and queues `deliver` for its answer (or calls it at once with the final
   // status when the stream has ended).

@@ -8,6 +8,7 @@ packages=(
   build-essential cmake ninja-build pkg-config
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libtbb-dev libgtest-dev libgmock-dev libbenchmark-dev libhwy-dev
+  prometheus-cpp-dev libcurl4-openssl-dev openssl
   python3-grpcio python3-numpy python3-protobuf python3-matplotlib
 )
 

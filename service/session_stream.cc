@@ -39,13 +39,16 @@ absl::Duration ReaperTick(absl::Duration idle_timeout) {
 // ---------------------------------------------------------------------------------------------
 // SessionRegistry
 
-SessionRegistry::SessionRegistry(const SessionOptions& options) : options_(options) {
+SessionRegistry::SessionRegistry(const SessionOptions& options, CallGuard& guard, Metrics& metrics)
+    : options_(options), guard_(guard), metrics_(metrics) {
   if (options_.idle_timeout != absl::InfiniteDuration()) {
     reaper_ = std::thread([this] { ReapIdleStreams(); });
   }
+  drain_subscription_ = guard_.SubscribeDrain([this] { BeginShutdown(); });
 }
 
 SessionRegistry::~SessionRegistry() {
+  guard_.UnsubscribeDrain(drain_subscription_);
   {
     absl::MutexLock lock(&mu_);
     stop_reaper_ = true;
@@ -70,19 +73,11 @@ void SessionRegistry::BeginShutdown() {
   for (SessionStream* stream : streams_) stream->Drain();
 }
 
-bool SessionRegistry::AwaitNoStreams(absl::Time deadline) {
-  absl::MutexLock lock(&mu_);
-  return mu_.AwaitWithDeadline(
-      absl::Condition(
-          +[](absl::flat_hash_set<SessionStream*>* streams) { return streams->empty(); },
-          &streams_),
-      deadline);
-}
-
 bool SessionRegistry::Register(SessionStream* stream) {
   absl::MutexLock lock(&mu_);
   streams_.insert(stream);
   live_sessions_.fetch_add(1, std::memory_order_relaxed);
+  metrics_.live_sessions().Increment();
   return !shutting_down_;
 }
 
@@ -90,6 +85,7 @@ void SessionRegistry::Unregister(SessionStream* stream) {
   absl::MutexLock lock(&mu_);
   streams_.erase(stream);
   live_sessions_.fetch_sub(1, std::memory_order_relaxed);
+  metrics_.live_sessions().Decrement();
 }
 
 void SessionRegistry::TaskStarted() {
@@ -117,8 +113,26 @@ void SessionRegistry::ReapIdleStreams() {
 // ---------------------------------------------------------------------------------------------
 // SessionStream: the state machine
 
-SessionStream* SessionStream::Start(grpc::CallbackServerContext* context, const Env& env) {
-  auto* stream = new SessionStream(context, env);
+namespace {
+
+// The reactor of a Session call the CallGuard refused: ends at once with the refusal.
+class RefusedSession final
+    : public grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse> {
+ public:
+  explicit RefusedSession(const grpc::Status& status) { Finish(status); }
+  void OnDone() override { delete this; }
+};
+
+}  // namespace
+
+grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SessionStream::Refuse(
+    const grpc::Status& status) {
+  return new RefusedSession(status);
+}
+
+SessionStream* SessionStream::Start(grpc::CallbackServerContext* context, CallGuard::Call call,
+                                    const Env& env) {
+  auto* stream = new SessionStream(context, std::move(call), env);
   const bool accepted = env.registry->Register(stream);
   stream->Pump([stream, accepted]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     if (!accepted) {
@@ -129,8 +143,14 @@ SessionStream* SessionStream::Start(grpc::CallbackServerContext* context, const 
   return stream;
 }
 
-SessionStream::SessionStream(grpc::CallbackServerContext* context, const Env& env)
-    : env_(env), context_(context), table_(env.options->limits), last_activity_(absl::Now()) {}
+SessionStream::SessionStream(grpc::CallbackServerContext* context, CallGuard::Call call,
+                             const Env& env)
+    : env_(env),
+      context_(context),
+      call_(std::move(call)),
+      table_(env.options->limits),
+      admission_(absl::FailedPreconditionError("no request admitted")),
+      last_activity_(absl::Now()) {}
 
 void SessionStream::OnReadDone(bool ok) {
   Pump([this, ok]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
@@ -160,7 +180,10 @@ void SessionStream::OnCancel() {
 }
 
 void SessionStream::OnDone() {
-  // Every operation has completed and no task runs (Finish waited for it).
+  // Every operation has completed and no task runs (Finish waited for it). Closing the call
+  // first lets a drain that waits for it go on; it must happen before Unregister, after which
+  // the registry, and so the guard, may go away.
+  { const CallGuard::Call closed = std::move(call_); }
   SessionRegistry* registry = env_.registry;
   registry->AddLiveSequences(-table_.size());
   registry->Unregister(this);
@@ -217,10 +240,28 @@ void SessionStream::Pump(const std::function<void()>& update) {
     if (actions.write != nullptr) StartWrite(actions.write);
     if (actions.read) StartRead(&read_buffer_);
     if (actions.task) {
+      // current_ is the task's from now on, but the task has not started yet.
+      admission_ = call_.Admit(static_cast<int64_t>(current_.ByteSizeLong()),
+                               current_.has_step() ? current_.step().sequence_ids_size() : 0);
       env_.registry->TaskStarted();
-      env_.arena->enqueue([this] { RunTask(); });
+      if (admission_.ok()) {
+        env_.arena->enqueue([this] { RunTask(); });
+      } else {
+        // Over the server's limits: answered at once here, not in the arena (whose busy threads
+        // may be what the limits protect). No gRPC operation waits: the nested Pump only starts
+        // operations, and this turn's starts keep the stream from finishing under it.
+        RunTask();
+      }
     }
     if (actions.finish.has_value()) {
+      absl::Status outcome(static_cast<absl::StatusCode>(actions.finish->error_code()),
+                           actions.finish->error_message());
+      // A client's cancel may reach the stream as a failed read (taken for a half-close) before
+      // OnCancel: account it as what it was.
+      if (outcome.ok() && context_->IsCancelled()) {
+        outcome = absl::CancelledError("the session stream was cancelled");
+      }
+      call_.Finish(outcome);
       Finish(*std::move(actions.finish));
       return;  // OnDone may delete this at any moment now
     }
@@ -275,7 +316,15 @@ void SessionStream::RunTask() {
   const int64_t sequences_before = table_.size();
   v1::SessionResponse response;
   response.set_request_id(current_.request_id());
-  if (absl::Status status = Apply(current_, response); !status.ok()) {
+  // Over the server's limits, the request is answered with RESOURCE_EXHAUSTED without running.
+  absl::Status status = admission_.status();
+  if (status.ok()) {
+    admission_->Started();
+    status = Apply(current_, response);
+    admission_->Done(status);
+  }
+  admission_ = absl::FailedPreconditionError("no request admitted");
+  if (!status.ok()) {
     if (status.code() == absl::StatusCode::kCancelled) registry->CountCancelledStep();
     response.clear_results();
     const grpc::Status wire = ToGrpcStatus(status);

@@ -1,6 +1,14 @@
 // The server side of Sampler.Session: SessionStream, the reactor of one bidirectional stream that
 // owns the stream's SequenceTable, and SessionRegistry, the live streams of one service with
-// their counters, the idle-stream reaper and the shutdown drain.
+// their counters, the idle-stream reaper and the drain.
+//
+// Every stream is a call of the server's CallGuard (service/call_guard.h): SamplerService opens
+// it (drain → UNAVAILABLE, missing token → UNAUTHENTICATED; SessionStream::Refuse answers a
+// refused one), the stream admits each request under the server's limits (RESOURCE_EXHAUSTED
+// over them, answered in that request's response), and it keeps the call until its OnDone, so
+// that the server's drain waits until the stream's last answer has been sent. The registry
+// subscribes to the guard's drain: when it starts, every stream ends with UNAVAILABLE once its
+// current request is answered.
 //
 // A SessionStream reads one request at a time, processes requests strictly in order in the
 // service's tbb::task_arena (never on a gRPC thread), and writes one response per request in the
@@ -28,11 +36,14 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
+#include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/sampler.h"
 #include "core/session.h"
 #include "oneapi/tbb/task_arena.h"
+#include "service/call_guard.h"
+#include "service/metrics.h"
 #include "tokensampler/v1/sampler.grpc.pb.h"
 
 namespace tokensampler::service {
@@ -52,9 +63,10 @@ class SessionStream;
 
 class SessionRegistry {
  public:
-  // Starts the idle reaper thread unless `options.idle_timeout` is infinite. `options` is
-  // borrowed and must outlive the registry.
-  explicit SessionRegistry(const SessionOptions& options);
+  // Starts the idle reaper thread unless `options.idle_timeout` is infinite, and subscribes to
+  // the drain of `guard`. Keeps the live_sessions / live_sequences gauges of `metrics`. All
+  // borrowed: they must outlive the registry.
+  SessionRegistry(const SessionOptions& options, CallGuard& guard, Metrics& metrics);
 
   // Stops the reaper, waits until every stream has unregistered (OnDone) and every task a stream
   // enqueued has returned. REQUIRES: the grpc::Server serving the streams has shut down (so
@@ -65,11 +77,8 @@ class SessionRegistry {
   SessionRegistry& operator=(const SessionRegistry&) = delete;
 
   // Makes every live stream end with UNAVAILABLE once its current request is answered; streams
-  // opened later end at once. Idempotent.
+  // opened later end at once. Called when the guard's drain starts. Idempotent.
   void BeginShutdown();
-
-  // Blocks until no stream is live or `deadline` passes; returns whether none is live.
-  bool AwaitNoStreams(absl::Time deadline);
 
   // Streams open now, sequences live in them now, and steps stopped by a cancellation so far.
   int64_t live_sessions() const { return live_sessions_.load(std::memory_order_relaxed); }
@@ -84,6 +93,7 @@ class SessionRegistry {
   void Unregister(SessionStream* stream);
   void AddLiveSequences(int64_t delta) {
     live_sequences_.fetch_add(delta, std::memory_order_relaxed);
+    metrics_.live_sequences().Increment(static_cast<double>(delta));
   }
   void CountCancelledStep() { cancelled_steps_.fetch_add(1, std::memory_order_relaxed); }
   void TaskStarted();
@@ -93,6 +103,9 @@ class SessionRegistry {
   void ReapIdleStreams();
 
   const SessionOptions& options_;
+  CallGuard& guard_;
+  Metrics& metrics_;
+  int64_t drain_subscription_ = 0;
 
   absl::Mutex mu_;
   absl::flat_hash_set<SessionStream*> streams_ ABSL_GUARDED_BY(mu_);
@@ -121,9 +134,14 @@ class SessionStream final
     SessionRegistry* registry = nullptr;
   };
 
-  // Starts serving the stream of `context` and returns its reactor, which deletes itself in
-  // OnDone.
-  static SessionStream* Start(grpc::CallbackServerContext* context, const Env& env);
+  // Starts serving the stream of `context`, the open `call` of the CallGuard, and returns its
+  // reactor, which deletes itself in OnDone.
+  static SessionStream* Start(grpc::CallbackServerContext* context, CallGuard::Call call,
+                              const Env& env);
+
+  // A reactor that ends its stream at once with `status` (a call the CallGuard refused).
+  static grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* Refuse(
+      const grpc::Status& status);
 
   SessionStream(const SessionStream&) = delete;
   SessionStream& operator=(const SessionStream&) = delete;
@@ -150,7 +168,7 @@ class SessionStream final
     bool none() const { return starts() == 0 && !finish.has_value(); }
   };
 
-  SessionStream(grpc::CallbackServerContext* context, const Env& env);
+  SessionStream(grpc::CallbackServerContext* context, CallGuard::Call call, const Env& env);
   ~SessionStream() override = default;
 
   // Called by the registry with its mutex held.
@@ -169,10 +187,15 @@ class SessionStream final
 
   const Env env_;
   grpc::CallbackServerContext* const context_;
+  // The stream's call of the CallGuard: admits its requests; closed in OnDone (a drain waits for
+  // it). Touched by Pump when it starts a task or finishes the stream (never both at once).
+  CallGuard::Call call_;
 
   // Owned by the running task while task_running_ (set and cleared under mu_).
   SequenceTable table_;
   v1::SessionRequest current_;
+  // current_'s admission under the server's limits (made when its task is enqueued).
+  absl::StatusOr<CallGuard::Request> admission_;
   // Set when the stream is cancelled or broken; read by Sampler::Run between rows.
   std::atomic<bool> cancelled_{false};
   // Target of the read in flight (read_in_flight_).

@@ -7,6 +7,7 @@
 #include <iterator>
 #include <map>
 #include <sstream>
+#include <tuple>
 
 #include "absl/flags/flag.h"
 #include "absl/status/status.h"
@@ -33,6 +34,15 @@ ABSL_FLAG(int32_t, max_message_bytes, 256 << 20,
 ABSL_FLAG(bool, wait_for_ready, false,
           "Wait (up to --timeout_ms) for the server to become reachable instead of failing at "
           "once with UNAVAILABLE.");
+ABSL_FLAG(bool, tls, false,
+          "Connect with TLS (implied by --tls_ca / --tls_cert), verifying the server against "
+          "the system's roots unless --tls_ca is given.");
+ABSL_FLAG(std::string, tls_ca, "", "PEM CA bundle that the server's certificate must chain to.");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM client certificate chain, for a server requiring mutual TLS (with --tls_key).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls_cert.");
+ABSL_FLAG(std::string, auth_token_file, "",
+          "File whose first non-blank line is the bearer token sent with every call.");
 ABSL_FLAG(bool, json, false,
           "sample: print the response as one line of JSON; decode: one line per step.");
 ABSL_FLAG(uint32_t, sequences, 2, "decode: number of sequences to decode (each forked --n times).");
@@ -122,14 +132,17 @@ absl::Status BadFlag(absl::string_view flag, absl::string_view rule, absl::strin
       absl::StrCat("--", flag, " must be ", rule, ", got \"", value, "\""));
 }
 
-absl::StatusOr<std::string> ReadFile(const std::string& path) {
+// The contents of the file `path` named by --`flag`.
+absl::StatusOr<std::string> ReadFile(absl::string_view flag, const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     return absl::NotFoundError(
-        absl::StrCat("--logits: cannot open \"", path, "\": ", std::strerror(errno)));
+        absl::StrCat("--", flag, ": cannot open \"", path, "\": ", std::strerror(errno)));
   }
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  if (in.bad()) return absl::DataLossError(absl::StrCat("--logits: error reading \"", path, "\""));
+  if (in.bad()) {
+    return absl::DataLossError(absl::StrCat("--", flag, ": error reading \"", path, "\""));
+  }
   return bytes;
 }
 
@@ -142,6 +155,38 @@ absl::StatusOr<Client> ClientFromFlags() {
   ClientOptions options;
   options.max_message_bytes = absl::GetFlag(FLAGS_max_message_bytes);
   options.wait_for_ready = absl::GetFlag(FLAGS_wait_for_ready);
+  const std::string ca = absl::GetFlag(FLAGS_tls_ca);
+  const std::string cert = absl::GetFlag(FLAGS_tls_cert);
+  const std::string key = absl::GetFlag(FLAGS_tls_key);
+  if (absl::GetFlag(FLAGS_tls) || !ca.empty() || !cert.empty() || !key.empty()) {
+    ClientTlsOptions& tls = options.tls.emplace();
+    for (const auto& [flag, path, pem] :
+         {std::tuple<const char*, const std::string*, std::string*>{"tls_ca", &ca, &tls.root_certs},
+          {"tls_cert", &cert, &tls.cert_chain},
+          {"tls_key", &key, &tls.private_key}}) {
+      if (path->empty()) continue;
+      absl::StatusOr<std::string> pem_or = ReadFile(flag, *path);
+      if (!pem_or.ok()) return pem_or.status();
+      *pem = *std::move(pem_or);
+    }
+  }
+  const std::string token_file = absl::GetFlag(FLAGS_auth_token_file);
+  if (!token_file.empty()) {
+    absl::StatusOr<std::string> token = ReadFile("auth_token_file", token_file);
+    if (!token.ok()) return token.status();
+    // The first non-blank line (the server's file may list several accepted tokens).
+    for (absl::string_view line : absl::StrSplit(*token, '\n')) {
+      line = absl::StripAsciiWhitespace(line);
+      if (!line.empty()) {
+        options.bearer_token = std::string(line);
+        break;
+      }
+    }
+    if (options.bearer_token.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--auth_token_file: \"", token_file, "\" holds no token"));
+    }
+  }
   return Client::Create(absl::GetFlag(FLAGS_target), options);
 }
 
@@ -322,7 +367,7 @@ absl::StatusOr<v1::Logits> LogitsFromFlags() {
     return MakeLogits(values, *vocab, *dtype);
   }
 
-  absl::StatusOr<std::string> bytes = ReadFile(path);
+  absl::StatusOr<std::string> bytes = ReadFile("logits", path);
   if (!bytes.ok()) return bytes.status();
   absl::StatusOr<v1::Logits> logits = MakeLogitsFromBytes(*bytes, *vocab, *dtype);
   if (!logits.ok()) {

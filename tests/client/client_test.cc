@@ -61,6 +61,25 @@ TEST(ClientCreateTest, AcceptsTcpAndUnixTargetsWithoutConnecting) {
   }
 }
 
+TEST(ClientCreateTest, RejectsHalfAClientCertificateAndUnsendableTokens) {
+  ClientOptions cert_only;
+  cert_only.tls.emplace().cert_chain = "-----BEGIN CERTIFICATE-----";
+  absl::StatusOr<Client> client = Client::Create("127.0.0.1:1", cert_only);
+  EXPECT_EQ(client.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(client.status().message(), HasSubstr("must be given together"));
+  for (const char* token : {"two\nlines", "tab\there", "caf\xc3\xa9"}) {
+    ClientOptions options;
+    options.bearer_token = token;
+    client = Client::Create("127.0.0.1:1", options);
+    EXPECT_EQ(client.status().code(), absl::StatusCode::kInvalidArgument) << token;
+    EXPECT_THAT(client.status().message(), HasSubstr("bearer_token must be printable ASCII"));
+  }
+  ClientOptions fine;
+  fine.tls.emplace();  // the system's roots
+  fine.bearer_token = "abc.DEF-123_~+/=";
+  EXPECT_TRUE(Client::Create("127.0.0.1:1", fine).ok());
+}
+
 // A Unix socket path nobody listens on: connecting fails at once, no port races.
 std::string DeadSocket() {
   return absl::StrCat("unix:", ::testing::TempDir(), "/tokensampler_client_test_dead.sock");

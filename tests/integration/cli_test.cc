@@ -30,6 +30,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_process.h"
+#include "tests/testing/operations_testing.h"
 
 #ifndef TOKENSAMPLERD_PATH
 #error "TOKENSAMPLERD_PATH must name the tokensamplerd binary"
@@ -452,6 +453,65 @@ TEST_F(CliTest, ClientHealth) {
 
   ASSERT_TRUE(daemon_->Stop(SIGTERM).ok());
   EXPECT_EQ(client->Health("", kTimeout).status().code(), absl::StatusCode::kUnavailable);
+}
+
+// --- secured servers: TLS, mutual TLS, bearer tokens; the health-only port ---
+
+TEST_F(CliTest, TalksToAMutualTlsServerWithABearerToken) {
+  absl::StatusOr<tokensampler::testing::TestPki> pki =
+      tokensampler::testing::TestPki::Generate(UniqueTempPath("cli_pki"));
+  ASSERT_TRUE(pki.ok()) << pki.status();
+  const std::string token_file = UniqueTempPath("cli_token.txt");
+  std::ofstream(token_file) << "cli-secret\n";
+  ASSERT_NO_FATAL_FAILURE(StartDaemon(
+      {"--health_listen=127.0.0.1:0", absl::StrCat("--tls_cert=", pki->server_cert),
+       absl::StrCat("--tls_key=", pki->server_key), absl::StrCat("--tls_client_ca=", pki->ca_cert),
+       absl::StrCat("--auth_token_file=", token_file)}));
+  const std::vector<std::string> tls = {absl::StrCat("--tls_ca=", pki->ca_cert),
+                                        absl::StrCat("--tls_cert=", pki->client_cert),
+                                        absl::StrCat("--tls_key=", pki->client_key)};
+  const auto sample = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"sample", "--target=" + tcp(),
+                                     "--logits=" + WriteTwoRowsFile(), "--vocab=8",
+                                     "--temperature=0"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return RunCli(args);
+  };
+  std::vector<std::string> secured = tls;
+  secured.push_back(absl::StrCat("--auth_token_file=", token_file));
+  const CliResult ok = sample(secured);
+  EXPECT_EQ(ok.exit_code, 0) << ok.err;
+  EXPECT_EQ(ok.out, "row 0 sample 0: token 5 finish=none\nrow 1 sample 0: token 2 finish=none\n");
+
+  const CliResult no_token = sample(tls);
+  EXPECT_EQ(no_token.exit_code, 1);
+  EXPECT_THAT(no_token.err, StartsWith("error: UNAUTHENTICATED: missing bearer token"));
+
+  const CliResult no_client_cert = sample(
+      {absl::StrCat("--tls_ca=", pki->ca_cert), absl::StrCat("--auth_token_file=", token_file)});
+  EXPECT_EQ(no_client_cert.exit_code, 1);
+  EXPECT_THAT(no_client_cert.err, StartsWith("error: UNAVAILABLE: "));
+
+  const CliResult plaintext = sample({absl::StrCat("--auth_token_file=", token_file)});
+  EXPECT_EQ(plaintext.exit_code, 1);
+  EXPECT_THAT(plaintext.err, StartsWith("error: UNAVAILABLE: "));
+
+  // The Unix socket is plaintext; the token is still required there.
+  const CliResult unix_ok = RunCli({"sample", "--target=" + unix_socket(), "--random", "--vocab=16",
+                                    absl::StrCat("--auth_token_file=", token_file)});
+  EXPECT_EQ(unix_ok.exit_code, 0) << unix_ok.err;
+
+  // Probes: the health port needs neither TLS nor a token.
+  const CliResult health =
+      RunCli({"health", absl::StrCat("--target=", daemon_->health_addresses()[0])});
+  EXPECT_EQ(health.exit_code, 0) << health.err;
+  EXPECT_EQ(health.out, "SERVING\n");
+
+  const CliResult missing_file = sample({"--auth_token_file=/nonexistent/token"});
+  EXPECT_EQ(missing_file.exit_code, 1);
+  EXPECT_THAT(missing_file.err, HasSubstr("--auth_token_file: cannot open"));
+  std::remove(token_file.c_str());
+  pki->Remove();
 }
 
 }  // namespace

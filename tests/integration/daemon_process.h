@@ -1,6 +1,7 @@
 // DaemonProcess: runs the real tokensamplerd binary as a child process for integration tests.
-// It learns the bound addresses from `--port_file`, captures stderr to a file, and stops the
-// daemon with a signal, reporting its exit status. Every wait is bounded.
+// It learns the bound addresses from `--port_file` (gRPC, health-only and metrics listeners),
+// captures stderr to a file, and stops the daemon with a signal, reporting its exit status.
+// Extra environment variables may be given (TOKENSAMPLER_* configuration). Every wait is bounded.
 // Thread-compatible.
 #ifndef TOKENSAMPLER_TESTS_INTEGRATION_DAEMON_PROCESS_H_
 #define TOKENSAMPLER_TESTS_INTEGRATION_DAEMON_PROCESS_H_
@@ -27,20 +28,14 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "tests/testing/service_testing.h"
 
 extern char** environ;
 
 namespace tokensampler::testing {
-
-// A short path unique to this process and moment, in the temp dir: Unix socket paths must stay
-// under 108 bytes, so this avoids gtest's (possibly long) TempDir().
-inline std::string UniqueTempPath(const std::string& stem) {
-  const char* tmp = std::getenv("TMPDIR");
-  return absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/ts_", getpid(), "_",
-                      absl::ToUnixNanos(absl::Now()), "_", stem);
-}
 
 inline std::string ReadWholeFile(const std::string& path) {
   std::ifstream in(path);
@@ -56,16 +51,25 @@ class DaemonProcess {
   //   INTERNAL           spawning failed;
   //   UNAVAILABLE        the daemon exited before serving (its stderr is in the message);
   //   DEADLINE_EXCEEDED  it did not serve within `timeout` (it is killed).
+  // `env` holds extra "NAME=value" entries added to this process's environment.
   static absl::StatusOr<std::unique_ptr<DaemonProcess>> Start(
       const std::string& binary, const std::vector<std::string>& args,
-      absl::Duration timeout = absl::Seconds(30)) {
-    absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon = Spawn(binary, args);
+      absl::Duration timeout = absl::Seconds(30), const std::vector<std::string>& env = {}) {
+    absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon = Spawn(binary, args, env);
     if (!daemon.ok()) return daemon.status();
     const absl::Time deadline = absl::Now() + timeout;
     while (absl::Now() < deadline) {
       if (access((*daemon)->port_file_.c_str(), R_OK) == 0) {
-        (*daemon)->addresses_ =
-            absl::StrSplit(ReadWholeFile((*daemon)->port_file_), '\n', absl::SkipWhitespace());
+        for (absl::string_view line :
+             absl::StrSplit(ReadWholeFile((*daemon)->port_file_), '\n', absl::SkipWhitespace())) {
+          if (absl::ConsumePrefix(&line, "health=")) {
+            (*daemon)->health_addresses_.emplace_back(line);
+          } else if (absl::ConsumePrefix(&line, "metrics=")) {
+            (*daemon)->metrics_address_ = std::string(line);
+          } else {
+            (*daemon)->addresses_.emplace_back(line);
+          }
+        }
         return daemon;
       }
       if (std::optional<int> exit = (*daemon)->TryReap()) {
@@ -85,8 +89,9 @@ class DaemonProcess {
   static absl::StatusOr<int> RunToExit(const std::string& binary,
                                        const std::vector<std::string>& args,
                                        std::string* stderr_out,
-                                       absl::Duration timeout = absl::Seconds(30)) {
-    absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon = Spawn(binary, args);
+                                       absl::Duration timeout = absl::Seconds(30),
+                                       const std::vector<std::string>& env = {}) {
+    absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon = Spawn(binary, args, env);
     if (!daemon.ok()) return daemon.status();
     absl::StatusOr<int> exit = (*daemon)->WaitForExit(timeout);
     *stderr_out = (*daemon)->Stderr();
@@ -105,6 +110,9 @@ class DaemonProcess {
 
   // The bound addresses, in --listen order, port 0 resolved ("127.0.0.1:41234", "unix:/p").
   const std::vector<std::string>& addresses() const { return addresses_; }
+  // The same for --health_listen, and the --metrics_listen address ("" when off).
+  const std::vector<std::string>& health_addresses() const { return health_addresses_; }
+  const std::string& metrics_address() const { return metrics_address_; }
 
   pid_t pid() const { return pid_; }
 
@@ -123,8 +131,9 @@ class DaemonProcess {
   DaemonProcess() = default;
 
   // Starts the child with stderr redirected to a file and an empty signal mask.
-  static absl::StatusOr<std::unique_ptr<DaemonProcess>> Spawn(
-      const std::string& binary, const std::vector<std::string>& args) {
+  static absl::StatusOr<std::unique_ptr<DaemonProcess>> Spawn(const std::string& binary,
+                                                              const std::vector<std::string>& args,
+                                                              const std::vector<std::string>& env) {
     std::unique_ptr<DaemonProcess> daemon(new DaemonProcess());
     daemon->port_file_ = UniqueTempPath("ports.txt");
     daemon->stderr_file_ = UniqueTempPath("stderr.txt");
@@ -145,8 +154,13 @@ class DaemonProcess {
     sigemptyset(&none);
     posix_spawnattr_setsigmask(&attr, &none);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    std::vector<std::string> envp_strings = env;
+    for (char** e = environ; *e != nullptr; ++e) envp_strings.emplace_back(*e);
+    std::vector<char*> envp;  // ours first: getenv() returns the first match
+    for (std::string& entry : envp_strings) envp.push_back(entry.data());
+    envp.push_back(nullptr);
     const int rc =
-        posix_spawn(&daemon->pid_, binary.c_str(), &actions, &attr, argv_ptrs.data(), environ);
+        posix_spawn(&daemon->pid_, binary.c_str(), &actions, &attr, argv_ptrs.data(), envp.data());
     posix_spawn_file_actions_destroy(&actions);
     posix_spawnattr_destroy(&attr);
     if (rc != 0) {
@@ -184,6 +198,8 @@ class DaemonProcess {
   std::string port_file_;
   std::string stderr_file_;
   std::vector<std::string> addresses_;
+  std::vector<std::string> health_addresses_;
+  std::string metrics_address_;
 };
 
 }  // namespace tokensampler::testing

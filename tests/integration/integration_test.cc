@@ -192,11 +192,11 @@ TEST_F(DaemonTest, HealthAndReflectionAreServed) {
 // Start-up failures exit non-zero with a log line, without serving.
 
 TEST(DaemonStartupTest, BadFlagValuesExitWithOne) {
-  for (const std::vector<std::string>& args : std::vector<std::vector<std::string>>{
-           {"--listen=127.0.0.1:0", "--max_message_bytes=0"},
-           {"--listen=127.0.0.1:0", "--threads=-1"},
-           {"--listen=127.0.0.1:0", "--shutdown_grace_seconds=-1"},
-           {"--listen="}}) {
+  for (const std::vector<std::string>& args :
+       std::vector<std::vector<std::string>>{{"--listen=127.0.0.1:0", "--max_message_bytes=0"},
+                                             {"--listen=127.0.0.1:0", "--threads=-1"},
+                                             {"--listen=127.0.0.1:0", "--drain_seconds=-1"},
+                                             {"--listen="}}) {
     std::string log;
     absl::StatusOr<int> exit = DaemonProcess::RunToExit(TOKENSAMPLERD_PATH, args, &log);
     ASSERT_TRUE(exit.ok()) << exit.status();

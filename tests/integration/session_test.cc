@@ -10,7 +10,9 @@
 
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <future>
 #include <memory>
 #include <optional>
@@ -215,20 +217,72 @@ TEST_F(SessionDaemonTest, IdleTimeoutFlagEndsTheStream) {
 }
 
 TEST_F(SessionDaemonTest, SigtermEndsOpenStreamsWithUnavailableAndExitsCleanly) {
-  StartDaemon();
-  auto stub = v1::Sampler::NewStub(CreateTestChannel(daemon_->addresses()[1]));
-  TestSession session(*stub);
-  v1::SessionRequest add;
-  AddSequence(add, 1, Seeded(1));
-  session.CallOk(add);
+  // A drain deadline far beyond the test's own bounds: the streams must end by themselves.
+  StartDaemon({"--drain_seconds=600"});
+  std::vector<std::unique_ptr<v1::Sampler::Stub>> stubs;
+  std::vector<std::unique_ptr<TestSession>> sessions;
+  for (const std::string& address : daemon_->addresses()) {  // TCP and Unix socket
+    stubs.push_back(v1::Sampler::NewStub(CreateTestChannel(address)));
+    sessions.push_back(std::make_unique<TestSession>(*stubs.back()));
+    v1::SessionRequest add;
+    AddSequence(add, 1, Seeded(1));
+    sessions.back()->CallOk(add);
+  }
   std::future<absl::StatusOr<int>> exit =
-      std::async(std::launch::async, [this] { return daemon_->Stop(SIGTERM); });
-  const grpc::Status status = session.AwaitEnd();
-  EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
-  EXPECT_THAT(status.error_message(), HasSubstr("shutting down"));
+      std::async(std::launch::async, [this] { return daemon_->Stop(SIGTERM, absl::Seconds(60)); });
+  for (std::unique_ptr<TestSession>& session : sessions) {
+    const grpc::Status status = session->AwaitEnd();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_THAT(status.error_message(), HasSubstr("shutting down"));
+  }
   const absl::StatusOr<int> code = exit.get();
   ASSERT_TRUE(code.ok()) << code.status();
   EXPECT_EQ(*code, 0) << daemon_->Stderr();
+  // The drain waited for both streams (calls_in_flight=2) and none had to be cancelled at its
+  // deadline: they ended with their status within --drain_seconds.
+  const std::string log = daemon_->Stderr();
+  EXPECT_THAT(log, HasSubstr("event=drain calls_in_flight=2"));
+  EXPECT_THAT(log, HasSubstr("event=drained calls_cancelled=0"));
+  EXPECT_THAT(log, HasSubstr("event=rpc_error rpc=Session code=UNAVAILABLE"));
+  EXPECT_THAT(log, HasSubstr("event=stop"));
+}
+
+TEST_F(SessionDaemonTest, SessionNeedsTheBearerTokenWhenAuthIsOn) {
+  const std::string token_file = UniqueTempPath("tokens.txt");
+  {
+    std::ofstream out(token_file);
+    out << "session-daemon-token\n";
+  }
+  StartDaemon({absl::StrCat("--auth_token_file=", token_file)});
+  for (const std::string& address : daemon_->addresses()) {
+    auto stub = v1::Sampler::NewStub(CreateTestChannel(address));
+    {
+      TestSession session(*stub);
+      v1::SessionRequest add;
+      AddSequence(add, 1, Seeded(1));
+      session.Write(add);  // may already fail: the server ends the stream at once
+      EXPECT_EQ(session.AwaitEnd().error_code(), grpc::StatusCode::UNAUTHENTICATED) << address;
+    }
+    // The C++ SessionClient sends the client's token with the stream.
+    ClientOptions options;
+    options.bearer_token = "session-daemon-token";
+    absl::StatusOr<Client> client = Client::Create(address, options);
+    ASSERT_TRUE(client.ok()) << client.status();
+    std::unique_ptr<SessionClient> session = SessionClient::Open(*client);
+    EXPECT_TRUE(session->Add(1, Seeded(1), {1, 2}).get().ok()) << address;
+    absl::StatusOr<std::vector<v1::SequenceResult>> step =
+        session->Step(*MakeLogits(Peaked(1), 16, v1::DTYPE_FLOAT32), std::vector<uint64_t>{1})
+            .get();
+    ASSERT_TRUE(step.ok()) << address << ": " << step.status();
+    EXPECT_THAT(*step, SizeIs(1));
+    EXPECT_TRUE(session->Close().ok()) << address;
+    // Without the token, the first call fails with UNAUTHENTICATED.
+    absl::StatusOr<Client> anonymous = Client::Create(address);
+    ASSERT_TRUE(anonymous.ok()) << anonymous.status();
+    std::unique_ptr<SessionClient> refused = SessionClient::Open(*anonymous);
+    EXPECT_EQ(refused->Add(1, Seeded(1), {1, 2}).get().code(), absl::StatusCode::kUnauthenticated);
+  }
+  std::remove(token_file.c_str());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -383,8 +437,9 @@ TEST(SessionClientProcessTest, KilledClientProcessFreesItsSessionState) {
 // The session flags at start-up.
 
 TEST(SessionDaemonStartupTest, BadSessionFlagsExitWithOneNamingTheFlag) {
-  for (const std::string flag : {"--session_max_sequences=0", "--session_max_history_tokens=-5",
-                                 "--session_idle_timeout_seconds=-1", "--keepalive_seconds=-1"}) {
+  for (const std::string flag :
+       {"--session_max_sequences=0", "--session_max_history_tokens=-5",
+        "--session_idle_timeout_seconds=-1", "--keepalive_time_seconds=0"}) {
     std::string log;
     absl::StatusOr<int> exit =
         DaemonProcess::RunToExit(TOKENSAMPLERD_PATH, {"--listen=127.0.0.1:0", flag}, &log);
@@ -404,7 +459,7 @@ TEST(SessionDaemonStartupTest, HelpListsTheSessionFlags) {
   std::remove(out_path.c_str());
   ASSERT_TRUE(exit.has_value());
   for (const char* flag : {"--session_max_sequences", "--session_max_history_tokens",
-                           "--session_idle_timeout_seconds", "--keepalive_seconds"}) {
+                           "--session_idle_timeout_seconds", "--keepalive_time_seconds"}) {
     EXPECT_THAT(help, HasSubstr(flag));
   }
   EXPECT_THAT(help, HasSubstr("default: 4096"));
@@ -416,11 +471,11 @@ TEST(SessionDaemonStartupTest, SessionFlagsAreLoggedAtStart) {
   absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon = DaemonProcess::Start(
       TOKENSAMPLERD_PATH,
       {"--listen=127.0.0.1:0", "--session_max_sequences=10", "--session_max_history_tokens=100",
-       "--session_idle_timeout_seconds=0", "--keepalive_seconds=0"});
+       "--session_idle_timeout_seconds=0", "--keepalive_time_seconds=5"});
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   EXPECT_THAT((*daemon)->Stderr(),
               HasSubstr("session_max_sequences=10 session_max_history_tokens=100 "
-                        "session_idle_timeout_seconds=0 keepalive_seconds=0"));
+                        "session_idle_timeout_seconds=0 keepalive_time_seconds=5"));
   absl::StatusOr<int> stopped = (*daemon)->Stop();
   ASSERT_TRUE(stopped.ok()) << stopped.status();
   EXPECT_EQ(*stopped, 0);

@@ -978,7 +978,7 @@ TEST(SessionServerOptionsTest, RejectsBadLimits) {
   options.session.idle_timeout = absl::ZeroDuration();
   EXPECT_EQ(Server::Start(options).status().code(), absl::StatusCode::kInvalidArgument);
   options = ServerOptions{};
-  options.keepalive_time = absl::Seconds(-1);
+  options.keepalive.time = absl::Seconds(-1);
   EXPECT_EQ(Server::Start(options).status().code(), absl::StatusCode::kInvalidArgument);
 }
 

@@ -6,10 +6,12 @@
 
 #include <grpcpp/generic/generic_stub.h>
 #include <grpcpp/grpcpp.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -17,17 +19,26 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "core/tensor.h"
 #include "tokensampler/v1/sampler.pb.h"
 
 namespace tokensampler::testing {
 
+// A short path unique to this process and moment, in the temp dir: Unix socket paths must stay
+// under 108 bytes, so this avoids gtest's (possibly long) TempDir().
+inline std::string UniqueTempPath(const std::string& stem) {
+  const char* tmp = std::getenv("TMPDIR");
+  return absl::StrCat(tmp != nullptr && *tmp != '\0' ? tmp : "/tmp", "/ts_", getpid(), "_",
+                      absl::ToUnixNanos(absl::Now()), "_", stem);
+}
+
 // Every RPC in the tests gets this deadline: a hung server fails the test instead of hanging it.
 inline constexpr absl::Duration kRpcTimeout = absl::Seconds(20);
 
 inline void SetDeadline(grpc::ClientContext& context, absl::Duration timeout = kRpcTimeout) {
-  context.set_deadline(std::chrono::system_clock::now() + absl::ToChronoSeconds(timeout));
+  context.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout));
 }
 
 // A plaintext channel to `address` ("host:port" or "unix:/path") for tests: never through an

@@ -40,8 +40,11 @@ inline bool WaitUntil(const std::function<bool()>& done,
 // One Session stream. Every request gets a fresh request_id (1, 2, ...) unless it has one.
 class TestSession {
  public:
-  explicit TestSession(v1::Sampler::Stub& stub, absl::Duration timeout = absl::Seconds(120)) {
+  // A non-empty `bearer_token` goes with the stream's headers ("authorization: Bearer ...").
+  explicit TestSession(v1::Sampler::Stub& stub, absl::Duration timeout = absl::Seconds(120),
+                       const std::string& bearer_token = "") {
     SetDeadline(context_, timeout);
+    if (!bearer_token.empty()) context_.AddMetadata("authorization", "Bearer " + bearer_token);
     stream_ = stub.Session(&context_);
   }
 

@@ -1,8 +1,9 @@
 """Client: the tokensampler.v1.Sampler service for Python model workers (stateless `sample`;
 `session()` opens the stateful Session stream, see tokensampler/session.py).
 
-One Client owns one insecure gRPC channel (TCP "host:port" or "unix:/path"). It connects lazily
-and reconnects by itself; creating it does no I/O. Thread-safe, like the grpc.Channel under it.
+One Client owns one gRPC channel (TCP "host:port", plaintext or TLS / mutual TLS, or
+"unix:/path") and can send a bearer token with every call. It connects lazily and reconnects by
+itself; creating it does no I/O. Thread-safe, like the grpc.Channel under it.
 """
 
 import dataclasses
@@ -110,18 +111,37 @@ class Client:
     `timeout` (seconds, None = no deadline) bounds each call unless the call gives its own.
     `max_message_bytes` caps what the client sends and receives; the server has its own
     --max_message_bytes (default 256 MiB). HTTP proxies from the environment are ignored.
+
+    Security, for a server started with --tls_cert / --tls_client_ca / --auth_token_file:
+    `tls=True` connects with TLS, verifying the server against `root_certificates` (PEM bytes;
+    None = the system's roots); `certificate_chain` and `private_key` (PEM bytes) are the client's
+    certificate for mutual TLS. Giving any of the three implies `tls=True`. `token` is sent with
+    every call as "authorization: Bearer <token>".
     """
 
-    def __init__(self, target, *, timeout=30.0, max_message_bytes=256 << 20):
+    def __init__(self, target, *, timeout=30.0, max_message_bytes=256 << 20, tls=False,
+                 root_certificates=None, certificate_chain=None, private_key=None, token=None):
         if not target:
             raise ValueError("target must be host:port or unix:/path")
+        if (certificate_chain is None) != (private_key is None):
+            raise ValueError("certificate_chain and private_key must be given together")
+        if token is not None and (not token or not token.isascii() or not token.isprintable()):
+            raise ValueError("token must be a non-empty printable ASCII string")
         self.target = target
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(target, options=[
+        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
+        options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_http_proxy", 0),
-        ])
+        ]
+        if tls or root_certificates is not None or certificate_chain is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=root_certificates, private_key=private_key,
+                certificate_chain=certificate_chain)
+            self._channel = grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(target, options=options)
         self._stub = sampler_pb2_grpc.SamplerStub(self._channel)
         self._health_check = self._channel.unary_unary(
             "/grpc.health.v1.Health/Check",
@@ -140,7 +160,7 @@ class Client:
     def _call(self, method, request, timeout, **kwargs):
         timeout = self.timeout if timeout is _CLIENT_DEFAULT else timeout
         try:
-            return method(request, timeout=timeout, **kwargs)
+            return method(request, timeout=timeout, metadata=self._metadata, **kwargs)
         except grpc.RpcError as error:
             raise TokenSamplerError(error.code(), error.details()) from None
 
@@ -172,7 +192,7 @@ class Client:
         a step sends only its logits and sequence ids. `timeout` (seconds) is a deadline for the
         whole stream; None (the default) sets none. Use it as a context manager:
         `with client.session() as session: ...` (closed on exit, cancelled on an exception)."""
-        return Session(self._stub, timeout=timeout)
+        return Session(self._stub, timeout=timeout, metadata=self._metadata)
 
     def health(self, service="", *, wait_for_ready=False, timeout=_CLIENT_DEFAULT):
         """Asks grpc.health.v1 Health.Check about `service` ("" = the whole server, or

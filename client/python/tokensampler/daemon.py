@@ -34,7 +34,9 @@ class Daemon:
         if not binary or not os.access(binary, os.X_OK):
             raise ValueError(f"not an executable tokensamplerd: {binary!r}")
         self.binary = binary
-        self.addresses = []  # bound addresses, "unix:/…" first, port 0 resolved
+        self.addresses = []  # bound gRPC addresses, "unix:/…" first, port 0 resolved
+        self.health_addresses = []  # --health_listen addresses, if any were given in `args`
+        self.metrics_address = None  # --metrics_listen address, if given in `args`
         self._tcp = tcp
         self._args = list(args)
         self._timeout = timeout
@@ -75,7 +77,13 @@ class Daemon:
                 self._fail(f"did not serve within {self._timeout} s")
             time.sleep(0.01)
         with open(port_file, encoding="utf-8") as f:
-            self.addresses = f.read().split()
+            for line in f.read().split():
+                if line.startswith("health="):
+                    self.health_addresses.append(line[len("health="):])
+                elif line.startswith("metrics="):
+                    self.metrics_address = line[len("metrics="):]
+                else:
+                    self.addresses.append(line)
         with Client(self.target) as client:
             try:
                 serving = client.health(wait_for_ready=True,

@@ -84,13 +84,15 @@ class StepResult:
 
 class Session:
     """One Session stream on `stub` (see `Client.session`). `timeout` (seconds, None = none) is
-    the deadline of the whole stream."""
+    the deadline of the whole stream; `metadata` goes with the stream's headers (the client's
+    bearer token)."""
 
-    def __init__(self, stub, timeout=None):
+    def __init__(self, stub, timeout=None, metadata=None):
         self._requests = queue.Queue()
         self._next_id = 1
         self._closed = False
-        self._responses = stub.Session(iter(self._requests.get, _END), timeout=timeout)
+        self._responses = stub.Session(iter(self._requests.get, _END), timeout=timeout,
+                                       metadata=metadata)
 
     # --- the four operations ---
 
