@@ -880,12 +880,94 @@ int32_t Dist::Draw(double coin) {
   return -1;  // unreachable: the maximum has weight 1
 }
 
-tokensampler::Mirostat::Result Dist::Mirostat(const tokensampler::Mirostat& m, double coin) {
-  if (!sparse_) {
-    // Mirostat ranks the kept tokens; they are taken out of the row (one pass) and ranked there.
-    ToSparse(kernels::Key{}, kDoubleMax);
+void Dist::KeepFirst(size_t keep) {
+  // The first `keep` kept tokens by (value descending, id ascending) — the reference's sorted
+  // order — selected above a sampled pivot and ranked there; they become the sparse set.
+  const kernels::Key key{};
+  const double pivot =
+      TopKPivot(values_, static_cast<int32_t>(std::min<size_t>(keep, 1 << 30)), s_.keys);
+  size_t m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
+  if (m < keep) m = Select(key, -kDoubleInf, kDoubleMax);
+  auto& ranked = s_.pairs;
+  ranked.clear();
+  for (size_t i = 0; i < m; ++i) {
+    ranked.emplace_back(values_[static_cast<size_t>(s_.ids[i])], s_.ids[i]);
   }
-  tokensampler::Mirostat::Result r = m.Apply(absl::MakeSpan(s_.sparse_values), coin, s_);
+  const auto before = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  if (keep < ranked.size()) {
+    std::nth_element(ranked.begin(), ranked.begin() + static_cast<ptrdiff_t>(keep), ranked.end(),
+                     before);
+    ranked.resize(keep);
+  }
+  std::sort(ranked.begin(), ranked.end(),
+            [](const auto& a, const auto& b) { return a.second < b.second; });
+  s_.sparse_ids.clear();
+  s_.sparse_values.clear();
+  for (const auto& [value, id] : ranked) {
+    s_.sparse_ids.push_back(id);
+    s_.sparse_values.push_back(value);
+  }
+  sparse_ = true;
+  count_ = static_cast<int64_t>(s_.sparse_ids.size());
+}
+
+tokensampler::Mirostat::Result Dist::Mirostat(const tokensampler::Mirostat& m, double coin) {
+  if (sparse_) {
+    tokensampler::Mirostat::Result r = m.Apply(absl::MakeSpan(s_.sparse_values), coin, s_);
+    r.token = s_.sparse_ids[static_cast<size_t>(r.token)];
+    return r;
+  }
+  {
+    ApplyDivision();
+    if (m.mode == 1) {
+      // The 100 largest (ranked), the number kept, and then exactly KeepV1 of them.
+      std::vector<int64_t>& counts = s_.block_counts;
+      counts.assign(NumBlocks(values_.size()), 0);
+      ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+        counts[b] = kernels::SumValues(values_.data(), begin, end).count;
+      });
+      size_t n = 0;
+      for (int64_t c : counts) n += static_cast<size_t>(c);
+      KeepFirst(std::min<size_t>(100, n));
+      auto& top = s_.band_values;
+      top.assign(s_.sparse_values.begin(), s_.sparse_values.end());
+      std::sort(top.begin(), top.end(), std::greater<>());
+      const size_t keep = m.KeepV1(top, n);
+      if (keep != top.size()) {
+        if (keep >= n) {
+          ToSparse(kernels::Key{}, kDoubleMax);
+        } else {
+          KeepFirst(keep);
+        }
+      }
+    } else {
+      // v2 keeps the tokens whose surprise is at most μ: since ExpF and the surprise are monotone
+      // in the logit, that is every value from a threshold found by bisection (at least the
+      // first maximum).
+      EnsureWeights();
+      const double log2_total = std::log2(total_);
+      const float max = max_;
+      const auto keeps = [&](float v) { return m.KeepV2(v, max, log2_total); };
+      if (!keeps(max)) {
+        KeepFirst(1);
+      } else {
+        float lo = -std::numeric_limits<float>::max(), hi = max;
+        if (keeps(lo)) {
+          hi = lo;
+        } else {
+          while (std::nextafter(lo, hi) != hi) {
+            float mid = lo / 2 + hi / 2;
+            if (!(mid > lo && mid < hi)) mid = std::nextafter(lo, hi);
+            (keeps(mid) ? hi : lo) = mid;
+          }
+        }
+        ToSparse(kernels::Key{}, -static_cast<double>(hi));
+      }
+    }
+  }
+  tokensampler::Mirostat::Result r = m.DrawKept(s_.sparse_values, coin, s_);
   r.token = s_.sparse_ids[static_cast<size_t>(r.token)];
   return r;
 }

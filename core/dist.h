@@ -147,6 +147,8 @@ class Dist {
   // every kept token).
   void ToSparse(const kernels::Key& key, double cut);
   void MaybeSparse();
+  // Turns sparse with exactly the first `keep` kept tokens in the reference's sorted order.
+  void KeepFirst(size_t keep);
   // Selects ids with lo < key ≤ hi into scratch.ids (in id order); returns how many.
   size_t Select(const kernels::Key& key, double lo, double hi);
 

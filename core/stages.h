@@ -119,6 +119,16 @@ struct Mirostat {
     float mu;
   };
   Result Apply(absl::Span<float> logits, double coin, RowScratch& scratch) const;
+
+  // The parts of Apply, shared with the fast pipeline:
+  // v1: how many tokens stay, given the largest (up to 100) kept logits in descending order and
+  // the number n of kept tokens.
+  size_t KeepV1(absl::Span<const float> top, size_t n) const;
+  // v2: whether a token of logit l stays, given the kept set's max and log2 of its weight sum
+  // (the most likely token stays even when this is false for it).
+  bool KeepV2(float l, float max, double log2_total) const;
+  // Draws among the kept tokens of `logits` (removed ones −inf) and updates μ.
+  Result DrawKept(absl::Span<const float> logits, double coin, RowScratch& scratch) const;
 };
 
 // Draws from softmax(logits) with `coin` by inverse CDF in token-id order.

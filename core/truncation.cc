@@ -219,49 +219,32 @@ int32_t Draw(absl::Span<const float> logits, double coin, RowScratch& scratch) {
   return DrawFromWeights(scratch.weights, logits.size(), total, coin);
 }
 
-Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin, RowScratch& scratch) const {
-  Pairs& sorted = scratch.pairs;
-  SortedKept(logits, sorted);
-  if (mode == 1) {
-    // Estimate the Zipf exponent s from the top m = 100 tokens, then k from s and μ.
-    constexpr size_t kM = 100;
-    double sum_ti_bi = 0.0;
-    double sum_ti_sq = 0.0;
-    for (size_t i = 0; i + 1 < std::min(kM, sorted.size()); ++i) {
-      const double t_i = std::log(static_cast<double>(i + 2) / static_cast<double>(i + 1));
-      const double b_i =
-          static_cast<double>(sorted[i].first) - sorted[i + 1].first;  // log q_i/q_i+1
-      sum_ti_bi += t_i * b_i;
-      sum_ti_sq += t_i * t_i;
-    }
-    const double s_hat = sum_ti_bi / sum_ti_sq;
-    const double epsilon_hat = s_hat - 1.0;
-    const double k = std::pow(epsilon_hat * std::pow(2.0, static_cast<double>(mu)) /
-                                  (1.0 - std::pow(static_cast<double>(vocab_size), -epsilon_hat)),
-                              1.0 / s_hat);
-    // Degenerate estimates (a flat head: s = 0, one token) keep every token.
-    const double n = static_cast<double>(sorted.size());
-    const size_t keep =
-        std::isfinite(k) ? static_cast<size_t>(std::clamp(k, 1.0, n)) : sorted.size();
-    for (size_t i = keep; i < sorted.size(); ++i) {
-      logits[static_cast<size_t>(sorted[i].second)] = kNegInf;
-    }
-  } else {
-    // Keep the tokens whose surprise −log2 q is at most μ (at least the most likely one).
-    const float max = sorted.front().first;
-    const double total = Weights(logits, max, scratch.weights);
-    const double log2_total = std::log2(total);
-    size_t keep = 0;
-    while (keep < sorted.size() &&
-           -((static_cast<double>(sorted[keep].first) - max) / std::log(2.0) - log2_total) <=
-               static_cast<double>(mu)) {
-      ++keep;
-    }
-    keep = std::max<size_t>(keep, 1);
-    for (size_t i = keep; i < sorted.size(); ++i) {
-      logits[static_cast<size_t>(sorted[i].second)] = kNegInf;
-    }
+size_t Mirostat::KeepV1(absl::Span<const float> top, size_t n) const {
+  // Estimate the Zipf exponent s from the top m = 100 tokens, then k from s and μ.
+  double sum_ti_bi = 0.0;
+  double sum_ti_sq = 0.0;
+  for (size_t i = 0; i + 1 < top.size(); ++i) {
+    const double t_i = std::log(static_cast<double>(i + 2) / static_cast<double>(i + 1));
+    const double b_i = static_cast<double>(top[i]) - top[i + 1];  // log q_i/q_i+1
+    sum_ti_bi += t_i * b_i;
+    sum_ti_sq += t_i * t_i;
   }
+  const double s_hat = sum_ti_bi / sum_ti_sq;
+  const double epsilon_hat = s_hat - 1.0;
+  const double k = std::pow(epsilon_hat * std::pow(2.0, static_cast<double>(mu)) /
+                                (1.0 - std::pow(static_cast<double>(vocab_size), -epsilon_hat)),
+                            1.0 / s_hat);
+  // Degenerate estimates (a flat head: s = 0, one token) keep every token.
+  return std::isfinite(k) ? static_cast<size_t>(std::clamp(k, 1.0, static_cast<double>(n))) : n;
+}
+
+bool Mirostat::KeepV2(float l, float max, double log2_total) const {
+  // The token's surprise −log2 q is at most μ.
+  return -((static_cast<double>(l) - max) / std::log(2.0) - log2_total) <= static_cast<double>(mu);
+}
+
+Mirostat::Result Mirostat::DrawKept(absl::Span<const float> logits, double coin,
+                                    RowScratch& scratch) const {
   // Draw, and take the drawn token's renormalised probability from the same weights.
   const float max = Argmax(logits).first;
   const double total = Weights(logits, max, scratch.weights);
@@ -269,6 +252,30 @@ Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin, RowScrat
   const double surprise = -std::log2(scratch.weights[static_cast<size_t>(token)] / total);
   return {token, static_cast<float>(static_cast<double>(mu) -
                                     static_cast<double>(eta) * (surprise - tau))};
+}
+
+Mirostat::Result Mirostat::Apply(absl::Span<float> logits, double coin, RowScratch& scratch) const {
+  Pairs& sorted = scratch.pairs;
+  SortedKept(logits, sorted);
+  size_t keep;
+  if (mode == 1) {
+    std::vector<float>& top = scratch.band_values;
+    top.clear();
+    for (size_t i = 0; i < std::min<size_t>(100, sorted.size()); ++i) {
+      top.push_back(sorted[i].first);
+    }
+    keep = KeepV1(top, sorted.size());
+  } else {
+    const float max = sorted.front().first;
+    const double log2_total = std::log2(Weights(logits, max, scratch.weights));
+    keep = 0;
+    while (keep < sorted.size() && KeepV2(sorted[keep].first, max, log2_total)) ++keep;
+    keep = std::max<size_t>(keep, 1);
+  }
+  for (size_t i = keep; i < sorted.size(); ++i) {
+    logits[static_cast<size_t>(sorted[i].second)] = kNegInf;
+  }
+  return DrawKept(logits, coin, scratch);
 }
 
 }  // namespace tokensampler
