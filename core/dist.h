@@ -58,7 +58,7 @@ void ForBlocks(size_t n, bool parallel, Fn&& fn) {
 }
 
 // Tokens sampled to choose the pivot of top_k.
-constexpr size_t kTopKSample = 256;
+constexpr size_t kTopKSample = 1024;
 
 // top_k's pivot: a value with about 2k of `values` at or above it, from a strided sample of
 // kTopKSample values (−inf: too few values to choose one). `sample` is scratch.
