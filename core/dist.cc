@@ -15,16 +15,6 @@ constexpr int kMaxPivots = 16;
 constexpr size_t kBandMax = 512;  // tokens sorted around a cut
 constexpr size_t kSampleSize = 256;
 
-// The smallest float ≥ t: for a float x, x < t ⇔ x < RoundUp(t).
-float RoundUp(double t) {
-  if (!(t < static_cast<double>(std::numeric_limits<float>::max()))) {
-    return t > 0 ? std::numeric_limits<float>::infinity() : -std::numeric_limits<float>::max();
-  }
-  float f = static_cast<float>(t);
-  if (static_cast<double>(f) < t) f = std::nextafter(f, std::numeric_limits<float>::infinity());
-  return f;
-}
-
 // Floats in an order-preserving unsigned encoding, for bisection over the float order.
 uint32_t Ordered(float f) {
   uint32_t u;
@@ -38,20 +28,57 @@ float FromOrdered(uint32_t o) {
   return f;
 }
 
+// Bisection over the float order for a predicate that is false, then true (First) or true, then
+// false (Last) on [from, to]: the first float where it holds (REQUIRES: it holds at `to`), or the
+// last one (REQUIRES: it holds at `from`).
+template <typename Pred>
+float FirstWhere(float from, float to, Pred holds) {
+  uint32_t lo = Ordered(from), hi = Ordered(to);
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2;
+    if (holds(FromOrdered(mid))) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return FromOrdered(lo);
+}
+template <typename Pred>
+float LastWhere(float from, float to, Pred holds) {
+  uint32_t lo = Ordered(from), hi = Ordered(to);
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (holds(FromOrdered(mid))) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return FromOrdered(lo);
+}
+
 }  // namespace
 
-Dist::Range Dist::KeyRange(const kernels::Key& key, double pivot) const {
+double KeyOf(const Key& key, float v) {
+  const double x = static_cast<double>(v);
+  if (key.kind == Key::kNegValue) return -x;
+  const double log_q = (x - key.max) - key.log_total;
+  return std::abs(-log_q - key.entropy);
+}
+
+Dist::Range Dist::KeyRange(const Key& key, double pivot) const {
   constexpr float kInf = std::numeric_limits<float>::infinity();
   constexpr float kMax = std::numeric_limits<float>::max();
   if (pivot == -kDoubleInf) return {kInf, -kInf};  // nothing
-  if (key.kind == kernels::Key::kNegValue) {
-    // −v ≤ pivot ⇔ v ≥ −pivot ⇔ v ≥ RoundUp(−pivot).
-    return {pivot >= kDoubleMax ? -kMax : RoundUp(-pivot), kInf};
+  if (key.kind == Key::kNegValue) {
+    // −v ≤ pivot ⇔ v ≥ −pivot ⇔ v ≥ kernels::RoundUp(−pivot).
+    return {pivot >= kDoubleMax ? -kMax : kernels::RoundUp(-pivot), kInf};
   }
   // The typical key is V-shaped in v (non-increasing, then non-decreasing): {key ≤ pivot} is an
   // interval of floats around the minimum, whose ends are found by bisection over the float
   // order with the key computed exactly as everywhere else.
-  const auto k = [&](float v) { return kernels::KeyOf(key, v); };
+  const auto k = [&](float v) { return KeyOf(key, v); };
   const double center = key.max + key.log_total - key.entropy;
   float v0 =
       static_cast<float>(std::clamp(center, -static_cast<double>(kMax), static_cast<double>(kMax)));
@@ -62,48 +89,8 @@ Dist::Range Dist::KeyRange(const kernels::Key& key, double pivot) const {
     if (k(probe) < k(v0)) v0 = probe;
   }
   if (!(k(v0) <= pivot)) return {kInf, -kInf};
-  uint32_t lo = Ordered(-kMax), hi = Ordered(v0);  // smallest with key ≤ pivot, in [lo, hi]
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo) / 2;
-    if (k(FromOrdered(mid)) <= pivot) {
-      hi = mid;
-    } else {
-      lo = mid + 1;
-    }
-  }
-  const float from = FromOrdered(lo);
-  lo = Ordered(v0);
-  hi = Ordered(kMax);  // largest with key ≤ pivot, in [lo, hi]
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo + 1) / 2;
-    if (k(FromOrdered(mid)) <= pivot) {
-      lo = mid;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  return {from, FromOrdered(lo)};
-}
-
-double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>& sample) {
-  const size_t n = values.size();
-  sample.clear();
-  const size_t stride = std::max<size_t>(1, n / kTopKSample);
-  for (size_t i = stride / 2; i < n; i += stride) {
-    if (values[i] != kNegInf) sample.push_back(static_cast<double>(values[i]));
-  }
-  return PivotFromSample(sample, k, n);
-}
-
-double PivotFromSample(std::vector<double>& sample, int32_t k, size_t n) {
-  // The j-th largest sampled value, j chosen so that about 2k tokens are ≥ it.
-  const size_t rank =
-      static_cast<size_t>(2.0 * k * static_cast<double>(sample.size()) / static_cast<double>(n)) +
-      3;
-  if (rank >= sample.size()) return -std::numeric_limits<double>::infinity();
-  std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(),
-                   std::greater<>());
-  return sample[rank];
+  const auto inside = [&](float v) { return k(v) <= pivot; };
+  return {FirstWhere(-kMax, v0, inside), LastWhere(v0, kMax, inside)};
 }
 
 kernels::MaxResult RowMax(absl::Span<const float> v, bool parallel,
@@ -200,7 +187,7 @@ void Dist::CutValueBelow(float t) {
 
 void Dist::CutWeightBelow(double t) {
   EnsureWeights();
-  const float tf = RoundUp(t);
+  const float tf = kernels::RoundUp(t);
   ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
     const kernels::SumCount r =
         kernels::CutWeightBelow(values_.data(), s_.wf.data(), begin, end, tf);
@@ -238,7 +225,7 @@ double Dist::Entropy() {
   return std::log(total_) - weighted / total_;
 }
 
-size_t Dist::Select(const kernels::Key& key, double lo, double hi) {
+size_t Dist::Select(const Key& key, double lo, double hi) {
   const Range in = KeyRange(key, hi);
   const Range below = KeyRange(key, lo);
   const size_t blocks = NumBlocks(values_.size());
@@ -259,7 +246,7 @@ size_t Dist::Select(const kernels::Key& key, double lo, double hi) {
   return out;
 }
 
-void Dist::ToSparse(const kernels::Key& key, double cut) {
+void Dist::ToSparse(const Key& key, double cut) {
   ApplyDivision();
   const size_t m = Select(key, -kDoubleInf, cut);
   s_.sparse_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
@@ -272,18 +259,18 @@ void Dist::ToSparse(const kernels::Key& key, double cut) {
 }
 
 void Dist::MaybeSparse() {
-  if (count_ >= 0 && count_ <= kSparseMax) ToSparse(kernels::Key{}, kDoubleMax);
+  if (count_ >= 0 && count_ <= kSparseMax) ToSparse(Key{}, kDoubleMax);
 }
 
-Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
-                        double lo_cumulative, int64_t lo_known) {
+Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double lo_cumulative,
+                        int64_t lo_known) {
   const size_t n = values_.size();
   // Sampled keys give the pivots.
   std::vector<double>& sample = s_.keys;
   sample.clear();
   const size_t stride = std::max<size_t>(1, n / kSampleSize);
   for (size_t i = stride / 2; i < n; i += stride) {
-    if (values_[i] != kNegInf) sample.push_back(kernels::KeyOf(key, values_[i]));
+    if (values_[i] != kNegInf) sample.push_back(KeyOf(key, values_[i]));
   }
   std::sort(sample.begin(), sample.end());
   sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
@@ -320,12 +307,12 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
     est_w.clear();
     for (size_t i = 0; i < head_size_; ++i) {
       const size_t id = static_cast<size_t>(s_.head_ids[i]);
-      est.emplace_back(kernels::KeyOf(key, values_[id]), static_cast<int32_t>(est_w.size()));
+      est.emplace_back(KeyOf(key, values_[id]), static_cast<int32_t>(est_w.size()));
       est_w.push_back(static_cast<double>(s_.wf[id]));
     }
     for (size_t i = stride / 2; i < n; i += stride) {
       if (values_[i] == kNegInf || s_.wf[i] >= kHeadMin) continue;
-      est.emplace_back(kernels::KeyOf(key, values_[i]), static_cast<int32_t>(est_w.size()));
+      est.emplace_back(KeyOf(key, values_[i]), static_cast<int32_t>(est_w.size()));
       est_w.push_back(static_cast<double>(s_.wf[i]) * static_cast<double>(stride));
     }
     std::sort(est.begin(), est.end());
@@ -449,7 +436,7 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
         // An open end: the band's own extreme keys bound it.
         double kmin = kDoubleInf, kmax = -kDoubleInf;
         for (size_t i = 0; i < band_size; ++i) {
-          const double k = kernels::KeyOf(key, band_v[i]);
+          const double k = KeyOf(key, band_v[i]);
           kmin = std::min(kmin, k);
           kmax = std::max(kmax, k);
         }
@@ -479,11 +466,11 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
     const size_t m = Select(key, lo, hi);
     for (size_t i = 0; i < m; ++i) {
       const int32_t id = s_.ids[i];
-      band.emplace_back(kernels::KeyOf(key, values_[static_cast<size_t>(id)]), id);
+      band.emplace_back(KeyOf(key, values_[static_cast<size_t>(id)]), id);
     }
   } else {
     for (size_t i = 0; i < band_size; ++i) {
-      const double k = kernels::KeyOf(key, band_v[i]);
+      const double k = KeyOf(key, band_v[i]);
       if (k > lo && k <= hi) band.emplace_back(k, band_ids[i]);
     }
   }
@@ -501,7 +488,7 @@ Dist::Cut Dist::FindCut(const kernels::Key& key, double fraction, double lo_key,
   return {kDoubleMax, lo_count + static_cast<int64_t>(band.size())};
 }
 
-double Dist::ExactMass(const kernels::Key& key, double lo) {
+double Dist::ExactMass(const Key& key, double lo) {
   const Range r = KeyRange(key, lo);
   std::vector<double>& parts = s_.block_sums_scratch;
   parts.assign(NumBlocks(values_.size()), 0.0);
@@ -513,7 +500,7 @@ double Dist::ExactMass(const kernels::Key& key, double lo) {
   return sum;
 }
 
-double Dist::BandMass(const kernels::Key& key, double lo, size_t band_size) {
+double Dist::BandMass(const Key& key, double lo, size_t band_size) {
   const Range r = KeyRange(key, lo);
   return kernels::MassInRange(s_.band_values.data(), s_.band_weights.data(), 0, band_size, r.from,
                               r.to);
@@ -564,7 +551,7 @@ void Dist::TopK(int32_t k) {
   if (k <= 0) return;
   if (count_ >= 0 && k >= count_) return;
   ApplyDivision();
-  const kernels::Key key{};
+  const Key key{};
   std::vector<float>& cand = s_.cand_values;  // the candidates' values, by id order
   size_t m = 0;
   double pivot = -kDoubleInf;
@@ -622,7 +609,7 @@ void Dist::TopP(float p) {
   }
   if (p >= 1.0f) return;
   EnsureWeights(/*head=*/true);
-  const kernels::Key key{};
+  const Key key{};
   double lo = -kDoubleInf, lo_cumulative = 0.0;
   int64_t lo_count = 0;
   if (head_size_ <= kHeadMax) {
@@ -632,7 +619,7 @@ void Dist::TopP(float p) {
     band.clear();
     for (size_t i = 0; i < head_size_; ++i) {
       const int32_t id = s_.head_ids[i];
-      band.emplace_back(kernels::KeyOf(key, values_[static_cast<size_t>(id)]), id);
+      band.emplace_back(KeyOf(key, values_[static_cast<size_t>(id)]), id);
     }
     std::sort(band.begin(), band.end());
     double cumulative = 0.0;
@@ -661,7 +648,7 @@ void Dist::TopP(float p) {
   }
   const Cut cut = FindCut(key, static_cast<double>(p), lo, lo_cumulative, lo_count);
   if (cut.count <= kSparseMax) {
-    ToSparse(kernels::Key{}, cut.key);
+    ToSparse(Key{}, cut.key);
   } else if (cut.key != kDoubleMax) {
     CutValueBelow(static_cast<float>(-cut.key));
   }
@@ -682,15 +669,10 @@ void Dist::MinP(float min_p) {
   // bisection over the float order — no exponential of the whole row.
   ApplyDivision();
   const auto keeps = [&](float v) { return kernels::ExpF(v - max_) >= min_p; };
-  float lo = -std::numeric_limits<float>::max(), hi = max_;  // keeps(hi), maybe not keeps(lo)
-  if (keeps(lo)) return;                                     // every finite value is kept
-  while (std::nextafter(lo, hi) != hi) {
-    // Midpoint in the float order (bit patterns of same-signed floats are ordered).
-    float mid = lo / 2 + hi / 2;
-    if (!(mid > lo && mid < hi)) mid = std::nextafter(lo, hi);
-    (keeps(mid) ? hi : lo) = mid;
-  }
-  const size_t m = Select(kernels::Key{}, -kDoubleInf, -static_cast<double>(hi));
+  const float lowest = -std::numeric_limits<float>::max();
+  if (keeps(lowest)) return;                         // every finite value is kept
+  const float hi = FirstWhere(lowest, max_, keeps);  // keeps(max_): ExpF(0) = 1 ≥ min_p
+  const size_t m = Select(Key{}, -kDoubleInf, -static_cast<double>(hi));
   if (static_cast<int64_t>(m) <= kSparseMax) {
     s_.sparse_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
     s_.sparse_values.resize(m);
@@ -712,8 +694,8 @@ void Dist::TypicalP(float mass) {
   if (mass >= 1.0f) return;
   EnsureWeights(/*head=*/true);
   const double h = Entropy();
-  kernels::Key key;
-  key.kind = kernels::Key::kTypical;
+  Key key;
+  key.kind = Key::kTypical;
   key.max = static_cast<double>(max_);
   key.log_total = std::log(total_);
   key.entropy = h;
@@ -771,7 +753,7 @@ void Dist::TopNSigma(float n) {
   for (double part : parts) squares += part;
   const double sigma = std::sqrt(squares / static_cast<double>(count));
   const double threshold = static_cast<double>(max_) - static_cast<double>(n) * sigma;
-  CutValueBelow(RoundUp(threshold));
+  CutValueBelow(kernels::RoundUp(threshold));
 }
 
 void Dist::Xtc(const tokensampler::Xtc& xtc) {
@@ -781,7 +763,7 @@ void Dist::Xtc(const tokensampler::Xtc& xtc) {
   }
   if (!(xtc.coin < static_cast<double>(xtc.probability))) return;
   EnsureWeights();
-  const float cut = RoundUp(static_cast<double>(xtc.threshold) * total_);
+  const float cut = kernels::RoundUp(static_cast<double>(xtc.threshold) * total_);
   // Few tokens can reach the threshold (at most 1 / threshold): select them per block.
   const size_t blocks = NumBlocks(values_.size());
   std::vector<int64_t>& counts = s_.block_counts;
@@ -818,64 +800,49 @@ int32_t Dist::Draw(double coin) {
     const int32_t index = tokensampler::Draw(s_.sparse_values, coin, s_);
     return s_.sparse_ids[static_cast<size_t>(index)];
   }
-  if (!weights_valid_ && divisor_ == 1.0f) {
-    // Nothing needs the weights but the draw: sum them per block without storing them, then
-    // compute only the weights of the block the coin lands in (and of later blocks should
-    // rounding carry the scan on).
+  // When nothing but the draw needs the weights, they are summed per block without being
+  // stored, and only the blocks the scan reaches are computed (normally one).
+  const bool stored = weights_valid_ || divisor_ != 1.0f;
+  if (stored) {
+    EnsureWeights();
+  } else {
     ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
       s_.block_sums[b] = kernels::SumExp(values_.data(), begin, end, max_);
     });
     total_ = 0.0;
     for (double sum : s_.block_sums) total_ += sum;
-    const double target = coin * total_;
-    double cumulative = 0.0;
-    size_t b = 0;
-    while (b + 1 < s_.block_sums.size() && cumulative + s_.block_sums[b] <= target) {
-      cumulative += s_.block_sums[b];
-      ++b;
-    }
-    int32_t last_positive = -1;
-    for (; b < s_.block_sums.size(); ++b) {
-      const size_t begin = b * kBlock, end = std::min(values_.size(), begin + kBlock);
-      kernels::Weights(values_.data(), s_.wf.data(), begin, end, 1.0f, max_);
-      for (size_t i = begin; i < end; ++i) {
-        const float w = s_.wf[i];
-        if (w <= 0.0f) continue;
-        cumulative += static_cast<double>(w);
-        last_positive = static_cast<int32_t>(i);
-        if (cumulative > target) return last_positive;
-      }
-    }
-    if (last_positive >= 0) return last_positive;  // rounding: the last kept token
-    for (size_t back = s_.block_sums.size(); back-- > 0;) {
-      const size_t begin = back * kBlock, end = std::min(values_.size(), begin + kBlock);
-      kernels::Weights(values_.data(), s_.wf.data(), begin, end, 1.0f, max_);
-      for (size_t i = end; i-- > begin;) {
-        if (s_.wf[i] > 0.0f) return static_cast<int32_t>(i);
-      }
-    }
-    return -1;  // unreachable: the maximum has weight 1
   }
-  EnsureWeights();
+  const size_t blocks = s_.block_sums.size();
+  const auto block_weights = [&](size_t b) {
+    const size_t begin = b * kBlock, end = std::min(values_.size(), begin + kBlock);
+    if (!stored) kernels::Weights(values_.data(), s_.wf.data(), begin, end, 1.0f, max_);
+    return std::pair(begin, end);
+  };
   // The block holding the target by the block sums, then token by token from there on.
   const double target = coin * total_;
   double cumulative = 0.0;
   size_t b = 0;
-  while (b + 1 < s_.block_sums.size() && cumulative + s_.block_sums[b] <= target) {
+  while (b + 1 < blocks && cumulative + s_.block_sums[b] <= target) {
     cumulative += s_.block_sums[b];
     ++b;
   }
   int32_t last_positive = -1;
-  for (size_t i = b * kBlock; i < values_.size(); ++i) {
-    const float w = s_.wf[i];
-    if (w <= 0.0f) continue;
-    cumulative += static_cast<double>(w);
-    last_positive = static_cast<int32_t>(i);
-    if (cumulative > target) return last_positive;
+  for (; b < blocks; ++b) {
+    const auto [begin, end] = block_weights(b);
+    for (size_t i = begin; i < end; ++i) {
+      const float w = s_.wf[i];
+      if (w <= 0.0f) continue;
+      cumulative += static_cast<double>(w);
+      last_positive = static_cast<int32_t>(i);
+      if (cumulative > target) return last_positive;
+    }
   }
-  if (last_positive >= 0) return last_positive;
-  for (size_t i = values_.size(); i-- > 0;) {
-    if (s_.wf[i] > 0.0f) return static_cast<int32_t>(i);
+  if (last_positive >= 0) return last_positive;  // rounding: the last kept token
+  for (size_t back = blocks; back-- > 0;) {
+    const auto [begin, end] = block_weights(back);
+    for (size_t i = end; i-- > begin;) {
+      if (s_.wf[i] > 0.0f) return static_cast<int32_t>(i);
+    }
   }
   return -1;  // unreachable: the maximum has weight 1
 }
@@ -883,7 +850,7 @@ int32_t Dist::Draw(double coin) {
 void Dist::KeepFirst(size_t keep) {
   // The first `keep` kept tokens by (value descending, id ascending) — the reference's sorted
   // order — selected above a sampled pivot and ranked there; they become the sparse set.
-  const kernels::Key key{};
+  const Key key{};
   const double pivot =
       TopKPivot(values_, static_cast<int32_t>(std::min<size_t>(keep, 1 << 30)), s_.keys);
   size_t m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
@@ -937,7 +904,7 @@ tokensampler::Mirostat::Result Dist::Mirostat(const tokensampler::Mirostat& m, d
       const size_t keep = m.KeepV1(top, n);
       if (keep != top.size()) {
         if (keep >= n) {
-          ToSparse(kernels::Key{}, kDoubleMax);
+          ToSparse(Key{}, kDoubleMax);
         } else {
           KeepFirst(keep);
         }
@@ -953,17 +920,8 @@ tokensampler::Mirostat::Result Dist::Mirostat(const tokensampler::Mirostat& m, d
       if (!keeps(max)) {
         KeepFirst(1);
       } else {
-        float lo = -std::numeric_limits<float>::max(), hi = max;
-        if (keeps(lo)) {
-          hi = lo;
-        } else {
-          while (std::nextafter(lo, hi) != hi) {
-            float mid = lo / 2 + hi / 2;
-            if (!(mid > lo && mid < hi)) mid = std::nextafter(lo, hi);
-            (keeps(mid) ? hi : lo) = mid;
-          }
-        }
-        ToSparse(kernels::Key{}, -static_cast<double>(hi));
+        const float hi = FirstWhere(-std::numeric_limits<float>::max(), max, keeps);
+        ToSparse(Key{}, -static_cast<double>(hi));
       }
     }
   }

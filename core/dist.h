@@ -57,19 +57,22 @@ void ForBlocks(size_t n, bool parallel, Fn&& fn) {
   }
 }
 
-// Tokens sampled to choose the pivot of top_k.
-constexpr size_t kTopKSample = 1024;
-
-// top_k's pivot: a value with about 2k of `values` at or above it, from a strided sample of
-// kTopKSample values (−inf: too few values to choose one). `sample` is scratch.
-double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>& sample);
-// The same from a sample already taken (at positions stride/2 + i·stride, stride = n / 256,
-// −inf values left out) of a row of n tokens.
-double PivotFromSample(std::vector<double>& sample, int32_t k, size_t n);
-
 // Max and first argmax of a row, block by block.
 kernels::MaxResult RowMax(absl::Span<const float> v, bool parallel,
                           std::vector<kernels::MaxResult>& blocks);
+
+// Sort keys of the threshold stages: a stage keeps the tokens whose key is ≤ a cut, and orders
+// tokens by (key, id). top_p: key = −v. typical_p: key = |−((v − max) − log_total) − h| in
+// double, exactly HF's score. −inf tokens have no key (never counted).
+struct Key {
+  enum Kind : uint8_t { kNegValue, kTypical } kind = kNegValue;
+  double max = 0.0;
+  double log_total = 0.0;
+  double entropy = 0.0;
+};
+
+// The key of one value.
+double KeyOf(const Key& key, float v);
 
 class Dist {
  public:
@@ -111,11 +114,11 @@ class Dist {
     float from;
     float to;
   };
-  Range KeyRange(const kernels::Key& key, double pivot) const;
+  Range KeyRange(const Key& key, double pivot) const;
   // Σ w over the row's tokens with key ≤ lo, in double.
-  double ExactMass(const kernels::Key& key, double lo);
+  double ExactMass(const Key& key, double lo);
   // Σ w over the gathered band's tokens with key ≤ lo, in double.
-  double BandMass(const kernels::Key& key, double lo, size_t band_size);
+  double BandMass(const Key& key, double lo, size_t band_size);
 
   struct Cut {
     double key;     // keep tokens with key ≤ this
@@ -141,16 +144,15 @@ class Dist {
   // The smallest cut key whose kept mass reaches `fraction` of the total (ties at the cut kept),
   // with the reference's cumulative rule, given that the tokens with key ≤ lo (lo_count of them)
   // hold the cumulative fraction lo_cumulative < fraction. REQUIRES: weights current.
-  Cut FindCut(const kernels::Key& key, double fraction, double lo, double lo_cumulative,
-              int64_t lo_count);
+  Cut FindCut(const Key& key, double fraction, double lo, double lo_cumulative, int64_t lo_count);
   // Turns sparse, keeping the tokens with key ≤ `cut` (for kNegValue keys and the default cut:
   // every kept token).
-  void ToSparse(const kernels::Key& key, double cut);
+  void ToSparse(const Key& key, double cut);
   void MaybeSparse();
   // Turns sparse with exactly the first `keep` kept tokens in the reference's sorted order.
   void KeepFirst(size_t keep);
   // Selects ids with lo < key ≤ hi into scratch.ids (in id order); returns how many.
-  size_t Select(const kernels::Key& key, double lo, double hi);
+  size_t Select(const Key& key, double lo, double hi);
 
   absl::Span<float> values_;
   RowScratch& s_;

@@ -137,12 +137,12 @@ SumCount Cut(float* v, float* w, size_t begin, size_t end, Removed removed) {
   return r;
 }
 
-inline void MassAtOrBelow(const float* v, const float* w, size_t begin, size_t end, const Key& key,
-                          const double* pivots, int np, double* sums, int64_t* counts) {
+inline void MassInRanges(const float* v, const float* w, size_t begin, size_t end,
+                         const float* from, const float* to, int np, double* sums,
+                         int64_t* counts) {
   for (size_t i = begin; i < end; ++i) {
-    const double k = KeyOf(key, v[i]);
     for (int j = 0; j < np; ++j) {
-      if (k <= pivots[j]) {
+      if (v[i] >= from[j] && v[i] <= to[j]) {
         sums[j] += static_cast<double>(w[i]);
         ++counts[j];
       }
@@ -150,12 +150,22 @@ inline void MassAtOrBelow(const float* v, const float* w, size_t begin, size_t e
   }
 }
 
-inline size_t SelectKeyRange(const float* v, size_t begin, size_t end, const Key& key, double lo,
-                             double hi, int32_t* ids) {
+inline double MassInRange(const float* v, const float* w, size_t begin, size_t end, float from,
+                          float to) {
+  double sum = 0.0;
+  for (size_t i = begin; i < end; ++i) {
+    if (v[i] >= from && v[i] <= to) sum += static_cast<double>(w[i]);
+  }
+  return sum;
+}
+
+inline size_t SelectRanges(const float* v, size_t begin, size_t end, float in_from, float in_to,
+                           float out_from, float out_to, int32_t* ids) {
   size_t out = 0;
   for (size_t i = begin; i < end; ++i) {
-    const double k = KeyOf(key, v[i]);
-    if (k > lo && k <= hi) ids[out++] = static_cast<int32_t>(i);
+    if (v[i] >= in_from && v[i] <= in_to && !(v[i] >= out_from && v[i] <= out_to)) {
+      ids[out++] = static_cast<int32_t>(i);
+    }
   }
   return out;
 }
@@ -234,19 +244,8 @@ double WeightsAndHeadImpl(float* v, float* w, size_t begin, size_t end, float di
 SumCount CutValueBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
   return scalar::Cut(v, w, begin, end, [&](float x, float) { return x < t; });
 }
-SumCount CutValueAboveImpl(float* v, float* w, size_t begin, size_t end, float t) {
-  return scalar::Cut(v, w, begin, end, [&](float x, float) { return x > t; });
-}
 SumCount CutWeightBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
   return scalar::Cut(v, w, begin, end, [&](float, float e) { return e < t; });
-}
-void MassAtOrBelowImpl(const float* v, const float* w, size_t begin, size_t end, const Key& key,
-                       const double* pivots, int np, double* sums, int64_t* counts) {
-  scalar::MassAtOrBelow(v, w, begin, end, key, pivots, np, sums, counts);
-}
-size_t SelectKeyRangeImpl(const float* v, size_t begin, size_t end, const Key& key, double lo,
-                          double hi, int32_t* ids) {
-  return scalar::SelectKeyRange(v, begin, end, key, lo, hi, ids);
 }
 SumCount SumValuesImpl(const float* v, size_t begin, size_t end) {
   return scalar::SumValues(v, begin, end);
@@ -271,32 +270,15 @@ size_t SelectWeightAtLeastImpl(const float* w, size_t begin, size_t end, float t
 }
 void MassInRangesImpl(const float* v, const float* w, size_t begin, size_t end, const float* from,
                       const float* to, int np, double* sums, int64_t* counts) {
-  for (size_t i = begin; i < end; ++i) {
-    for (int j = 0; j < np; ++j) {
-      if (v[i] >= from[j] && v[i] <= to[j]) {
-        sums[j] += static_cast<double>(w[i]);
-        ++counts[j];
-      }
-    }
-  }
+  scalar::MassInRanges(v, w, begin, end, from, to, np, sums, counts);
 }
 double MassInRangeImpl(const float* v, const float* w, size_t begin, size_t end, float from,
                        float to) {
-  double sum = 0.0;
-  for (size_t i = begin; i < end; ++i) {
-    if (v[i] >= from && v[i] <= to) sum += static_cast<double>(w[i]);
-  }
-  return sum;
+  return scalar::MassInRange(v, w, begin, end, from, to);
 }
 size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from, float in_to,
                         float out_from, float out_to, int32_t* ids) {
-  size_t out = 0;
-  for (size_t i = begin; i < end; ++i) {
-    if (v[i] >= in_from && v[i] <= in_to && !(v[i] >= out_from && v[i] <= out_to)) {
-      ids[out++] = static_cast<int32_t>(i);
-    }
-  }
-  return out;
+  return scalar::SelectRanges(v, begin, end, in_from, in_to, out_from, out_to, ids);
 }
 const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
 
@@ -344,14 +326,6 @@ HWY_INLINE VD Lower(VF v) { return hn::PromoteTo(DD(), hn::LowerHalf(DFH(), v));
 HWY_INLINE VD Upper(VF v) { return hn::PromoteTo(DD(), hn::UpperHalf(DFH(), v)); }
 
 HWY_INLINE double SumD(VD v) { return hn::GetLane(hn::SumOfLanes(DD(), v)); }
-
-// The key of kernels.h in double lanes.
-HWY_INLINE VD KeyD(const Key& key, VD v) {
-  const DD dd;
-  if (key.kind == Key::kNegValue) return hn::Neg(v);
-  const VD log_q = hn::Sub(hn::Sub(v, hn::Set(dd, key.max)), hn::Set(dd, key.log_total));
-  return hn::Abs(hn::Sub(hn::Neg(log_q), hn::Set(dd, key.entropy)));
-}
 
 // Index of the first lane of v[begin, end) equal to `target`, or -1.
 int64_t FindFirstEqual(const float* v, size_t begin, size_t end, float target, bool nan) {
@@ -594,152 +568,11 @@ SumCount CutValueBelowImpl(float* v, float* w, size_t begin, size_t end, float t
       [&](float x, float) { return x < t; });
 }
 
-SumCount CutValueAboveImpl(float* v, float* w, size_t begin, size_t end, float t) {
-  const VF vt = hn::Set(DF(), t);
-  return Cut(
-      v, w, begin, end, [&](VF x, VF) { return hn::Gt(x, vt); },
-      [&](float x, float) { return x > t; });
-}
-
 SumCount CutWeightBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
   const VF vt = hn::Set(DF(), t);
   return Cut(
       v, w, begin, end, [&](VF, VF e) { return hn::Lt(e, vt); },
       [&](float, float e) { return e < t; });
-}
-
-// For top_p's key (−v), key ≤ pivot is v ≥ RoundUp(−pivot): float comparisons.
-void MassAtOrAboveValue(const float* v, const float* w, size_t begin, size_t end,
-                        const double* pivots, int np, double* sums, int64_t* counts) {
-  const DF df;
-  const DD dd;
-  const size_t n = hn::Lanes(df);
-  constexpr int kMax = 16;
-  VD acc[kMax];
-  VF thr[kMax];
-  float thr_s[kMax];
-  for (int j = 0; j < np; ++j) {
-    acc[j] = hn::Zero(dd);
-    thr_s[j] = scalar::RoundUp(-pivots[j]);
-    thr[j] = hn::Set(df, thr_s[j]);
-  }
-  size_t i = begin;
-  for (; i + n <= end; i += n) {
-    const VF x = hn::LoadU(df, v + i);
-    const VF e = hn::LoadU(df, w + i);
-    for (int j = 0; j < np; ++j) {
-      const auto m = hn::Ge(x, thr[j]);
-      const VF kept = hn::IfThenElseZero(m, e);
-      acc[j] = hn::Add(acc[j], hn::Add(Lower(kept), Upper(kept)));
-      counts[j] += static_cast<int64_t>(hn::CountTrue(df, m));
-    }
-  }
-  for (int j = 0; j < np; ++j) sums[j] += SumD(acc[j]);
-  for (; i < end; ++i) {
-    for (int j = 0; j < np; ++j) {
-      if (v[i] >= thr_s[j]) {
-        sums[j] += static_cast<double>(w[i]);
-        ++counts[j];
-      }
-    }
-  }
-}
-
-void MassAtOrBelowImpl(const float* v, const float* w, size_t begin, size_t end, const Key& key,
-                       const double* pivots, int np, double* sums, int64_t* counts) {
-  if (key.kind == Key::kNegValue) {
-    MassAtOrAboveValue(v, w, begin, end, pivots, np, sums, counts);
-    return;
-  }
-  const DF df;
-  const DD dd;
-  const size_t n = hn::Lanes(df);
-  constexpr int kMax = 16;
-  VD acc[kMax];
-  VD piv[kMax];
-  for (int j = 0; j < np; ++j) {
-    acc[j] = hn::Zero(dd);
-    piv[j] = hn::Set(dd, pivots[j]);
-  }
-  size_t i = begin;
-  for (; i + n <= end; i += n) {
-    const VF x = hn::LoadU(df, v + i);
-    const VF e = hn::LoadU(df, w + i);
-    const VD k0 = KeyD(key, Lower(x)), k1 = KeyD(key, Upper(x));
-    const VD e0 = Lower(e), e1 = Upper(e);
-    for (int j = 0; j < np; ++j) {
-      const auto m0 = hn::Le(k0, piv[j]);
-      const auto m1 = hn::Le(k1, piv[j]);
-      acc[j] = hn::Add(acc[j], hn::Add(hn::IfThenElseZero(m0, e0), hn::IfThenElseZero(m1, e1)));
-      counts[j] += static_cast<int64_t>(hn::CountTrue(dd, m0) + hn::CountTrue(dd, m1));
-    }
-  }
-  for (int j = 0; j < np; ++j) sums[j] += SumD(acc[j]);
-  for (; i < end; ++i) {
-    const double k = KeyOf(key, v[i]);
-    for (int j = 0; j < np; ++j) {
-      if (k <= pivots[j]) {
-        sums[j] += static_cast<double>(w[i]);
-        ++counts[j];
-      }
-    }
-  }
-}
-
-// For top_p's key (−v), lo < key ≤ hi is a float comparison: RoundUp(−hi) ≤ v < RoundUp(−lo).
-size_t SelectValueRange(const float* v, size_t begin, size_t end, float from, float below,
-                        int32_t* ids) {
-  const DF df;
-  const DI di;
-  const auto iota0 = hn::Iota(di, 0);
-  const size_t n = hn::Lanes(df);
-  const VF vfrom = hn::Set(df, from), vbelow = hn::Set(df, below);
-  const bool one_sided = below == kPosInf;  // every value is < +inf here
-  size_t out = 0;
-  size_t i = begin;
-  for (; i + n <= end; i += n) {
-    const VF x = hn::LoadU(df, v + i);
-    const auto m = one_sided ? hn::Ge(x, vfrom) : hn::And(hn::Ge(x, vfrom), hn::Lt(x, vbelow));
-    if (hn::AllFalse(df, m)) continue;
-    // out ≤ i − begin, so a whole vector at ids + out stays within the caller's end − begin.
-    out += AppendSelected(di, hn::Add(iota0, hn::Set(di, static_cast<int32_t>(i))),
-                          hn::RebindMask(di, m), ids + out);
-  }
-  for (; i < end; ++i) {
-    if (v[i] >= from && v[i] < below) ids[out++] = static_cast<int32_t>(i);
-  }
-  return out;
-}
-
-size_t SelectKeyRangeImpl(const float* v, size_t begin, size_t end, const Key& key, double lo,
-                          double hi, int32_t* ids) {
-  if (key.kind == Key::kNegValue) {
-    return SelectValueRange(v, begin, end, scalar::RoundUp(-hi), scalar::RoundUp(-lo), ids);
-  }
-  const DF df;
-  const DD dd;
-  const size_t n = hn::Lanes(df);
-  const size_t half = hn::Lanes(dd);
-  const VD vlo = hn::Set(dd, lo), vhi = hn::Set(dd, hi);
-  HWY_ALIGN double picked[hn::MaxLanes(dd)];
-  size_t out = 0;
-  size_t i = begin;
-  for (; i + n <= end; i += n) {
-    const VF x = hn::LoadU(df, v + i);
-    for (size_t h = 0; h < 2; ++h) {
-      const VD k = KeyD(key, h == 0 ? Lower(x) : Upper(x));
-      const auto m = hn::And(hn::Gt(k, vlo), hn::Le(k, vhi));
-      if (hn::AllFalse(dd, m)) continue;
-      const VD idx = hn::Iota(dd, static_cast<double>(i + h * half));
-      const size_t c = AppendSelected(dd, idx, m, picked);
-      for (size_t j = 0; j < c; ++j) ids[out++] = static_cast<int32_t>(picked[j]);
-    }
-  }
-  for (; i < end; ++i) {
-    const double k = KeyOf(key, v[i]);
-    if (k > lo && k <= hi) ids[out++] = static_cast<int32_t>(i);
-  }
-  return out;
 }
 
 SumCount SumValuesImpl(const float* v, size_t begin, size_t end) {
@@ -912,14 +745,7 @@ void MassInRangesImpl(const float* v, const float* w, size_t begin, size_t end, 
     sums[j] += SumD(hn::Add(Lower(acc[j]), Upper(acc[j])));
     counts[j] += static_cast<int64_t>(SumD(hn::Add(Lower(cnt[j]), Upper(cnt[j]))));
   }
-  for (; i < end; ++i) {
-    for (int j = 0; j < np; ++j) {
-      if (v[i] >= from[j] && v[i] <= to[j]) {
-        sums[j] += static_cast<double>(w[i]);
-        ++counts[j];
-      }
-    }
-  }
+  scalar::MassInRanges(v, w, i, end, from, to, np, sums, counts);
 }
 
 double MassInRangeImpl(const float* v, const float* w, size_t begin, size_t end, float from,
@@ -935,11 +761,7 @@ double MassInRangeImpl(const float* v, const float* w, size_t begin, size_t end,
     const VF e = hn::IfThenElseZero(hn::And(hn::Ge(x, lo), hn::Le(x, hi)), hn::LoadU(df, w + i));
     acc = hn::Add(acc, hn::Add(Lower(e), Upper(e)));
   }
-  double sum = SumD(acc);
-  for (; i < end; ++i) {
-    if (v[i] >= from && v[i] <= to) sum += static_cast<double>(w[i]);
-  }
-  return sum;
+  return SumD(acc) + scalar::MassInRange(v, w, i, end, from, to);
 }
 
 size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from, float in_to,
@@ -950,23 +772,20 @@ size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from,
   const size_t n = hn::Lanes(df);
   const VF a = hn::Set(df, in_from), b = hn::Set(df, in_to);
   const VF c = hn::Set(df, out_from), d = hn::Set(df, out_to);
+  const bool one_sided = in_to == kPosInf && out_from > out_to;
   size_t out = 0;
   size_t i = begin;
   for (; i + n <= end; i += n) {
     const VF x = hn::LoadU(df, v + i);
-    const auto in = hn::And(hn::Ge(x, a), hn::Le(x, b));
+    // "v ≥ from" alone (top_k's candidates): one comparison.
+    const auto in = one_sided ? hn::Ge(x, a) : hn::And(hn::Ge(x, a), hn::Le(x, b));
     if (hn::AllFalse(df, in)) continue;
-    const auto m = hn::AndNot(hn::And(hn::Ge(x, c), hn::Le(x, d)), in);
+    const auto m = one_sided ? in : hn::AndNot(hn::And(hn::Ge(x, c), hn::Le(x, d)), in);
     // out ≤ i − begin, so a whole vector at ids + out stays within the caller's end − begin.
     out += AppendSelected(di, hn::Add(iota0, hn::Set(di, static_cast<int32_t>(i))),
                           hn::RebindMask(di, m), ids + out);
   }
-  for (; i < end; ++i) {
-    if (v[i] >= in_from && v[i] <= in_to && !(v[i] >= out_from && v[i] <= out_to)) {
-      ids[out++] = static_cast<int32_t>(i);
-    }
-  }
-  return out;
+  return out + scalar::SelectRanges(v, i, end, in_from, in_to, out_from, out_to, ids + out);
 }
 
 #endif  // HWY_TARGET == HWY_SCALAR
@@ -1007,12 +826,7 @@ float ExpF(float x) {
   return y * scale;
 }
 
-double KeyOf(const Key& key, float v) {
-  const double x = static_cast<double>(v);
-  if (key.kind == Key::kNegValue) return -x;
-  const double log_q = (x - key.max) - key.log_total;
-  return std::abs(-log_q - key.entropy);
-}
+float RoundUp(double t) { return scalar::RoundUp(t); }
 
 HWY_EXPORT(DecodeMaxImpl);
 HWY_EXPORT(MaxImpl);
@@ -1020,10 +834,7 @@ HWY_EXPORT(WeightsImpl);
 HWY_EXPORT(SumExpImpl);
 HWY_EXPORT(WeightsAndHeadImpl);
 HWY_EXPORT(CutValueBelowImpl);
-HWY_EXPORT(CutValueAboveImpl);
 HWY_EXPORT(CutWeightBelowImpl);
-HWY_EXPORT(MassAtOrBelowImpl);
-HWY_EXPORT(SelectKeyRangeImpl);
 HWY_EXPORT(SumValuesImpl);
 HWY_EXPORT(SumSquaresImpl);
 HWY_EXPORT(WeightedLogitsImpl);
@@ -1081,19 +892,8 @@ double WeightsAndHead(float* v, float* w, size_t begin, size_t end, float diviso
 SumCount CutValueBelow(float* v, float* w, size_t begin, size_t end, float t) {
   return HWY_DYNAMIC_DISPATCH(CutValueBelowImpl)(v, w, begin, end, t);
 }
-SumCount CutValueAbove(float* v, float* w, size_t begin, size_t end, float t) {
-  return HWY_DYNAMIC_DISPATCH(CutValueAboveImpl)(v, w, begin, end, t);
-}
 SumCount CutWeightBelow(float* v, float* w, size_t begin, size_t end, float t) {
   return HWY_DYNAMIC_DISPATCH(CutWeightBelowImpl)(v, w, begin, end, t);
-}
-void MassAtOrBelow(const float* v, const float* w, size_t begin, size_t end, const Key& key,
-                   const double* pivots, int n, double* sums, int64_t* counts) {
-  HWY_DYNAMIC_DISPATCH(MassAtOrBelowImpl)(v, w, begin, end, key, pivots, n, sums, counts);
-}
-size_t SelectKeyRange(const float* v, size_t begin, size_t end, const Key& key, double lo,
-                      double hi, int32_t* ids) {
-  return HWY_DYNAMIC_DISPATCH(SelectKeyRangeImpl)(v, begin, end, key, lo, hi, ids);
 }
 SumCount SumValues(const float* v, size_t begin, size_t end) {
   return HWY_DYNAMIC_DISPATCH(SumValuesImpl)(v, begin, end);

@@ -24,6 +24,10 @@ namespace tokensampler::kernels {
 // Bit-identical to the SIMD version.
 float ExpF(float x);
 
+// The smallest float ≥ t (±inf beyond the float range): for a float x, x < t ⇔ x < RoundUp(t),
+// so a double threshold becomes a float comparison.
+float RoundUp(double t);
+
 // The name of the instruction set the kernels run with on this machine ("AVX3", "AVX2", …).
 const char* TargetName();
 
@@ -71,27 +75,6 @@ SumCount CutValueBelow(float* v, float* w, size_t begin, size_t end, float t);
 // Removes every token with w < t; tokens with v = −inf count as removed.
 SumCount CutWeightBelow(float* v, float* w, size_t begin, size_t end, float t);
 
-// Removes every token with v > t (XTC). `w` may be null.
-SumCount CutValueAbove(float* v, float* w, size_t begin, size_t end, float t);
-
-// Sort keys of the threshold stages: a stage keeps the tokens whose key is ≤ a cut, and orders
-// tokens by (key, id). top_p: key = −v. typical_p: key = |−((v − max) − log_total) − h| in
-// double, exactly HF's score. −inf tokens have no key (never counted).
-struct Key {
-  enum Kind : uint8_t { kNegValue, kTypical } kind = kNegValue;
-  double max = 0.0;
-  double log_total = 0.0;
-  double entropy = 0.0;
-};
-
-// The key of one value (scalar; bit-identical to the SIMD one).
-double KeyOf(const Key& key, float v);
-
-// For each pivot j (n ≤ 16): sums[j] += Σ w and counts[j] += count over kept tokens with
-// key ≤ pivots[j].
-void MassAtOrBelow(const float* v, const float* w, size_t begin, size_t end, const Key& key,
-                   const double* pivots, int n, double* sums, int64_t* counts);
-
 // For each range j (n ≤ 16): sums[j] += Σ w and counts[j] += count over tokens with
 // from[j] ≤ v ≤ to[j]. The sums are accumulated in float within the call (for bracketing a cut;
 // relative error below 1e-4 for calls of up to 4096 tokens) and added to sums[j] in double.
@@ -102,13 +85,9 @@ void MassInRanges(const float* v, const float* w, size_t begin, size_t end, cons
 double MassInRange(const float* v, const float* w, size_t begin, size_t end, float from, float to);
 
 // Writes the ids of tokens with in_from ≤ v ≤ in_to but not out_from ≤ v ≤ out_to (in id
-// order); returns how many.
+// order); returns how many. ids needs room for end − begin ids.
 size_t SelectRanges(const float* v, size_t begin, size_t end, float in_from, float in_to,
                     float out_from, float out_to, int32_t* ids);
-
-// Writes the ids of kept tokens with lo < key ≤ hi to ids (in id order); returns how many.
-size_t SelectKeyRange(const float* v, size_t begin, size_t end, const Key& key, double lo,
-                      double hi, int32_t* ids);
 
 // Writes the ids of tokens with w ≥ t (and w > 0) to ids (in id order); returns how many.
 size_t SelectWeightAtLeast(const float* w, size_t begin, size_t end, float t, int32_t* ids);

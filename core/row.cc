@@ -8,6 +8,9 @@
 #include "core/kernels.h"
 
 namespace tokensampler {
+namespace {
+constexpr float kPosInfinity = std::numeric_limits<float>::infinity();
+}  // namespace
 
 void RowScratch::Reserve(int vocab_size) {
   const size_t v = static_cast<size_t>(vocab_size);
@@ -118,25 +121,34 @@ double LogSumExp(absl::Span<const float> logits, float max) {
   return static_cast<double>(max) + std::log(kernels::SumExp(logits.data(), 0, logits.size(), max));
 }
 
-size_t TopCandidates(absl::Span<const float> values, int32_t n, RowScratch& scratch, float* pivot) {
-  std::vector<double>& sample = scratch.keys;
+double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>& sample) {
+  const size_t n = values.size();
   sample.clear();
-  const size_t size = values.size();
-  const size_t stride = std::max<size_t>(1, size / 256);
-  for (size_t i = stride / 2; i < size; i += stride) {
+  const size_t stride = std::max<size_t>(1, n / kTopKSample);
+  for (size_t i = stride / 2; i < n; i += stride) {
     if (values[i] != kNegInf) sample.push_back(static_cast<double>(values[i]));
   }
-  const size_t rank = static_cast<size_t>(2.0 * n * static_cast<double>(sample.size()) /
-                                          static_cast<double>(size)) +
-                      3;
-  if (rank >= sample.size()) return 0;
+  return PivotFromSample(sample, k, n);
+}
+
+double PivotFromSample(std::vector<double>& sample, int32_t k, size_t n) {
+  // The j-th largest sampled value, j chosen so that about 2k tokens are ≥ it.
+  const size_t rank =
+      static_cast<size_t>(2.0 * k * static_cast<double>(sample.size()) / static_cast<double>(n)) +
+      3;
+  if (rank >= sample.size()) return -std::numeric_limits<double>::infinity();
   std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(),
                    std::greater<>());
-  *pivot = static_cast<float>(sample[rank]);
-  if (scratch.ids.size() < size) scratch.ids.resize(size);
-  const size_t m = kernels::SelectKeyRange(values.data(), 0, size, kernels::Key{},
-                                           -std::numeric_limits<double>::infinity(),
-                                           -static_cast<double>(*pivot), scratch.ids.data());
+  return sample[rank];
+}
+
+size_t TopCandidates(absl::Span<const float> values, int32_t n, RowScratch& scratch, float* pivot) {
+  const double p = TopKPivot(values, n, scratch.keys);
+  if (p == -std::numeric_limits<double>::infinity()) return 0;
+  *pivot = static_cast<float>(p);
+  if (scratch.ids.size() < values.size()) scratch.ids.resize(values.size());
+  const size_t m = kernels::SelectRanges(values.data(), 0, values.size(), *pivot, kPosInfinity,
+                                         kPosInfinity, kNegInf, scratch.ids.data());
   return m > static_cast<size_t>(n) ? m : 0;
 }
 

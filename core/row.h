@@ -38,7 +38,7 @@ struct RowScratch {
 
   // The fast pipeline (dist.h).
   std::vector<float> wf;                         // float weights per token
-  std::vector<int32_t> ids;                      // selected token ids (kernels::SelectKeyRange)
+  std::vector<int32_t> ids;                      // selected token ids (kernels::SelectRanges)
   std::vector<int32_t> sparse_ids;               // the kept tokens once few remain, by id
   std::vector<float> sparse_values;              // and their values
   std::vector<double> block_sums;                // Σ w per block of the row
@@ -99,6 +99,16 @@ struct Normalizer {
   static Normalizer Of(absl::Span<const float> logits);
   float LogProb(float logit) const;
 };
+
+// Tokens sampled to choose a pivot for the k largest values.
+constexpr size_t kTopKSample = 1024;
+
+// A value with about 2k of `values` at or above it, from a strided sample of kTopKSample of
+// them (−inf: too few values to choose one). `sample` is scratch.
+double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>& sample);
+// The same from a sample already taken (at positions stride/2 + i·stride, stride = n /
+// kTopKSample, −inf values left out) of a row of n tokens.
+double PivotFromSample(std::vector<double>& sample, int32_t k, size_t n);
 
 // For TopValues: ids (in scratch.ids, id order) of the tokens with value ≥ *pivot, a pivot from
 // a sample chosen so that more than n tokens qualify; returns their count, or 0 when no such

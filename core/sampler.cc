@@ -166,9 +166,8 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, decoded);
     if (scratch.preselected) {
       int32_t* ids = scratch.ids.data() + begin;
-      const size_t c = kernels::SelectKeyRange(decoded, begin, end, kernels::Key{},
-                                               -std::numeric_limits<double>::infinity(),
-                                               -static_cast<double>(preselect_pivot), ids);
+      const size_t c = kernels::SelectRanges(decoded, begin, end, preselect_pivot, kPosInf, kPosInf,
+                                             kNegInf, ids);
       for (size_t j = 0; j < c; ++j) {
         scratch.cand_values[begin + j] = decoded[static_cast<size_t>(ids[j])];
       }

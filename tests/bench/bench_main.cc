@@ -210,12 +210,13 @@ int Main() {
     const Stats sample = Summarise(sample_us);
     const Stats floor = Summarise(floor_us);
     std::printf(
-        "{\"chain\":\"%s\",\"pipeline\":\"%s\",\"mode\":\"%s\",\"vocab\":%d,\"dtype\":\"%s\",\"rows\":%d,\"threads\":%d,"
+        "{\"chain\":\"%s\",\"pipeline\":\"%s\",\"mode\":\"%s\",\"vocab\":%d,\"dtype\":\"%s\","
+        "\"rows\":%d,\"threads\":%d,"
         "\"us_per_row_median\":%.2f,\"us_per_row_mean\":%.2f,\"floor_us_per_row\":%.2f,"
         "\"ratio_to_floor\":%.2f}\n",
         spec.c_str(), reference ? "reference" : "fast",
-        threads == 1 && !batch_mode ? "row" : "batch", vocab, dtype_name.c_str(), rows, threads, sample.median, sample.mean,
-        floor.median, sample.median / floor.median);
+        threads == 1 && !batch_mode ? "row" : "batch", vocab, dtype_name.c_str(), rows, threads,
+        sample.median, sample.mean, floor.median, sample.median / floor.median);
     std::fflush(stdout);
   }
   return 0;

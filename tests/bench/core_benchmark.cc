@@ -3,6 +3,7 @@
 // build/tests/bench/core_benchmark --benchmark_filter=…
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -95,28 +96,33 @@ void BM_CutWeightBelow(benchmark::State& state) {
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
 }
 
-void BM_MassAtOrBelow(benchmark::State& state) {
+void BM_MassInRanges(benchmark::State& state) {
+  // The bracketing pass of top_p / typical_p: mass and count of tokens in each value range.
   const size_t vocab = static_cast<size_t>(state.range(0));
-  const int pivots = static_cast<int>(state.range(1));
+  const int ranges = static_cast<int>(state.range(1));
   KernelRow row(vocab);
   kernels::Weights(row.work.data(), row.weights.data(), 0, vocab, 1.0f, row.max);
-  std::vector<double> p(static_cast<size_t>(pivots)), sums(p.size());
-  std::vector<int64_t> counts(p.size());
-  for (int j = 0; j < pivots; ++j) p[static_cast<size_t>(j)] = -static_cast<double>(row.max) + j;
+  std::vector<float> from(static_cast<size_t>(ranges)), to(from.size(), row.max);
+  std::vector<double> sums(from.size());
+  std::vector<int64_t> counts(from.size());
+  for (int j = 0; j < ranges; ++j)
+    from[static_cast<size_t>(j)] = row.max - 1.0f - 0.5f * static_cast<float>(j);
   for (auto _ : state) {
-    kernels::MassAtOrBelow(row.work.data(), row.weights.data(), 0, vocab, kernels::Key{}, p.data(),
-                           pivots, sums.data(), counts.data());
+    kernels::MassInRanges(row.work.data(), row.weights.data(), 0, vocab, from.data(), to.data(),
+                          ranges, sums.data(), counts.data());
     benchmark::DoNotOptimize(sums.data());
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
 }
 
-void BM_SelectKeyRange(benchmark::State& state) {
+void BM_SelectRanges(benchmark::State& state) {
+  // Selecting the tokens within 8 of the maximum (top_k's candidates, one-sided).
   const size_t vocab = static_cast<size_t>(state.range(0));
   KernelRow row(vocab);
+  const float inf = std::numeric_limits<float>::infinity();
   for (auto _ : state) {
-    benchmark::DoNotOptimize(kernels::SelectKeyRange(row.work.data(), 0, vocab, kernels::Key{},
-                                                     -1e30, -row.max + 8.0, row.ids.data()));
+    benchmark::DoNotOptimize(kernels::SelectRanges(row.work.data(), 0, vocab, row.max - 8.0f, inf,
+                                                   inf, -inf, row.ids.data()));
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
 }
@@ -135,12 +141,12 @@ void Register() {
   benchmark::RegisterBenchmark("kernel/CutWeightBelow", BM_CutWeightBelow)
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);
-  benchmark::RegisterBenchmark("kernel/MassAtOrBelow", BM_MassAtOrBelow)
+  benchmark::RegisterBenchmark("kernel/MassInRanges", BM_MassInRanges)
       ->Args({128256, 1})
       ->Args({128256, 4})
       ->Args({128256, 16})
       ->Unit(benchmark::kMicrosecond);
-  benchmark::RegisterBenchmark("kernel/SelectKeyRange", BM_SelectKeyRange)
+  benchmark::RegisterBenchmark("kernel/SelectRanges", BM_SelectRanges)
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);
   for (const std::string& spec : DefaultChains()) {
