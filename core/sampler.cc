@@ -112,8 +112,10 @@ bool TopKFirst(const SamplingParams& p, bool tempered) {
   return false;
 }
 
+// `processed_out` (empty, or size vocab with n == 1) receives the distribution the sample was drawn
+// from (Sampler::RunRow).
 absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
-                       bool parallel, SampledToken* results) {
+                       bool parallel, SampledToken* results, absl::Span<float> processed_out = {}) {
   const SamplingParams& p = *req.params;
   const int32_t vocab = view.vocab_size();
   const size_t r = static_cast<size_t>(row);
@@ -160,7 +162,8 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     }
   }
   // A greedy float32 row that nothing changes is only read, not copied.
-  const bool read_only = p.greedy() && !steps && !wants_logprobs && view.dtype() == DType::kFloat32;
+  const bool read_only = p.greedy() && !steps && !wants_logprobs &&
+                         view.dtype() == DType::kFloat32 && processed_out.empty();
   float* decoded = read_only ? nullptr : logits.data();
   ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
     blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, decoded);
@@ -243,8 +246,10 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
       }
       Dist dist(work, dist_max, scratch, parallel);
       out.token_id = SampleOne(p, dist, tempered, seed, step, out.sample_index, mu_in, &mu, vocab);
-      if (wants_logprobs && !raw_mode) processed = dist.Processed();
+      if ((wants_logprobs && !raw_mode) || !processed_out.empty()) processed = dist.Processed();
     }
+    if (!processed_out.empty())
+      std::copy(processed.begin(), processed.end(), processed_out.begin());
     if (p.mirostat_mode != 0) out.mirostat_mu = mu;
     if (wants_logprobs) FillLogprobs(p, view, row, out.token_id, processed, raw_norm, scratch, out);
     const Finish finish = CheckFinish(p, req.output_token_ids, out.token_id);
@@ -298,6 +303,15 @@ absl::StatusOr<std::vector<SampledToken>> Sampler::Run(const LogitsView& logits,
     if (!status.ok()) return std::move(status);
   }
   return results;
+}
+
+absl::StatusOr<SampledToken> Sampler::RunRow(const LogitsView& logits, int row,
+                                             const RowRequest& request, bool split,
+                                             absl::Span<float> processed) const {
+  SampledToken result;
+  RETURN_IF_ERROR(
+      SampleRow(logits, row, request, scratch_->per_thread.local(), split, &result, processed));
+  return result;
 }
 
 }  // namespace tokensampler

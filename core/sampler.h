@@ -70,6 +70,17 @@ class Sampler {
                                                 absl::Span<const RowRequest> rows,
                                                 const std::atomic<bool>* cancelled = nullptr) const;
 
+  // For speculative verification (core/speculative.h). Samples row `row` of `logits` for
+  // `request` exactly as Run does (the same token, logprobs, finish reason and μ; errors as Run's,
+  // naming "rows[row]"), on the calling thread — its blocks spread over the arena when `split` —
+  // and, when `processed` is not empty, copies into it the distribution that sample is drawn
+  // from: the row after every stage as logits, removed tokens −inf (for greedy rows, the row
+  // after masks, biases and penalties). Softmax of it (ExpF weights, as the draw) is the target
+  // distribution of the position.
+  // REQUIRES: request.params->n == 1 and validated; `processed` empty or of size vocab_size.
+  absl::StatusOr<SampledToken> RunRow(const LogitsView& logits, int row, const RowRequest& request,
+                                      bool split, absl::Span<float> processed) const;
+
  private:
   struct Scratch;
   std::unique_ptr<Scratch> scratch_;  // per-thread buffers (enumerable_thread_specific)
