@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -102,13 +103,23 @@ absl::Status SequenceTable::Release(uint64_t id) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<SampledToken>> SequenceTable::Step(const Sampler& sampler,
-                                                              const LogitsView& logits,
-                                                              absl::Span<const uint64_t> ids,
-                                                              const std::atomic<bool>* cancelled) {
-  if (ids.size() != static_cast<size_t>(logits.rows())) {
-    return absl::InvalidArgumentError(absl::StrCat("step.sequence_ids has ", ids.size(),
-                                                   " ids but logits.rows is ", logits.rows()));
+size_t StepRows(const Drafts* drafts) { return drafts == nullptr ? 1 : TargetRows(*drafts); }
+
+absl::StatusOr<std::vector<SequenceTable::Sequence*>> SequenceTable::StepSequences(
+    const LogitsView& logits, absl::Span<const uint64_t> ids,
+    absl::Span<const Drafts* const> drafts) {
+  size_t needed = 0;
+  std::string example;  // the first sequence that takes more than one row
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const size_t rows = StepRows(drafts[i]);
+    needed += rows;
+    if (rows > 1 && example.empty()) {
+      example = absl::StrCat(" (sequence ", ids[i], ": ", rows - 1, " drafts)");
+    }
+  }
+  if (needed != static_cast<size_t>(logits.rows())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "logits.rows is ", logits.rows(), " but the stepped sequences need ", needed, example));
   }
   std::vector<Sequence*> rows;
   rows.reserve(ids.size());
@@ -129,13 +140,23 @@ absl::StatusOr<std::vector<SampledToken>> SequenceTable::Step(const Sampler& sam
         return absl::Status(s.code(), absl::StrCat("sequence ", ids[i], ": params.", s.message()));
       }
     }
-    if (static_cast<int64_t>(seq.prompt.size() + seq.output.size()) + 1 >
+    // Up to one token per row the sequence takes is appended.
+    if (static_cast<int64_t>(seq.prompt.size() + seq.output.size() + StepRows(drafts[i])) >
         limits_.max_history_tokens) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "sequence ", ids[i], " would exceed ", limits_.max_history_tokens, " history tokens"));
     }
     rows.push_back(&seq);
   }
+  return rows;
+}
+
+absl::StatusOr<std::vector<SampledToken>> SequenceTable::Step(const Sampler& sampler,
+                                                              const LogitsView& logits,
+                                                              absl::Span<const uint64_t> ids,
+                                                              const std::atomic<bool>* cancelled) {
+  const std::vector<const Drafts*> no_drafts(ids.size(), nullptr);
+  ASSIGN_OR_RETURN(const std::vector<Sequence*> rows, StepSequences(logits, ids, no_drafts));
   std::vector<RowRequest> requests;
   requests.reserve(rows.size());
   for (const Sequence* seq : rows) {
@@ -153,6 +174,52 @@ absl::StatusOr<std::vector<SampledToken>> SequenceTable::Step(const Sampler& sam
   }
   for (size_t i = 0; i < rows.size(); ++i) {
     if ((*results)[i].finish_reason != FinishReason::kNone) sequences_.erase(ids[i]);
+  }
+  return results;
+}
+
+absl::StatusOr<std::vector<VerifyResult>> SequenceTable::StepWithDrafts(
+    const Verifier& verifier, const LogitsView& logits, absl::Span<const uint64_t> ids,
+    absl::Span<const SequenceDrafts> drafts, const std::atomic<bool>* cancelled) {
+  std::vector<const Drafts*> by_row(ids.size(), nullptr);
+  for (size_t d = 0; d < drafts.size(); ++d) {
+    const auto it = std::find(ids.begin(), ids.end(), drafts[d].sequence_id);
+    if (it == ids.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("drafts[", d, "].sequence_id ",
+                                                     drafts[d].sequence_id,
+                                                     " is not stepped (not in step.sequence_ids)"));
+    }
+    const Drafts*& slot = by_row[static_cast<size_t>(it - ids.begin())];
+    if (slot != nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "drafts[", d, "]: sequence ", drafts[d].sequence_id, " has more than one drafts entry"));
+    }
+    if (absl::Status s = ValidateDrafts(drafts[d].drafts, logits.vocab_size()); !s.ok()) {
+      return absl::Status(s.code(), absl::StrCat("drafts[", d, "].", s.message()));
+    }
+    slot = &drafts[d].drafts;
+  }
+  ASSIGN_OR_RETURN(const std::vector<Sequence*> rows, StepSequences(logits, ids, by_row));
+  std::vector<VerifyRowRequest> requests;
+  requests.reserve(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const Sequence& seq = *rows[i];
+    VerifyRowRequest& request = requests.emplace_back();
+    request.row = {&seq.params, seq.prompt, seq.output, seq.mirostat_mu, seq.sample_index};
+    if (by_row[i] != nullptr) request.drafts = *by_row[i];
+  }
+  absl::StatusOr<std::vector<VerifyResult>> results = verifier.Run(logits, requests, cancelled);
+  if (!results.ok()) return NameSequence(results.status(), ids);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    Sequence& seq = *rows[i];
+    seq.validated_vocab = logits.vocab_size();
+    for (const SampledToken& token : (*results)[i].tokens) {
+      seq.output.push_back(token.token_id);
+      if (token.mirostat_mu.has_value()) seq.mirostat_mu = token.mirostat_mu;
+    }
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if ((*results)[i].tokens.back().finish_reason != FinishReason::kNone) sequences_.erase(ids[i]);
   }
   return results;
 }

@@ -19,6 +19,7 @@
 #include "absl/types/span.h"
 #include "core/params.h"
 #include "core/sampler.h"
+#include "core/speculative.h"
 #include "core/tensor.h"
 
 namespace tokensampler {
@@ -27,6 +28,16 @@ struct SessionLimits {
   int64_t max_sequences = 4096;          // live sequences per table
   int64_t max_history_tokens = 1 << 20;  // prompt + output tokens per sequence
 };
+
+// The drafts of one sequence in a step.
+struct SequenceDrafts {
+  uint64_t sequence_id = 0;
+  Drafts drafts;
+};
+
+// The rows of a step's logits one stepped sequence takes: 1, or with drafts one for the current
+// position plus one per draft node. (The one place that knows; beam sequences extend it.)
+size_t StepRows(const Drafts* drafts);
 
 class SequenceTable {
  public:
@@ -59,6 +70,16 @@ class SequenceTable {
                                                  absl::Span<const uint64_t> ids,
                                                  const std::atomic<bool>* cancelled = nullptr);
 
+  // Step with drafts: every stepped sequence is verified (core/speculative.h) — a sequence
+  // listed in `drafts` against its drafts, the others with none, which gives exactly Step's
+  // token — and its history advances by every emitted token. Rows of `logits` go to the ids in
+  // order, StepRows() each. Returns one result per id, or on error changes nothing: the errors of
+  // Step, plus INVALID_ARGUMENT for bad drafts ("drafts[i].…") or a drafts entry whose sequence is
+  // not stepped or listed twice.
+  absl::StatusOr<std::vector<VerifyResult>> StepWithDrafts(
+      const Verifier& verifier, const LogitsView& logits, absl::Span<const uint64_t> ids,
+      absl::Span<const SequenceDrafts> drafts, const std::atomic<bool>* cancelled = nullptr);
+
   int64_t size() const { return static_cast<int64_t>(sequences_.size()); }
   bool contains(uint64_t id) const { return sequences_.contains(id); }
 
@@ -74,6 +95,12 @@ class SequenceTable {
   };
 
   absl::Status CheckCapacity(int64_t more) const;
+  // The checks every step makes before it samples: the rows the ids need (drafts[i] = the
+  // drafts of ids[i] or null) against logits.rows, ids unique and live, params valid for the
+  // vocabulary, histories within the limit. Returns the sequences, in the order of `ids`.
+  absl::StatusOr<std::vector<Sequence*>> StepSequences(const LogitsView& logits,
+                                                       absl::Span<const uint64_t> ids,
+                                                       absl::Span<const Drafts* const> drafts);
 
   SessionLimits limits_;
   absl::flat_hash_map<uint64_t, Sequence> sequences_;

@@ -202,9 +202,11 @@ absl::StatusOr<std::vector<VerifyResult>> Verifier::Run(const LogitsView& logits
 
   // Every target row is checked, also those a rejection leaves unread, so that whether a
   // request is valid does not depend on the coins.
+  std::vector<float> decoded(logits.dtype() == DType::kFloat32 ? 0 : static_cast<size_t>(vocab));
   for (int row = 0; row < logits.rows(); ++row) {
-    const kernels::MaxResult m = kernels::DecodeMax(logits.dtype(), logits.RowBytes(row), 0,
-                                                    static_cast<size_t>(vocab), 1.0f, nullptr);
+    const kernels::MaxResult m =
+        kernels::DecodeMax(logits.dtype(), logits.RowBytes(row), 0, static_cast<size_t>(vocab),
+                           1.0f, decoded.empty() ? nullptr : decoded.data());
     if (m.nan >= 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("logits.data is NaN at row ", row, ", token ", m.nan));
@@ -273,6 +275,7 @@ absl::Status VerifyOne(const Sampler& sampler, const LogitsView& logits, size_t 
     return y < q.vocab_size() ? static_cast<double>(q.At(c, y)) / row_sum : 0.0;
   };
 
+  out.has_logprobs = p.logprobs.has_value();
   int32_t node = -1;  // the last accepted node (−1 = none yet)
   for (;;) {
     if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {

@@ -81,6 +81,7 @@ struct VerifyResult {
   // The accepted draft nodes, root first (for a chain, 0 … num_accepted − 1): the KV entries the
   // worker keeps.
   std::vector<int32_t> accepted_nodes;
+  bool has_logprobs = false;  // params.logprobs was set: the tokens' logprob fields are meaningful
 
   size_t num_accepted() const { return accepted_nodes.size(); }
 };

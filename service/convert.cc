@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "core/status_macros.h"
 
 namespace tokensampler::service {
@@ -287,6 +288,113 @@ void SessionResultsToProto(absl::Span<const SampledToken> tokens,
     v1::SequenceResult& out = *response.add_results();
     out.set_sequence_id(sequence_ids[i]);
     SetTokenFields(tokens[i], out);
+  }
+}
+
+// --- Speculative decoding ---
+
+absl::StatusOr<Drafts> DraftsFromProto(const google::protobuf::RepeatedField<int32_t>& token_ids,
+                                       const v1::Logits& probs, bool has_probs,
+                                       const google::protobuf::RepeatedField<int32_t>& parents) {
+  Drafts drafts;
+  drafts.token_ids = SpanOf(token_ids);
+  drafts.parents = SpanOf(parents);
+  // An empty Logits (no rows, no dtype) is "absent", as an unset one.
+  if (has_probs && (probs.rows() > 0 || probs.dtype() != v1::DTYPE_UNSPECIFIED)) {
+    absl::StatusOr<LogitsView> view = LogitsFromProto(probs);
+    if (!view.ok()) {
+      // LogitsFromProto names "logits.<field>"; here the tensor is draft_probs.
+      absl::string_view message = view.status().message();
+      absl::ConsumePrefix(&message, "logits.");
+      return absl::Status(view.status().code(), absl::StrCat("draft_probs.", message));
+    }
+    drafts.probs = *view;
+  }
+  return drafts;
+}
+
+absl::StatusOr<VerifyBatch> VerifyBatchFromProto(const v1::VerifyRequest& request) {
+  VerifyBatch batch;
+  ASSIGN_OR_RETURN(batch.logits, LogitsFromProto(request.logits()));
+  const size_t num_rows = static_cast<size_t>(request.rows_size());
+  batch.params.reserve(num_rows);
+  for (int i = 0; i < request.rows_size(); ++i) {
+    absl::StatusOr<SamplingParams> params =
+        ParamsFromProto(request.rows(i).params(), batch.logits.vocab_size());
+    if (!params.ok()) return Prefixed(absl::StrCat("rows[", i, "].params."), params.status());
+    batch.params.push_back(*std::move(params));
+  }
+  batch.rows.reserve(num_rows);
+  for (int i = 0; i < request.rows_size(); ++i) {
+    const v1::VerifyRow& row = request.rows(i);
+    VerifyRowRequest& out = batch.rows.emplace_back();
+    out.row.params = &batch.params[static_cast<size_t>(i)];
+    out.row.prompt_token_ids = SpanOf(row.prompt_token_ids());
+    out.row.output_token_ids = SpanOf(row.output_token_ids());
+    if (row.has_mirostat_mu()) out.row.mirostat_mu = row.mirostat_mu();
+    absl::StatusOr<Drafts> drafts = DraftsFromProto(row.draft_token_ids(), row.draft_probs(),
+                                                    row.has_draft_probs(), row.draft_parents());
+    if (!drafts.ok()) return Prefixed(absl::StrCat("rows[", i, "]."), drafts.status());
+    out.drafts = *drafts;
+  }
+  return batch;
+}
+
+void VerifyResultToProto(const VerifyResult& result, v1::VerifyResult& out) {
+  out.set_num_accepted(static_cast<uint32_t>(result.num_accepted()));
+  for (const SampledToken& token : result.tokens) {
+    out.add_token_ids(token.token_id);
+    if (!result.has_logprobs) continue;
+    out.add_logprobs(token.logprob);
+    v1::TopLogprobs& top = *out.add_top_logprobs();
+    top.mutable_top_logprobs()->Reserve(static_cast<int>(token.top_logprobs.size()));
+    for (const TokenLogprob& entry : token.top_logprobs) {
+      v1::TokenLogprob& entry_out = *top.add_top_logprobs();
+      entry_out.set_token_id(entry.token_id);
+      entry_out.set_logprob(entry.logprob);
+    }
+  }
+  for (int32_t node : result.accepted_nodes) out.add_accepted_draft_indices(node);
+  if (result.tokens.empty()) return;
+  const SampledToken& last = result.tokens.back();
+  out.set_finish_reason(FinishReasonToProto(last.finish_reason));
+  if (last.stop_token_id.has_value()) {
+    out.set_stop_token_id(*last.stop_token_id);
+  } else if (last.stop_sequence_index.has_value()) {
+    out.set_stop_sequence_index(*last.stop_sequence_index);
+  }
+  if (last.mirostat_mu.has_value()) out.set_mirostat_mu(*last.mirostat_mu);
+}
+
+v1::VerifyResponse VerifyResponseToProto(absl::Span<const VerifyResult> results) {
+  v1::VerifyResponse response;
+  response.mutable_results()->Reserve(static_cast<int>(results.size()));
+  for (const VerifyResult& result : results) VerifyResultToProto(result, *response.add_results());
+  return response;
+}
+
+absl::StatusOr<std::vector<SequenceDrafts>> StepDraftsFromProto(const v1::Step& step) {
+  std::vector<SequenceDrafts> out;
+  out.reserve(static_cast<size_t>(step.drafts_size()));
+  for (int i = 0; i < step.drafts_size(); ++i) {
+    const v1::SequenceDrafts& d = step.drafts(i);
+    absl::StatusOr<Drafts> drafts = DraftsFromProto(d.draft_token_ids(), d.draft_probs(),
+                                                    d.has_draft_probs(), d.draft_parents());
+    if (!drafts.ok()) return Prefixed(absl::StrCat("drafts[", i, "]."), drafts.status());
+    out.push_back({d.sequence_id(), *drafts});
+  }
+  return out;
+}
+
+void SessionVerifyResultsToProto(absl::Span<const VerifyResult> results,
+                                 absl::Span<const uint64_t> sequence_ids,
+                                 v1::SessionResponse& response) {
+  response.mutable_results()->Reserve(static_cast<int>(results.size()));
+  for (size_t i = 0; i < results.size(); ++i) {
+    v1::SequenceResult& out = *response.add_results();
+    out.set_sequence_id(sequence_ids[i]);
+    SetTokenFields(results[i].tokens.back(), out);
+    VerifyResultToProto(results[i], *out.mutable_verify());
   }
 }
 

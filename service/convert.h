@@ -13,6 +13,8 @@
 #include "absl/types/span.h"
 #include "core/params.h"
 #include "core/sampler.h"
+#include "core/session.h"
+#include "core/speculative.h"
 #include "core/tensor.h"
 #include "tokensampler/v1/sampler.pb.h"
 
@@ -74,6 +76,50 @@ v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens);
 // belongs to sequence_ids[i]. REQUIRES: tokens.size() == sequence_ids.size() (one sample per row).
 void SessionResultsToProto(absl::Span<const SampledToken> tokens,
                            absl::Span<const uint64_t> sequence_ids, v1::SessionResponse& response);
+
+// --- Speculative decoding (Verify, Session steps with drafts) ---
+
+// The core drafts of a proto's draft fields (no copy): `draft_probs` becomes a view when it is
+// set with rows or a dtype (else point masses). Returns INVALID_ARGUMENT naming
+// `draft_probs.<field>` for a malformed tensor; the values are checked by core (ValidateDrafts).
+// Ownership: borrows from the fields, which must outlive the result.
+absl::StatusOr<Drafts> DraftsFromProto(const google::protobuf::RepeatedField<int32_t>& token_ids,
+                                       const v1::Logits& probs, bool has_probs,
+                                       const google::protobuf::RepeatedField<int32_t>& parents);
+
+// A VerifyRequest converted to what Verifier::Run takes (the same ownership rules as Batch).
+struct VerifyBatch {
+  VerifyBatch() = default;
+  VerifyBatch(VerifyBatch&&) = default;
+  VerifyBatch& operator=(VerifyBatch&&) = default;
+  VerifyBatch(const VerifyBatch&) = delete;
+  VerifyBatch& operator=(const VerifyBatch&) = delete;
+
+  LogitsView logits;
+  std::vector<SamplingParams> params;  // one per row
+  std::vector<VerifyRowRequest> rows;  // rows[i].row.params == &params[i]
+};
+
+// Converts and validates a VerifyRequest's tensors and parameters. Returns INVALID_ARGUMENT
+// naming the field path and value ("rows[1].params.top_p …", "rows[0].draft_probs.dtype …");
+// row counts, token ids, drafts and NaN are checked by Verifier::Run.
+absl::StatusOr<VerifyBatch> VerifyBatchFromProto(const v1::VerifyRequest& request);
+
+// Fills `out` with one verified sequence's result.
+void VerifyResultToProto(const VerifyResult& result, v1::VerifyResult& out);
+
+// The response for Verifier::Run's results, in order.
+v1::VerifyResponse VerifyResponseToProto(absl::Span<const VerifyResult> results);
+
+// The core drafts of a Session step (Step.drafts); INVALID_ARGUMENT names `drafts[i].…`.
+// Ownership: borrows from `step`.
+absl::StatusOr<std::vector<SequenceDrafts>> StepDraftsFromProto(const v1::Step& step);
+
+// Appends one SequenceResult per stepped sequence (results[i] for sequence_ids[i]): the last
+// emitted token in the plain fields, every emitted token in `verify`.
+void SessionVerifyResultsToProto(absl::Span<const VerifyResult> results,
+                                 absl::Span<const uint64_t> sequence_ids,
+                                 v1::SessionResponse& response);
 
 }  // namespace tokensampler::service
 

@@ -16,6 +16,7 @@ SamplerService::SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics
       guard_(guard),
       sample_metrics_(metrics.ForRpc("Sample")),
       session_metrics_(metrics.ForRpc("Session")),
+      verify_metrics_(metrics.ForRpc("Verify")),
       session_options_(std::move(session_options)),
       sessions_(session_options_, guard, metrics) {}
 
@@ -29,6 +30,17 @@ grpc::ServerUnaryReactor* SamplerService::Sample(grpc::CallbackServerContext* co
                         });
 }
 
+grpc::ServerUnaryReactor* SamplerService::Verify(grpc::CallbackServerContext* context,
+                                                 const v1::VerifyRequest* request,
+                                                 v1::VerifyResponse* response) {
+  // Rows for the limits and metrics: the target rows (each is sampled at most once).
+  return StartUnaryCall(context, guard_, arena_, verify_metrics_,
+                        static_cast<int64_t>(request->ByteSizeLong()), request->logits().rows(),
+                        [this, request, response](const std::atomic<bool>& cancelled) {
+                          return VerifyInArena(*request, *response, cancelled);
+                        });
+}
+
 grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SamplerService::Session(
     grpc::CallbackServerContext* context) {
   // Admitted like every call (drain, token); the stream keeps the open call until its OnDone, so
@@ -38,6 +50,7 @@ grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SamplerService
   return SessionStream::Start(context, *std::move(call),
                               SessionStream::Env{.arena = &arena_,
                                                  .sampler = &sampler_,
+                                                 .verifier = &verifier_,
                                                  .options = &session_options_,
                                                  .registry = &sessions_});
 }
@@ -49,6 +62,16 @@ absl::Status SamplerService::SampleInArena(const v1::SampleRequest& request,
   ASSIGN_OR_RETURN(const std::vector<SampledToken> tokens,
                    sampler_.Run(batch.logits, batch.rows, &cancelled));
   response = ResponseToProto(tokens);
+  return absl::OkStatus();
+}
+
+absl::Status SamplerService::VerifyInArena(const v1::VerifyRequest& request,
+                                           v1::VerifyResponse& response,
+                                           const std::atomic<bool>& cancelled) const {
+  ASSIGN_OR_RETURN(const VerifyBatch batch, VerifyBatchFromProto(request));
+  ASSIGN_OR_RETURN(const std::vector<VerifyResult> results,
+                   verifier_.Run(batch.logits, batch.rows, &cancelled));
+  response = VerifyResponseToProto(results);
   return absl::OkStatus();
 }
 

@@ -1,5 +1,5 @@
 // SamplerService: the tokensampler.v1.Sampler gRPC service (callback API): the stateless Sample
-// and the stateful Session stream (service/session_stream.h).
+// and Verify (speculative decoding) and the stateful Session stream (service/session_stream.h).
 //
 // Thread-safe: gRPC calls the handlers from many threads at once. Handlers never block a gRPC
 // thread: each call goes through the server's CallGuard (drain, token, limits, metrics) and is
@@ -16,6 +16,7 @@
 
 #include "absl/status/status.h"
 #include "core/sampler.h"
+#include "core/speculative.h"
 #include "oneapi/tbb/task_arena.h"
 #include "service/call_guard.h"
 #include "service/metrics.h"
@@ -42,6 +43,11 @@ class SamplerService final : public v1::Sampler::CallbackService {
                                    const v1::SampleRequest* request,
                                    v1::SampleResponse* response) override;
 
+  // Verify (see sampler.proto): speculative decoding, admitted and run like Sample.
+  grpc::ServerUnaryReactor* Verify(grpc::CallbackServerContext* context,
+                                   const v1::VerifyRequest* request,
+                                   v1::VerifyResponse* response) override;
+
   // Session (see sampler.proto): one SessionStream per stream.
   grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* Session(
       grpc::CallbackServerContext* context) override;
@@ -58,11 +64,17 @@ class SamplerService final : public v1::Sampler::CallbackService {
   absl::Status SampleInArena(const v1::SampleRequest& request, v1::SampleResponse& response,
                              const std::atomic<bool>& cancelled) const;
 
+  // The body of Verify; runs in the arena (as SampleInArena).
+  absl::Status VerifyInArena(const v1::VerifyRequest& request, v1::VerifyResponse& response,
+                             const std::atomic<bool>& cancelled) const;
+
   tbb::task_arena& arena_;
   CallGuard& guard_;
   RpcMetrics& sample_metrics_;
   RpcMetrics& session_metrics_;
+  RpcMetrics& verify_metrics_;
   const Sampler sampler_;
+  const Verifier verifier_{sampler_};
   const SessionOptions session_options_;
 
   // Destroyed first: waits for the session streams and their tasks, which use sampler_ and

@@ -374,6 +374,15 @@ absl::Status SessionStream::Apply(const v1::SessionRequest& request,
   if (!logits.ok()) return Prefixed("step.", logits.status());
   const absl::Span<const uint64_t> ids = SpanOf(step.sequence_ids());
   if (env_.options->before_step_for_testing) env_.options->before_step_for_testing(cancelled_);
+  if (step.drafts_size() > 0) {
+    absl::StatusOr<std::vector<SequenceDrafts>> drafts = StepDraftsFromProto(step);
+    if (!drafts.ok()) return Prefixed("step.", drafts.status());
+    absl::StatusOr<std::vector<VerifyResult>> verified =
+        table_.StepWithDrafts(*env_.verifier, *logits, ids, *drafts, &cancelled_);
+    if (!verified.ok()) return Prefixed("step: ", verified.status());
+    SessionVerifyResultsToProto(*verified, ids, response);
+    return absl::OkStatus();
+  }
   absl::StatusOr<std::vector<SampledToken>> tokens =
       table_.Step(*env_.sampler, *logits, ids, &cancelled_);
   if (!tokens.ok()) return Prefixed("step: ", tokens.status());

@@ -41,6 +41,7 @@
 #include "absl/time/time.h"
 #include "core/sampler.h"
 #include "core/session.h"
+#include "core/speculative.h"
 #include "oneapi/tbb/task_arena.h"
 #include "service/call_guard.h"
 #include "service/metrics.h"
@@ -130,6 +131,7 @@ class SessionStream final
   struct Env {
     tbb::task_arena* arena = nullptr;
     const Sampler* sampler = nullptr;
+    const Verifier* verifier = nullptr;  // steps with drafts
     const SessionOptions* options = nullptr;
     SessionRegistry* registry = nullptr;
   };

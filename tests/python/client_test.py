@@ -368,7 +368,7 @@ class SessionTest(unittest.TestCase):
                     (lambda: session.release(9), grpc.StatusCode.NOT_FOUND,
                      "release[0]: sequence 9 is not in this session"),
                     (lambda: session.step(x, [1, 2]), grpc.StatusCode.INVALID_ARGUMENT,
-                     "step: step.sequence_ids has 2 ids but logits.rows is 1")):
+                     "step: logits.rows is 1 but the stepped sequences need 2")):
                 with self.subTest(words=words):
                     with self.assertRaises(tokensampler.TokenSamplerError) as caught:
                         call()

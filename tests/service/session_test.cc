@@ -570,7 +570,7 @@ const ErrorCase kErrorCases[] = {
      [](v1::SessionRequest& r) {
        SetStep(r, {Ranked({1})}, {1, 2});
      },
-     grpc::StatusCode::INVALID_ARGUMENT, "step: step.sequence_ids has 2 ids but logits.rows is 1",
+     grpc::StatusCode::INVALID_ARGUMENT, "step: logits.rows is 1 but the stepped sequences need 2",
      2},
     {"StepSameIdTwice",
      [](v1::SessionRequest& r) {
