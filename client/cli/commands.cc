@@ -1,11 +1,13 @@
 #include "client/cli/commands.h"
 
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <future>
 #include <iterator>
 #include <map>
+#include <random>
 #include <sstream>
 #include <tuple>
 
@@ -15,6 +17,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -46,6 +49,10 @@ ABSL_FLAG(std::string, auth_token_file, "",
 ABSL_FLAG(bool, json, false,
           "sample: print the response as one line of JSON; decode: one line per step.");
 ABSL_FLAG(uint32_t, sequences, 2, "decode: number of sequences to decode (each forked --n times).");
+ABSL_FLAG(
+    uint32_t, speculative, 0,
+    "decode: speculative decoding with this many draft tokens per step from a weaker toy "
+    "draft model, verified by the server (Step.drafts); prints the acceptance rate. 0 = off.");
 ABSL_FLAG(uint32_t, steps, 8, "decode: most steps to run (fewer when every sequence finishes).");
 ABSL_FLAG(std::string, service, "",
           "health: the service to ask about (\"\" = the whole server, or "
@@ -510,6 +517,57 @@ absl::StatusOr<T> Await(std::future<T>& future, absl::Duration timeout) {
 
 }  // namespace
 
+namespace {
+
+// The draft model's proposals for one sequence (decode --speculative): k tokens drawn one after
+// the other from softmax(ToyDraftLogits) with `gen` (or its argmax for greedy decoding, sent as
+// point masses), and the k + 1 target rows (after the history, then after each draft).
+struct SpeculativeProposal {
+  std::vector<int32_t> drafts;
+  std::vector<float> draft_probs;  // k × vocab, empty when greedy
+  std::vector<float> target_rows;  // (k + 1) × vocab
+};
+
+SpeculativeProposal Propose(uint64_t seed, std::vector<int32_t> path, uint32_t k, uint32_t vocab,
+                            bool greedy, std::mt19937_64& gen) {
+  SpeculativeProposal proposal;
+  const auto context = [&](size_t back) -> int64_t {
+    return path.size() > back ? path[path.size() - 1 - back] : -1;
+  };
+  for (uint32_t j = 0; j <= k; ++j) {
+    const std::vector<float> target = ToyModelLogits(seed, context(1), context(0), vocab);
+    proposal.target_rows.insert(proposal.target_rows.end(), target.begin(), target.end());
+    if (j == k) break;
+    const std::vector<float> draft = ToyDraftLogits(seed, context(1), context(0), vocab);
+    const float max = *std::max_element(draft.begin(), draft.end());
+    int32_t token =
+        static_cast<int32_t>(std::max_element(draft.begin(), draft.end()) - draft.begin());
+    if (!greedy) {
+      std::vector<double> q(draft.size());
+      double total = 0.0;
+      for (size_t i = 0; i < draft.size(); ++i) {
+        total += q[i] = std::exp(static_cast<double>(draft[i]) - max);
+      }
+      // 53 random bits → [0, 1), then the inverse CDF.
+      const double u = static_cast<double>(gen() >> 11) * 0x1.0p-53 * total;
+      double cumulative = 0.0;
+      for (size_t i = 0; i < q.size(); ++i) {
+        cumulative += q[i];
+        if (u < cumulative || i + 1 == q.size()) {
+          token = static_cast<int32_t>(i);
+          break;
+        }
+      }
+      for (double x : q) proposal.draft_probs.push_back(static_cast<float>(x / total));
+    }
+    proposal.drafts.push_back(token);
+    path.push_back(token);
+  }
+  return proposal;
+}
+
+}  // namespace
+
 int RunDecode(std::ostream& out, std::ostream& err) {
   const std::optional<uint32_t> vocab = absl::GetFlag(FLAGS_vocab);
   if (!vocab.has_value()) return Fail(err, absl::InvalidArgumentError("--vocab is required"));
@@ -570,20 +628,33 @@ int RunDecode(std::ostream& out, std::ostream& err) {
     return Fail(err, r->status());
   }
 
+  const uint32_t speculative = absl::GetFlag(FLAGS_speculative);
+  const bool greedy = params->has_temperature() && params->temperature() < 1e-5f;
+  std::mt19937_64 draft_gen(seed);  // the draft model's own draws
+  uint64_t drafted = 0, accepted = 0, emitted = 0, verifications = 0;
   for (uint32_t step = 0; step < steps && !histories.empty(); ++step) {
-    // The toy model: each live sequence's next-token logits from its last two tokens.
+    // The toy model: each live sequence's next-token logits from its last two tokens (with
+    // --speculative: k + 1 rows, after the history and after each of the k drafts).
     std::vector<uint64_t> ids;
     std::vector<float> rows;
+    v1::SessionRequest request;
     for (const auto& [id, history] : histories) {
       ids.push_back(id);
-      const size_t size = history.size();
-      const std::vector<float> row =
-          ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], *vocab);
-      rows.insert(rows.end(), row.begin(), row.end());
+      SpeculativeProposal proposal = Propose(seed, history, speculative, *vocab, greedy, draft_gen);
+      rows.insert(rows.end(), proposal.target_rows.begin(), proposal.target_rows.end());
+      if (speculative == 0) continue;
+      v1::SequenceDrafts& drafts = *request.mutable_step()->add_drafts();
+      drafts.set_sequence_id(id);
+      drafts.mutable_draft_token_ids()->Add(proposal.drafts.begin(), proposal.drafts.end());
+      if (!proposal.draft_probs.empty()) {
+        absl::StatusOr<v1::Logits> probs =
+            MakeLogits(proposal.draft_probs, *vocab, v1::DTYPE_FLOAT32);
+        if (!probs.ok()) return Fail(err, probs.status());
+        *drafts.mutable_draft_probs() = *std::move(probs);
+      }
     }
     absl::StatusOr<v1::Logits> logits = MakeLogits(rows, *vocab, *dtype);
     if (!logits.ok()) return Fail(err, logits.status());
-    v1::SessionRequest request;
     *request.mutable_step()->mutable_logits() = *std::move(logits);
     request.mutable_step()->mutable_sequence_ids()->Add(ids.begin(), ids.end());
     std::future<absl::StatusOr<v1::SessionResponse>> answer = session->Send(std::move(request));
@@ -596,9 +667,26 @@ int RunDecode(std::ostream& out, std::ostream& err) {
       out << *line;
     }
     for (const v1::SequenceResult& result : (*response)->results()) {
-      if (!json) out << FormatSequenceResult(static_cast<int>(step), result, with_logprobs) << "\n";
       std::vector<int32_t>& history = histories[result.sequence_id()];
-      history.push_back(result.token_id());
+      if (speculative > 0) {
+        const v1::VerifyResult& verify = result.verify();
+        if (!json) {
+          out << "step " << step << " sequence " << result.sequence_id() << ": accepted "
+              << verify.num_accepted() << "/" << speculative << " tokens "
+              << absl::StrJoin(verify.token_ids(), " ")
+              << " finish=" << FinishReasonName(result.finish_reason()) << "\n";
+        }
+        history.insert(history.end(), verify.token_ids().begin(), verify.token_ids().end());
+        drafted += speculative;
+        accepted += verify.num_accepted();
+        emitted += static_cast<uint64_t>(verify.token_ids_size());
+        ++verifications;
+      } else {
+        if (!json) {
+          out << FormatSequenceResult(static_cast<int>(step), result, with_logprobs) << "\n";
+        }
+        history.push_back(result.token_id());
+      }
       if (result.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
         done[result.sequence_id()] = {
             std::vector<int32_t>(history.begin() + static_cast<std::ptrdiff_t>(prompt_size),
@@ -618,6 +706,12 @@ int RunDecode(std::ostream& out, std::ostream& err) {
       out << "sequence " << id << ": " << absl::StrJoin(output.first, " ")
           << " finish=" << output.second << "\n";
     }
+  }
+  if (!json && speculative > 0 && drafted > 0) {
+    out << absl::StrFormat(
+        "acceptance rate: %.3f (%d of %d drafts accepted; %.2f tokens per verification)\n",
+        static_cast<double>(accepted) / static_cast<double>(drafted), accepted, drafted,
+        static_cast<double>(emitted) / static_cast<double>(verifications));
   }
   // Unfinished sequences are released with the stream.
   if (absl::Status closed = session->Close(); !closed.ok()) return Fail(err, closed);

@@ -176,8 +176,13 @@ int RunSample(std::ostream& out, std::ostream& err);
 // --n - 1 forks) for up to --steps steps with the sampling-parameter flags, the logits coming from
 // a toy trigram model (ToyModelLogits(--seed, last two tokens, --vocab)). Prints one line per
 // sequence per step (FormatSequenceResult) and a summary line per sequence
-// (`sequence 3: 12 7 9 finish=LENGTH`), or with --json one SessionResponse per step. Returns 0,
-// or 1 after printing FormatError to `err` (bad flags, or the server's error, e.g.
+// (`sequence 3: 12 7 9 finish=LENGTH`), or with --json one SessionResponse per step.
+// With --speculative k, each step proposes k drafts per sequence from a weaker toy draft model
+// (ToyDraftLogits; sampled from its softmax and sent with draft_probs, or its argmax as point
+// masses when --temperature=0), sends k + 1 target rows per sequence with Step.drafts, prints
+// `step 2 sequence 0: accepted 3/4 tokens 5 9 13 2 finish=none` and at the end
+// `acceptance rate: 0.578 (370 of 640 drafts accepted; 3.31 tokens per verification)`.
+// Returns 0, or 1 after printing FormatError to `err` (bad flags, or the server's error, e.g.
 // `add[0].params.top_p must be in (0, 1], got 0`).
 int RunDecode(std::ostream& out, std::ostream& err);
 

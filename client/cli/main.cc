@@ -26,7 +26,9 @@ constexpr absl::string_view kUsage =
     "          sampling-parameter flags; prints one line per result, or --json\n"
     "  decode  demo of the Session stream: decode --sequences sequences of a toy trigram\n"
     "          model (--vocab V, --seed) for --steps steps with sampling-parameter flags;\n"
-    "          prints one line per sequence per step, then each sequence\n"
+    "          prints one line per sequence per step, then each sequence;\n"
+    "          --speculative K: K drafts per step from a weaker toy draft model, verified\n"
+    "          by the server; prints the acceptance rate\n"
     "  health  print SERVING (exit 0) or NOT_SERVING (exit 1)\n"
     "\n"
     "Run `tokensampler --helpfull` for every flag.";

@@ -83,4 +83,13 @@ std::vector<float> ToyModelLogits(uint64_t seed, int64_t second_last, int64_t la
   return RandomLogits(1, vocab_size, key.Next());
 }
 
+std::vector<float> ToyDraftLogits(uint64_t seed, int64_t second_last, int64_t last,
+                                  uint32_t vocab_size) {
+  std::vector<float> row = ToyModelLogits(seed, second_last, last, vocab_size);
+  const std::vector<float> noise =
+      ToyModelLogits(seed ^ 0x5bd1e9955bd1e995ull, second_last, last, vocab_size);
+  for (size_t i = 0; i < row.size(); ++i) row[i] = 0.8f * row[i] + 0.2f * noise[i];
+  return row;
+}
+
 }  // namespace tokensampler::cli

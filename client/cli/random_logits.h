@@ -25,6 +25,12 @@ std::vector<float> RandomLogits(uint32_t rows, uint32_t vocab_size, uint64_t see
 std::vector<float> ToyModelLogits(uint64_t seed, int64_t second_last, int64_t last,
                                   uint32_t vocab_size);
 
+// The draft model of `tokensampler decode --speculative`: a weaker copy of the toy model,
+// 0.8 × its row + 0.2 × an unrelated row (the toy model with another seed) for the same history
+// (smoothed and perturbed). REQUIRES: vocab_size > 0.
+std::vector<float> ToyDraftLogits(uint64_t seed, int64_t second_last, int64_t last,
+                                  uint32_t vocab_size);
+
 }  // namespace tokensampler::cli
 
 #endif  // TOKENSAMPLER_CLIENT_CLI_RANDOM_LOGITS_H_

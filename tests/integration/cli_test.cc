@@ -309,6 +309,54 @@ TEST_F(CliTest, DecodeGreedyFollowsTheToyModelOnBothTransports) {
   }
 }
 
+// decode --speculative with greedy decoding: the drafts are verified by the server and the
+// tokens are exactly the greedy chain of the (target) toy model; the acceptance rate line counts
+// the accepted drafts printed on the step lines.
+TEST_F(CliTest, DecodeSpeculativeGreedyFollowsTheTargetModel) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const CliResult r = RunCli({"decode", "--target=" + tcp(), "--vocab=500", "--sequences=2",
+                              "--steps=6", "--temperature=0", "--seed=4", "--speculative=3"});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const std::vector<std::string> lines = Lines(r.out);
+  ASSERT_THAT(lines, SizeIs(6 * 2 + 2 + 1)) << r.out;
+  int accepted = 0;
+  for (int i = 0; i < 12; ++i) {
+    int a = 0;
+    ASSERT_EQ(std::sscanf(lines[static_cast<size_t>(i)].c_str(),
+                          "step %*d sequence %*d: accepted %d/3", &a),
+              1)
+        << lines[static_cast<size_t>(i)];
+    accepted += a;
+  }
+  for (int seq = 0; seq < 2; ++seq) {
+    const std::string& summary = lines[static_cast<size_t>(12 + seq)];
+    ASSERT_THAT(summary, StartsWith(absl::StrCat("sequence ", seq, ": ")));
+    const std::vector<std::string> words = absl::StrSplit(summary, ' ');
+    const int tokens = static_cast<int>(words.size()) - 3;  // "sequence", "N:", …, "finish=none"
+    ASSERT_GE(tokens, 6);
+    const std::vector<int32_t> chain = GreedyToyChain(4, seq, 500, tokens);
+    EXPECT_EQ(summary,
+              absl::StrCat("sequence ", seq, ": ", absl::StrJoin(chain, " "), " finish=none"));
+  }
+  EXPECT_THAT(lines.back(), StartsWith(absl::StrCat("acceptance rate: ")));
+  EXPECT_THAT(lines.back(), HasSubstr(absl::StrCat("(", accepted, " of 36 drafts accepted;")));
+}
+
+// Sampled: reproducible with --sample_seed, and the drafts are sent with their probabilities.
+TEST_F(CliTest, DecodeSpeculativeSampledIsReproducible) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  const std::vector<std::string> args = {
+      "decode",       "--target=" + unix_socket(), "--vocab=2000", "--sequences=3",
+      "--steps=5",    "--sample_seed=9",           "--seed=1",     "--speculative=4",
+      "--top_p=0.95", "--repetition_penalty=1.1"};
+  const CliResult r = RunCli(args);
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_THAT(Lines(r.out).back(),
+              MatchesRegex("acceptance rate: [0-9.]+ \\([0-9]+ of 60 drafts accepted; [0-9.]+ "
+                           "tokens per verification\\)"));
+  EXPECT_EQ(RunCli(args).out, r.out);
+}
+
 TEST_F(CliTest, DecodeForksAreTheNSamplesOfSampleAndStopAtMaxTokens) {
   ASSERT_NO_FATAL_FAILURE(StartDaemon());
   const std::vector<std::string> args = {"decode",         "--target=" + unix_socket(),
