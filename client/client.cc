@@ -105,6 +105,16 @@ absl::StatusOr<v1::SampleResponse> Client::Sample(const v1::SampleRequest& reque
   return response;
 }
 
+absl::StatusOr<v1::VerifyResponse> Client::Verify(const v1::VerifyRequest& request,
+                                                  absl::Duration timeout) const {
+  grpc::ClientContext context;
+  Configure(context, timeout, options_);
+  v1::VerifyResponse response;
+  const grpc::Status status = stub_->Verify(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
 absl::StatusOr<bool> Client::Health(absl::string_view service, absl::Duration timeout) const {
   grpc::ClientContext context;
   Configure(context, timeout, options_);

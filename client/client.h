@@ -1,5 +1,6 @@
 // tokensampler::Client: the C++ client of the tokensampler.v1.Sampler service, for model workers
-// (stateless Sample and Health; the Session stream is SessionClient, client/session_client.h).
+// (stateless Sample, Verify and Health; the Session stream is SessionClient,
+// client/session_client.h).
 //
 // A Client owns one gRPC channel (TCP `host:port`, plaintext or TLS / mutual TLS, or a Unix socket
 // `unix:/path`) and turns every RPC outcome into absl::Status / absl::StatusOr with the gRPC code
@@ -87,6 +88,12 @@ class Client {
   // RESOURCE_EXHAUSTED over a message-size limit, UNAVAILABLE when the server is unreachable or
   // shutting down, DEADLINE_EXCEEDED when `timeout` passes first.
   absl::StatusOr<v1::SampleResponse> Sample(const v1::SampleRequest& request,
+                                            absl::Duration timeout) const;
+
+  // Verifies speculative drafts (Sampler.Verify) and returns the response: one VerifyResult per
+  // row (accepted drafts + a recovered or bonus token). Errors as for Sample, e.g.
+  // INVALID_ARGUMENT `rows[0].draft_probs row 1 sums to 4; it must sum to 1 within 0.001 …`.
+  absl::StatusOr<v1::VerifyResponse> Verify(const v1::VerifyRequest& request,
                                             absl::Duration timeout) const;
 
   // Asks the server's grpc.health.v1 health service (Health.Check) about `service`: "" for the

@@ -342,6 +342,42 @@ TEST_F(CliTest, DecodeSpeculativeGreedyFollowsTheTargetModel) {
   EXPECT_THAT(lines.back(), HasSubstr(absl::StrCat("(", accepted, " of 36 drafts accepted;")));
 }
 
+// The C++ client's Verify against the daemon: greedy drafts along the toy model's chain are all
+// accepted and the bonus token follows; a bad draft is INVALID_ARGUMENT naming it.
+TEST_F(CliTest, ClientVerifyAgainstTheDaemon) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  absl::StatusOr<Client> client = Client::Create(unix_socket());
+  ASSERT_TRUE(client.ok()) << client.status();
+  const std::vector<int32_t> chain = GreedyToyChain(5, 0, 300, 4);
+  v1::VerifyRequest request;
+  v1::VerifyRow& row = *request.add_rows();
+  row.mutable_params()->set_temperature(0.0f);
+  row.add_prompt_token_ids(0);
+  row.mutable_draft_token_ids()->Add(chain.begin(), chain.begin() + 3);
+  std::vector<float> rows;
+  std::vector<int32_t> history = {0};
+  for (int j = 0; j <= 3; ++j) {
+    const size_t size = history.size();
+    const std::vector<float> r =
+        cli::ToyModelLogits(5, size >= 2 ? history[size - 2] : -1, history[size - 1], 300);
+    rows.insert(rows.end(), r.begin(), r.end());
+    if (j < 3) history.push_back(chain[static_cast<size_t>(j)]);
+  }
+  *request.mutable_logits() = *MakeLogits(rows, 300, v1::DTYPE_BFLOAT16);
+  absl::StatusOr<v1::VerifyResponse> response = client->Verify(request, kTimeout);
+  ASSERT_TRUE(response.ok()) << response.status();
+  ASSERT_EQ(response->results_size(), 1);
+  EXPECT_EQ(response->results(0).num_accepted(), 3u);
+  EXPECT_THAT(response->results(0).token_ids(),
+              ElementsAre(chain[0], chain[1], chain[2], chain[3]));
+
+  request.mutable_rows(0)->set_draft_token_ids(2, 300);
+  response = client->Verify(request, kTimeout);
+  EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(response.status().message(),
+            "rows[0].draft_token_ids[2] = 300 is out of range [0, 300)");
+}
+
 // Sampled: reproducible with --sample_seed, and the drafts are sent with their probabilities.
 TEST_F(CliTest, DecodeSpeculativeSampledIsReproducible) {
   ASSERT_NO_FATAL_FAILURE(StartDaemon());
