@@ -8,6 +8,10 @@
         session.add([0, 1], {"temperature": 0.7, "seed": 1}, prompt_token_ids=[p0, p1])
         step = session.step(logits, [0, 1])     # step.token_ids[row], step.finished[row]
 
+    # speculative decoding: k drafts per sequence, k + 1 target rows each
+    results = client.verify(target_logits, [drafts0, drafts1], {"temperature": 0.7, "seed": 1},
+                            draft_probs=[q0, q1], output_token_ids=[out0, out1])
+
 The gRPC stubs (tokensampler.v1.sampler_pb2, sampler_pb2_grpc) are generated from proto/ by the
 CMake target `tokensampler_python`, which assembles this package in <build>/python.
 """
@@ -22,7 +26,8 @@ except ImportError as error:
         "`tokensampler_python` and put <build>/python on PYTHONPATH (or pip install it)"
     ) from error
 
-from tokensampler.client import Client, SampleResult, make_request
+from tokensampler.client import (Client, SampleResult, VerifyResult, make_request,
+                                 make_verify_request)
 from tokensampler.errors import TokenSamplerError
 from tokensampler.daemon import Daemon
 from tokensampler.logits import encode_logits
@@ -36,7 +41,7 @@ SamplerStage = sampler_pb2.SamplerStage
 
 __all__ = [
     "Client", "Daemon", "FinishReason", "LogprobsMode", "SampleResult", "SamplerStage",
-    "SamplingParams", "Session", "StepResult", "TokenSamplerError", "encode_logits",
-    "make_params", "make_request", "sampler_pb2",
+    "SamplingParams", "Session", "StepResult", "TokenSamplerError", "VerifyResult",
+    "encode_logits", "make_params", "make_request", "make_verify_request", "sampler_pb2",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
-"""Client: the tokensampler.v1.Sampler service for Python model workers (stateless `sample`;
-`session()` opens the stateful Session stream, see tokensampler/session.py).
+"""Client: the tokensampler.v1.Sampler service for Python model workers (stateless `sample`
+and `verify` for speculative decoding; `session()` opens the stateful Session stream, see tokensampler/session.py).
 
 One Client owns one gRPC channel (TCP "host:port", plaintext or TLS / mutual TLS, or
 "unix:/path") and can send a bearer token with every call. It connects lazily and reconnects by
@@ -7,6 +7,7 @@ itself; creating it does no I/O. Thread-safe, like the grpc.Channel under it.
 """
 
 import dataclasses
+import math
 import operator
 from collections.abc import Mapping
 
@@ -105,6 +106,82 @@ def make_request(logits, params=None, *, dtype=None, prompt_token_ids=None,
     return request
 
 
+@dataclasses.dataclass(frozen=True)
+class VerifyResult:
+    """The outcome of verifying one sequence's drafts (`Client.verify`).
+
+    `token_ids` are the accepted drafts followed by one recovered or bonus token (fewer when an
+    accepted draft finished the sequence); append them all to the sequence. `logprobs` (empty
+    unless params asked for logprobs) and `top_logprobs` are per token, in the row's
+    logprobs_mode at each token's own position. `accepted_draft_indices` are the accepted draft
+    (tree node) indices, root first: the KV-cache entries to keep.
+    """
+
+    num_accepted: int
+    token_ids: np.ndarray               # int32 [num_accepted + 1] (or fewer after a finish)
+    logprobs: np.ndarray                # float32 [len(token_ids)] or [0]
+    top_logprobs: list                  # per token: {token_id: logprob}
+    finish_reason: int                  # sampler_pb2.FinishReason of the last token
+    accepted_draft_indices: np.ndarray  # int32 [num_accepted]
+    mirostat_mu: float                  # μ after the last token; NaN for non-mirostat rows
+
+    @classmethod
+    def from_proto(cls, r):
+        return cls(
+            num_accepted=r.num_accepted,
+            token_ids=np.array(r.token_ids, np.int32),
+            logprobs=np.array(r.logprobs, np.float32),
+            top_logprobs=[{t.token_id: t.logprob for t in top.top_logprobs}
+                          for top in r.top_logprobs],
+            finish_reason=r.finish_reason,
+            accepted_draft_indices=np.array(r.accepted_draft_indices, np.int32),
+            mirostat_mu=r.mirostat_mu if r.HasField("mirostat_mu") else math.nan)
+
+
+def make_verify_request(logits, draft_token_ids, params=None, *, draft_probs=None,
+                        draft_parents=None, dtype=None, draft_dtype=None, prompt_token_ids=None,
+                        output_token_ids=None, mirostat_mu=None):
+    """Returns the `VerifyRequest` that `Client.verify` sends; see there for the arguments."""
+    drafts = [_token_ids(f"draft_token_ids[{i}]", d) for i, d in enumerate(draft_token_ids)]
+    rows = len(drafts)
+    request = sampler_pb2.VerifyRequest(logits=encode_logits(logits, dtype))
+    needed = sum(len(d) + 1 for d in drafts)
+    if request.logits.rows != needed:
+        raise ValueError(f"logits has {request.logits.rows} rows but the drafts need {needed} "
+                         "(len(draft_token_ids[i]) + 1 per sequence)")
+    if params is None or isinstance(params, (Mapping, sampler_pb2.SamplingParams)):
+        params = [make_params(params)] * rows
+    else:
+        params = [make_params(p) for p in _rows("params", params, rows)]
+
+    def per_row(name, values):
+        return [None] * rows if values is None else _rows(name, values, rows)
+
+    probs = per_row("draft_probs", draft_probs)
+    parents = per_row("draft_parents", draft_parents)
+    prompts = per_row("prompt_token_ids", prompt_token_ids)
+    outputs = per_row("output_token_ids", output_token_ids)
+    if mirostat_mu is None or isinstance(mirostat_mu, (int, float, np.number)):
+        mus = [mirostat_mu] * rows
+    else:
+        mus = _rows("mirostat_mu", mirostat_mu, rows)
+    for i in range(rows):
+        row = request.rows.add()
+        row.params.CopyFrom(params[i])
+        row.draft_token_ids.extend(drafts[i])
+        if probs[i] is not None:
+            row.draft_probs.CopyFrom(encode_logits(probs[i], draft_dtype))
+        if parents[i] is not None:
+            row.draft_parents.extend(_token_ids(f"draft_parents[{i}]", parents[i]))
+        if prompts[i] is not None:
+            row.prompt_token_ids.extend(_token_ids(f"prompt_token_ids[{i}]", prompts[i]))
+        if outputs[i] is not None:
+            row.output_token_ids.extend(_token_ids(f"output_token_ids[{i}]", outputs[i]))
+        if mus[i] is not None:
+            row.mirostat_mu = float(mus[i])
+    return request
+
+
 class Client:
     """A client for `target`: "host:port" ("127.0.0.1:50051") or "unix:/path/to.sock".
 
@@ -186,6 +263,33 @@ class Client:
                                output_token_ids=output_token_ids, mirostat_mu=mirostat_mu)
         response = self._call(self._stub.Sample, request, timeout)
         return SampleResult.from_response(response, request.logits.rows)
+
+    def verify(self, logits, draft_token_ids, params=None, *, draft_probs=None,
+               draft_parents=None, dtype=None, draft_dtype=None, prompt_token_ids=None,
+               output_token_ids=None, mirostat_mu=None, timeout=_CLIENT_DEFAULT):
+        """Speculative decoding (Sampler.Verify): keeps the drafts the target model would have
+        sampled, exactly, and returns one VerifyResult per sequence.
+
+        draft_token_ids: one token-id sequence per sequence (k_i ≥ 0 drafts; a tree's nodes).
+        logits: the target logits, [Σ (k_i + 1), vocab_size], sequence by sequence: the row
+            after the current history, then one row after each draft (after its path in a tree).
+        params, prompt_token_ids, output_token_ids, mirostat_mu: as for `sample`, per sequence.
+        draft_probs: None (point masses: n-gram or greedy drafters), or one entry per sequence:
+            None or the [k_i, vocab_size] probabilities each draft was drawn from (`draft_dtype`
+            as `dtype` for logits; rows must sum to 1 within 1e-3, 1e-2 for 16-bit).
+        draft_parents: None (chains), or one entry per sequence: None or a parent index per
+            draft (-1 = a child of the current position; parents before children).
+
+        Raises ValueError when the logits rows do not match the drafts (and as `sample`),
+        TokenSamplerError with the server's code and message otherwise (INVALID_ARGUMENT names
+        the row, field and value, e.g. `rows[0].draft_parents[1] = 3 is a forward reference`).
+        """
+        request = make_verify_request(
+            logits, draft_token_ids, params, draft_probs=draft_probs, draft_parents=draft_parents,
+            dtype=dtype, draft_dtype=draft_dtype, prompt_token_ids=prompt_token_ids,
+            output_token_ids=output_token_ids, mirostat_mu=mirostat_mu)
+        response = self._call(self._stub.Verify, request, timeout)
+        return [VerifyResult.from_proto(r) for r in response.results]
 
     def session(self, *, timeout=None):
         """Opens a Session stream (tokensampler.Session): the server keeps each sequence's state,
