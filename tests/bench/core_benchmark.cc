@@ -5,12 +5,14 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "benchmark/benchmark.h"
 #include "client/cli/random_logits.h"
 #include "core/kernels.h"
 #include "core/sampler.h"
+#include "core/speculative.h"
 #include "core/tensor.h"
 #include "tests/bench/chain.h"
 
@@ -38,6 +40,45 @@ void BM_Chain(benchmark::State& state, const std::string& spec) {
     row = (row + 1) % kRows;
   }
   state.SetItemsProcessed(state.iterations());
+}
+
+// Speculative verification of one sequence with k = 4 drafts, realistic rows: the drafts are the
+// target rows' argmaxes (mostly accepted: up to 5 positions run the pipeline) or token 0 (the
+// first is rejected: one position plus the residual draw). Point-mass drafts.
+void BM_Verify(benchmark::State& state, bool accepted, float temperature) {
+  const int vocab = static_cast<int>(state.range(0));
+  constexpr int kDrafts = 4;
+  const std::vector<float> values =
+      cli::RandomLogits(kDrafts + 1, static_cast<uint32_t>(vocab), /*seed=*/5);
+  std::vector<uint8_t> bytes(values.size() * 4);
+  std::memcpy(bytes.data(), values.data(), bytes.size());
+  std::vector<int32_t> drafts(kDrafts, 0);
+  if (accepted) {
+    for (int j = 0; j < kDrafts; ++j) {
+      const auto row = values.begin() + static_cast<std::ptrdiff_t>(j) * vocab;
+      drafts[static_cast<size_t>(j)] =
+          static_cast<int32_t>(std::max_element(row, row + vocab) - row);
+    }
+  }
+  SamplingParams params;
+  params.temperature = temperature;
+  params.top_p = 0.95f;
+  params.seed = 1;
+  const auto view =
+      LogitsView::Create(DType::kFloat32, kDrafts + 1, static_cast<uint32_t>(vocab), bytes);
+  Sampler sampler;
+  Verifier verifier(sampler);
+  VerifyRowRequest row;
+  row.row = RowRequest{&params, {}, {}, std::nullopt};
+  row.drafts.token_ids = drafts;
+  int64_t emitted = 0;
+  for (auto _ : state) {
+    auto result = verifier.Run(*view, {&row, 1});
+    emitted += static_cast<int64_t>((*result)[0].tokens.size());
+    benchmark::DoNotOptimize(result);
+  }
+  state.counters["tokens"] =
+      benchmark::Counter(static_cast<double>(emitted), benchmark::Counter::kAvgIterations);
 }
 
 // One realistic row in L2 (the state after pass 1), for the kernels.
@@ -149,6 +190,16 @@ void Register() {
   benchmark::RegisterBenchmark("kernel/SelectRanges", BM_SelectRanges)
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);
+  for (const auto& [name, accepted, temperature] :
+       {std::tuple{"verify/k4_accepted_T0.8_top_p0.95", true, 0.8f},
+        std::tuple{"verify/k4_rejected_T0.8_top_p0.95", false, 0.8f},
+        std::tuple{"verify/k4_accepted_greedy", true, 0.0f}}) {
+    benchmark::RegisterBenchmark(name,
+                                 [accepted = accepted, temperature = temperature](
+                                     benchmark::State& s) { BM_Verify(s, accepted, temperature); })
+        ->Arg(128256)
+        ->Unit(benchmark::kMicrosecond);
+  }
   for (const std::string& spec : DefaultChains()) {
     benchmark::RegisterBenchmark(("chain/" + spec).c_str(),
                                  [spec](benchmark::State& s) { BM_Chain(s, spec); })

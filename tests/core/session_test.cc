@@ -242,5 +242,179 @@ TEST(SequenceTableTest, CancelledStepChangesNothing) {
   EXPECT_FALSE(table.contains(1));
 }
 
+// Steps with drafts (issue 7): every stepped sequence, with or without drafts, gives exactly
+// what the Verifier gives for the same row with the full history (every processor, mirostat μ
+// included); the history advances by all emitted tokens and finished sequences are released.
+TEST(SequenceTableDraftsTest, EquivalentToVerifyWithFullHistories) {
+  constexpr int kVocab = 48;
+  std::mt19937_64 rng(77);
+  SequenceTable table(SessionLimits{});
+  Sampler sampler;
+  Verifier verifier(sampler);
+  struct Ref {
+    SamplingParams params;
+    std::vector<int32_t> prompt, output;
+    std::optional<float> mu;
+    bool done = false;
+  };
+  std::map<uint64_t, Ref> refs;
+  for (uint64_t id = 1; id <= 80; ++id) {
+    Ref ref;
+    ref.params = RandomParams(rng, kVocab);
+    for (int i = 0; i < 4; ++i) ref.prompt.push_back(static_cast<int32_t>(rng() % kVocab));
+    ASSERT_TRUE(table.Add(id, ref.params, ref.prompt).ok());
+    refs[id] = ref;
+  }
+  // The target row after `history` (the toy model of the other tests, keyed by its length).
+  const auto target_row = [&](uint64_t id, const Ref& ref, const std::vector<int32_t>& path) {
+    const int32_t last = !path.empty()         ? path.back()
+                         : !ref.output.empty() ? ref.output.back()
+                                               : ref.prompt.back();
+    return ToyLogits(id, ref.output.size() + path.size(), last, kVocab);
+  };
+  int accepted = 0;
+  for (int step = 0; step < 30 && table.size() > 0; ++step) {
+    std::vector<uint64_t> ids;
+    std::vector<float> logits;
+    std::vector<std::vector<int32_t>> tokens, parents;
+    std::vector<std::vector<float>> probs;
+    std::vector<uint64_t> drafted;
+    for (auto& [id, ref] : refs) {
+      if (ref.done) continue;
+      ids.push_back(id);
+      const int k = static_cast<int>(rng() % 5);  // 0 = no drafts entry
+      const bool tree = k >= 3 && rng() % 2 == 0;
+      std::vector<int32_t> node_tokens, node_parents;
+      std::vector<std::vector<int32_t>> paths;
+      std::vector<float> q;
+      const auto row0 = target_row(id, ref, {});
+      logits.insert(logits.end(), row0.begin(), row0.end());
+      for (int j = 0; j < k; ++j) {
+        const int32_t parent = tree ? (j < 2 ? -1 : static_cast<int32_t>(rng() % 2)) : j - 1;
+        std::vector<int32_t> path =
+            parent < 0 ? std::vector<int32_t>{} : paths[static_cast<size_t>(parent)];
+        // Drafts: the target's own argmax half of the time (so some are accepted), else random.
+        const auto before = target_row(id, ref, path);
+        const int32_t x = rng() % 2 == 0
+                              ? static_cast<int32_t>(
+                                    std::max_element(before.begin(), before.end()) - before.begin())
+                              : static_cast<int32_t>(rng() % kVocab);
+        node_tokens.push_back(x);
+        node_parents.push_back(parent);
+        path.push_back(x);
+        paths.push_back(path);
+        const auto row = target_row(id, ref, path);
+        logits.insert(logits.end(), row.begin(), row.end());
+        // Uniform draft probabilities on even ids, point masses on odd ids.
+        if (id % 2 == 0) q.insert(q.end(), static_cast<size_t>(kVocab), 1.0f / kVocab);
+      }
+      if (k > 0) {
+        drafted.push_back(id);
+        tokens.push_back(node_tokens);
+        parents.push_back(tree ? node_parents : std::vector<int32_t>{});
+        probs.push_back(q);
+      }
+    }
+    const auto bytes = F32Bytes(logits);
+    auto view = LogitsView::Create(DType::kFloat32, static_cast<uint32_t>(logits.size() / kVocab),
+                                   kVocab, bytes);
+    ASSERT_TRUE(view.ok()) << view.status();
+    std::vector<std::vector<uint8_t>> prob_bytes;
+    for (const auto& q : probs) prob_bytes.push_back(F32Bytes(q));
+    std::vector<SequenceDrafts> drafts;
+    std::map<uint64_t, Drafts> by_id;
+    for (size_t d = 0; d < drafted.size(); ++d) {
+      Drafts one;
+      one.token_ids = tokens[d];
+      one.parents = parents[d];
+      if (!probs[d].empty()) {
+        one.probs = *LogitsView::Create(DType::kFloat32, static_cast<uint32_t>(tokens[d].size()),
+                                        kVocab, prob_bytes[d]);
+      }
+      drafts.push_back({drafted[d], one});
+      by_id[drafted[d]] = one;
+    }
+    std::vector<VerifyRowRequest> rows;
+    for (uint64_t id : ids) {
+      const Ref& ref = refs[id];
+      VerifyRowRequest& row = rows.emplace_back();
+      row.row = RowRequest{&ref.params, ref.prompt, ref.output, ref.mu};
+      if (by_id.contains(id)) row.drafts = by_id[id];
+    }
+    auto want = verifier.Run(*view, rows);
+    ASSERT_TRUE(want.ok()) << want.status();
+    auto got = table.StepWithDrafts(verifier, *view, ids, drafts);
+    ASSERT_TRUE(got.ok()) << got.status();
+    for (size_t i = 0; i < ids.size(); ++i) {
+      const VerifyResult& w = (*want)[i];
+      const VerifyResult& g = (*got)[i];
+      ASSERT_EQ(g.tokens.size(), w.tokens.size()) << "sequence " << ids[i] << " step " << step;
+      EXPECT_EQ(g.accepted_nodes, w.accepted_nodes);
+      Ref& ref = refs[ids[i]];
+      for (size_t t = 0; t < w.tokens.size(); ++t) {
+        ASSERT_EQ(g.tokens[t].token_id, w.tokens[t].token_id);
+        ASSERT_EQ(g.tokens[t].logprob, w.tokens[t].logprob);
+        ASSERT_EQ(g.tokens[t].finish_reason, w.tokens[t].finish_reason);
+        ASSERT_EQ(g.tokens[t].mirostat_mu, w.tokens[t].mirostat_mu);
+        ref.output.push_back(w.tokens[t].token_id);
+        if (w.tokens[t].mirostat_mu) ref.mu = w.tokens[t].mirostat_mu;
+      }
+      accepted += static_cast<int>(w.num_accepted());
+      if (w.tokens.back().finish_reason != FinishReason::kNone) {
+        ref.done = true;
+        EXPECT_FALSE(table.contains(ids[i]));
+      }
+    }
+  }
+  EXPECT_GT(accepted, 100);
+}
+
+TEST(SequenceTableDraftsTest, ErrorsChangeNothing) {
+  SequenceTable table(SessionLimits{.max_sequences = 8, .max_history_tokens = 6});
+  Sampler sampler;
+  Verifier verifier(sampler);
+  SamplingParams p;
+  p.seed = 1;
+  ASSERT_TRUE(table.Add(1, p, {0, 1}).ok());
+  ASSERT_TRUE(table.Add(2, p, {0}).ok());
+  const std::vector<int32_t> three = {1, 2, 3};
+  const auto bytes = F32Bytes(std::vector<float>(5 * 4, 0.0f));
+  const LogitsView five = *LogitsView::Create(DType::kFloat32, 5, 4, bytes);
+  const std::vector<uint64_t> both = {1, 2};
+  Drafts d;
+  d.token_ids = three;
+  // Rows: 3 drafts + 1 + 1 plain = 5.
+  {
+    auto r = table.StepWithDrafts(verifier, five, both, {SequenceDrafts{3, d}});
+    EXPECT_THAT(r.status().message(), HasSubstr("drafts[0].sequence_id 3 is not stepped"));
+  }
+  {
+    auto r =
+        table.StepWithDrafts(verifier, five, both, {SequenceDrafts{1, d}, SequenceDrafts{1, d}});
+    EXPECT_THAT(r.status().message(),
+                HasSubstr("drafts[1]: sequence 1 has more than one drafts entry"));
+  }
+  {
+    const LogitsView four = *LogitsView::Create(DType::kFloat32, 4, 4,
+                                                absl::MakeConstSpan(bytes).subspan(0, 4 * 4 * 4));
+    auto r = table.StepWithDrafts(verifier, four, both, {SequenceDrafts{1, d}});
+    EXPECT_EQ(r.status().message(),
+              "logits.rows is 4 but the stepped sequences need 5 (sequence 1: 3 drafts)");
+  }
+  {
+    // History limit 6: sequence 1 has 2 prompt tokens and may append up to 4.
+    Drafts four_drafts;
+    const std::vector<int32_t> ids4 = {1, 2, 3, 0};
+    four_drafts.token_ids = ids4;
+    const auto bytes6 = F32Bytes(std::vector<float>(6 * 4, 0.0f));
+    const LogitsView six = *LogitsView::Create(DType::kFloat32, 6, 4, bytes6);
+    auto r = table.StepWithDrafts(verifier, six, both, {SequenceDrafts{1, four_drafts}});
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted);
+  }
+  auto ok = table.StepWithDrafts(verifier, five, both, {SequenceDrafts{1, d}});
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->size(), 2u);
+}
+
 }  // namespace
 }  // namespace tokensampler

@@ -107,6 +107,31 @@ class VerifyTest(unittest.TestCase):
         [ok] = CLIENT.verify(x, [[1, 2]])
         self.assertGreaterEqual(len(ok.token_ids), 1)
 
+    def test_session_step_with_drafts_equals_verify(self):
+        rng = np.random.default_rng(11)
+        vocab = 16
+        table = rng.normal(0, 2, (vocab, vocab)).astype(np.float32)
+        params = {"temperature": 0.9, "seed": 5, "presence_penalty": 0.4}
+        output = []
+        with CLIENT.session() as session:
+            session.add([3, 4], params, prompt_token_ids=[[2], [2]])
+            other = []
+            for _ in range(5):
+                last = output[-1] if output else 2
+                drafts = [int(t) for t in rng.integers(0, vocab, 3)]
+                rows = [table[last]] + [table[t] for t in drafts]
+                [want] = CLIENT.verify(np.stack(rows), [drafts], params, prompt_token_ids=[[2]],
+                                       output_token_ids=[output])
+                plain = table[other[-1] if other else 2][None, :]
+                step = session.step(np.concatenate([np.stack(rows), plain]), [3, 4],
+                                    drafts={3: drafts})
+                self.assertEqual(step.emitted[0].tolist(), want.token_ids.tolist())
+                self.assertEqual(int(step.num_accepted[0]), want.num_accepted)
+                self.assertEqual(int(step.token_ids[0]), int(want.token_ids[-1]))
+                self.assertEqual(len(step.emitted[1]), 1)
+                output += want.token_ids.tolist()
+                other.append(int(step.token_ids[1]))
+
 
 if __name__ == "__main__":
     unittest.main()

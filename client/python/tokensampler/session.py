@@ -63,6 +63,11 @@ class StepResult:
     finish_reasons: np.ndarray  # int32 [rows], sampler_pb2.FinishReason values (0 = going on)
     top_logprobs: list          # [row] → {token_id: logprob}, by descending value
     response: sampler_pb2.SessionResponse
+    # Every token each row's sequence emitted this step: [token_id] for a plain row; for a row
+    # stepped with drafts the accepted drafts then the recovered / bonus token (token_ids[row]
+    # is the last of them). The server has appended all of them.
+    emitted: list = dataclasses.field(default_factory=list)  # [row] → int32 array
+    num_accepted: np.ndarray = None                          # int32 [rows]; 0 without drafts
 
     @property
     def finished(self):
@@ -79,7 +84,11 @@ class StepResult:
             finish_reasons=np.fromiter((r.finish_reason for r in results), np.int32,
                                        len(results)),
             top_logprobs=[{t.token_id: t.logprob for t in r.top_logprobs} for r in results],
-            response=response)
+            response=response,
+            emitted=[np.array(r.verify.token_ids if r.HasField("verify") else [r.token_id],
+                              np.int32) for r in results],
+            num_accepted=np.fromiter((r.verify.num_accepted for r in results), np.int32,
+                                     len(results)))
 
 
 class Session:
@@ -117,13 +126,27 @@ class Session:
                 add.prompt_token_ids.extend(int(t) for t in np.asarray(prompt).ravel())
         self.send(request)
 
-    def step(self, logits, sequence_ids, *, dtype=None):
+    def step(self, logits, sequence_ids, *, dtype=None, drafts=None, draft_probs=None,
+             draft_parents=None, draft_dtype=None):
         """Samples one token for each row of `logits` ([rows, vocab] numpy array or torch
         tensor, sent as raw bytes as in Client.sample): row i belongs to sequence_ids[i].
-        Returns a StepResult."""
+        Returns a StepResult.
+
+        Speculative decoding: `drafts` maps sequence ids to their draft token ids (k ≥ 1); such a
+        sequence takes k + 1 consecutive logits rows (the current position, then one after each
+        draft) instead of one, and is verified as by Client.verify (StepResult.emitted has every
+        token it emitted). `draft_probs` / `draft_parents` map the same ids to the [k, vocab]
+        draft probabilities (absent = point masses) and the tree's parent indices."""
         request = sampler_pb2.SessionRequest()
         request.step.logits.CopyFrom(encode_logits(logits, dtype))
         request.step.sequence_ids.extend(_ids("sequence_ids", sequence_ids))
+        for sequence_id, tokens in (drafts or {}).items():
+            entry = request.step.drafts.add(sequence_id=int(sequence_id))
+            entry.draft_token_ids.extend(operator.index(t) for t in tokens)
+            if draft_probs and sequence_id in draft_probs:
+                entry.draft_probs.CopyFrom(encode_logits(draft_probs[sequence_id], draft_dtype))
+            if draft_parents and sequence_id in draft_parents:
+                entry.draft_parents.extend(int(p) for p in draft_parents[sequence_id])
         return StepResult.from_response(self.send(request))
 
     def fork(self, parent_id, child_ids):
