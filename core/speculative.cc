@@ -31,6 +31,9 @@ struct VerifyScratch {
   std::vector<float> raw;            // the position's row as received (raw logprobs)
   std::vector<double> residual;      // the residual r of the rejection chain (unnormalised)
   std::vector<double> next;          // r − q while it is computed
+  std::vector<float> weights;        // the target's weights ExpF(l − max)
+  std::vector<float> q;              // one row of draft probabilities, decoded
+  std::vector<int32_t> removed;      // point-mass drafts rejected (r is `weights` without them)
   std::vector<int32_t> history;      // output_token_ids ++ the accepted path
   std::vector<int32_t> children;     // node ids grouped by parent (the root's first)
   std::vector<int32_t> child_begin;  // children of node j: [begin[j + 1], begin[j + 2])
@@ -48,13 +51,6 @@ namespace {
 
 double ToleranceFor(DType dtype) {
   return dtype == DType::kFloat32 ? kDraftProbSumToleranceF32 : kDraftProbSumTolerance16;
-}
-
-// Σ of one row of draft probabilities, in double (validated rows only: finite, ≥ 0).
-double RowSum(const LogitsView& probs, int row) {
-  double sum = 0.0;
-  for (int y = 0; y < probs.vocab_size(); ++y) sum += static_cast<double>(probs.At(row, y));
-  return sum;
 }
 
 absl::Status ValidateParents(absl::Span<const int32_t> parents, size_t k) {
@@ -262,6 +258,8 @@ absl::Status VerifyOne(const Sampler& sampler, const LogitsView& logits, size_t 
     s.processed.resize(v);
     s.residual.resize(v);
     s.next.resize(v);
+    s.weights.resize(v);
+    s.q.resize(drafts.probs.has_value() ? static_cast<size_t>(drafts.probs->vocab_size()) : 0);
   }
   s.history.assign(request.row.output_token_ids.begin(), request.row.output_token_ids.end());
   // A row without a seed gets a fresh one for its accept and recover coins (the Sampler draws
@@ -269,11 +267,6 @@ absl::Status VerifyOne(const Sampler& sampler, const LogitsView& logits, size_t 
   const uint64_t seed = p.seed.has_value() ? *p.seed : absl::Uniform<uint64_t>(s.entropy);
   const uint32_t sample = request.row.first_sample_index;
   std::optional<float> mu = request.row.mirostat_mu;
-  // Draft q of node c at token y, renormalised.
-  const auto q_of = [&](int32_t c, int32_t y, double row_sum) {
-    const LogitsView& q = *drafts.probs;
-    return y < q.vocab_size() ? static_cast<double>(q.At(c, y)) / row_sum : 0.0;
-  };
 
   out.has_logprobs = p.logprobs.has_value();
   int32_t node = -1;  // the last accepted node (−1 = none yet)
@@ -309,26 +302,64 @@ absl::Status VerifyOne(const Sampler& sampler, const LogitsView& logits, size_t 
     } else {
       // Multi-candidate rejection sampling: r = p; for each child c in order, accept its token x
       // with probability min(1, r(x) / q_c(x)), else r ← normalise(max(0, r − q_c)); when all
-      // are rejected, draw from r.
-      const absl::Span<const float> processed(s.processed.data(), v);
-      const float max = Argmax(processed).first;
-      double total = Weights(processed, max, s.residual);
+      // are rejected, draw from r. r starts as the draw's own weights (SIMD ExpF, the same
+      // values as the scalar one); it is written out in double only once a draft with
+      // probabilities is rejected — a rejected point mass only removes its token.
+      float* processed = s.processed.data();
+      const float max = kernels::Max(processed, 0, v).max;
+      double total = kernels::Weights(processed, s.weights.data(), 0, v, 1.0f, max);
+      bool dense = false;  // r is s.residual (else s.weights without the `removed` tokens)
+      s.removed.clear();
+      const auto r_at = [&](int32_t y) {
+        if (dense) return s.residual[static_cast<size_t>(y)];
+        return std::find(s.removed.begin(), s.removed.end(), y) != s.removed.end()
+                   ? 0.0
+                   : static_cast<double>(s.weights[static_cast<size_t>(y)]);
+      };
+      const auto make_dense = [&] {
+        if (dense) return;
+        for (size_t y = 0; y < v; ++y) s.residual[y] = static_cast<double>(s.weights[y]);
+        for (int32_t y : s.removed) s.residual[static_cast<size_t>(y)] = 0.0;
+        dense = true;
+      };
       for (size_t i = begin; i < end; ++i) {
         const int32_t c = s.children[i];
         const int32_t x = drafts.token_ids[static_cast<size_t>(c)];
-        const double row_sum = drafts.probs.has_value() ? RowSum(*drafts.probs, c) : 1.0;
-        const double qx = drafts.probs.has_value() ? q_of(c, x, row_sum) : 1.0;
         const double u = UniformDouble(seed, step, sample, DrawPurpose::kAccept,
                                        static_cast<uint32_t>(i - begin));
-        if (u * qx * total < s.residual[static_cast<size_t>(x)]) {
+        const double rx = r_at(x);
+        if (!drafts.probs.has_value()) {
+          // q = δ_x: accept with probability r(x); else r loses x (max(0, r/R − δ_x)).
+          if (u * total < rx) {
+            accepted = c;
+            break;
+          }
+          if (total - rx > 0.0) {  // else r = δ_x up to rounding: keep r (see below)
+            if (dense) {
+              s.residual[static_cast<size_t>(x)] = 0.0;
+            } else {
+              s.removed.push_back(x);
+            }
+            total -= rx;
+          }
+          continue;
+        }
+        const LogitsView& q = *drafts.probs;
+        DecodeRow(q, c, absl::MakeSpan(s.q.data(), static_cast<size_t>(q.vocab_size())));
+        double row_sum = 0.0;
+        for (int y = 0; y < q.vocab_size(); ++y)
+          row_sum += static_cast<double>(s.q[static_cast<size_t>(y)]);
+        const double qx = static_cast<double>(s.q[static_cast<size_t>(x)]) / row_sum;
+        if (u * qx * total < rx) {
           accepted = c;
           break;
         }
+        make_dense();
         double next_total = 0.0;
         for (size_t y = 0; y < v; ++y) {
-          const double q = drafts.probs.has_value() ? q_of(c, static_cast<int32_t>(y), row_sum)
-                                                    : (static_cast<int32_t>(y) == x ? 1.0 : 0.0);
-          const double d = std::max(0.0, s.residual[y] / total - q);
+          const double qy =
+              y < static_cast<size_t>(q.vocab_size()) ? static_cast<double>(s.q[y]) / row_sum : 0.0;
+          const double d = std::max(0.0, s.residual[y] / total - qy);
           s.next[y] = d;
           next_total += d;
         }
@@ -340,6 +371,7 @@ absl::Status VerifyOne(const Sampler& sampler, const LogitsView& logits, size_t 
         }
       }
       if (accepted < 0) {
+        make_dense();
         const double u = UniformDouble(seed, step, sample, DrawPurpose::kRecover);
         emitted = DrawFromWeights(s.residual, v, total, u);
       }

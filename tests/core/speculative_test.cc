@@ -13,6 +13,7 @@
 #include <functional>
 #include <map>
 #include <numeric>
+#include <ostream>
 #include <random>
 #include <vector>
 
@@ -768,6 +769,7 @@ struct ErrorCase {
   const char* name;
   std::function<void(Single&)> change;
   const char* message;
+  friend void PrintTo(const ErrorCase& c, std::ostream* os) { *os << c.name; }
 };
 
 class SpeculativeErrorTest : public ::testing::TestWithParam<ErrorCase> {};

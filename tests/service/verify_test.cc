@@ -8,6 +8,7 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <ostream>
 #include <random>
 #include <string>
 #include <vector>
@@ -252,6 +253,7 @@ struct ErrorCase {
   const char* name;
   std::function<void(v1::VerifyRequest&)> change;
   const char* message;
+  friend void PrintTo(const ErrorCase& c, std::ostream* os) { *os << c.name; }
 };
 
 class VerifyErrorTest : public VerifyServiceTest,
