@@ -131,10 +131,12 @@ absl::Status ValidateDrafts(const Drafts& drafts, int32_t vocab_size) {
                      "; the draft vocabulary must not be larger"));
   }
   const double tolerance = ToleranceFor(q.dtype());
+  std::vector<float> row(static_cast<size_t>(q.vocab_size()));
   for (int j = 0; j < q.rows(); ++j) {
+    DecodeRow(q, j, absl::MakeSpan(row));
     double sum = 0.0;
     for (int y = 0; y < q.vocab_size(); ++y) {
-      const float v = q.At(j, y);
+      const float v = row[static_cast<size_t>(y)];
       if (!(v >= 0.0f) || std::isinf(v)) {
         return absl::InvalidArgumentError(absl::StrCat("draft_probs row ", j, ", token ", y, " is ",
                                                        v,
@@ -148,7 +150,7 @@ absl::Status ValidateDrafts(const Drafts& drafts, int32_t vocab_size) {
                                                      DTypeName(q.dtype()), ")"));
     }
     const int32_t token = drafts.token_ids[static_cast<size_t>(j)];
-    if (token >= q.vocab_size() || q.At(j, token) <= 0.0f) {
+    if (token >= q.vocab_size() || row[static_cast<size_t>(token)] <= 0.0f) {
       return absl::InvalidArgumentError(
           absl::StrCat("draft_probs row ", j, " gives draft_token_ids[", j, "] = ", token,
                        " probability 0; the draft model cannot have drawn it"));
