@@ -117,6 +117,14 @@ std::vector<double> TargetProbs(const std::vector<float>& logits, const Sampling
   return softmax();
 }
 
+std::vector<float> RandomLogits(int rows, int vocab, uint64_t seed) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<float> normal(0.0f, 2.0f);
+  std::vector<float> out(static_cast<size_t>(rows * vocab));
+  for (float& l : out) l = normal(gen);
+  return out;
+}
+
 History Concat(const History& a, const History& b) {
   History out = a;
   out.insert(out.end(), b.begin(), b.end());
@@ -433,6 +441,95 @@ TEST(SpeculativeStatisticsTest, TreeOfDistinctPointMassesWithPenalties) {
   ExpectTargetDistribution(RunExperiment(e));
 }
 
+// Every other processor: the first emitted token of a chain (k = 2, drafts from a random q) follows
+// the distribution the reference pipeline (ReferenceSampler, PROCESSED_LOGPROBS) samples from for
+// the same row and history — DRY, no-repeat-ngram, typical_p, epsilon / eta cutoff, top_n_sigma,
+// dynamic temperature, min_tokens, bad_words, allowed_token_ids, custom stage orders.
+TEST(SpeculativeStatisticsTest, FirstTokenFollowsTheReferencePipelineForEveryProcessor) {
+  constexpr int kVocab = 8, kDrafts = 2, kReplicas = 20000;
+  const History prompt = {1, 2, 3, 1, 2}, output = {3, 1};
+  std::vector<SamplingParams> configs(6);
+  configs[0].dry_multiplier = 1.5f;  // the history ends in 3 1 after 1 2 3 1 2 3 1: DRY bites
+  configs[0].dry_allowed_length = 1;
+  configs[0].typical_p = 0.9f;
+  configs[1].no_repeat_ngram_size = 2;
+  configs[1].eta_cutoff = 0.05f;
+  configs[2].top_n_sigma = 1.0f;
+  configs[2].min_tokens = 5;
+  configs[2].eos_token_ids = {0};
+  configs[3].dynatemp_range = 0.5f;
+  configs[3].epsilon_cutoff = 0.03f;
+  configs[3].bad_words = {{1, 4}};
+  configs[4].allowed_token_ids = {0, 2, 4, 5, 6, 7};
+  configs[4].sampler_order = {Stage::kMinP, Stage::kTemperature, Stage::kTopK};
+  configs[4].min_p = 0.05f;
+  configs[4].top_k = 4;
+  configs[4].temperature = 1.5f;
+  configs[5].penalty_last_n = 2;
+  configs[5].repetition_penalty = 2.0f;
+  configs[5].token_bitmask = std::string(1, static_cast<char>(0xef));  // token 4 not allowed
+  std::mt19937_64 gen(99);
+  const std::vector<float> target = RandomLogits(kDrafts + 1, kVocab, 31);
+  for (size_t c = 0; c < configs.size(); ++c) {
+    SamplingParams& base = configs[c];
+    // The reference's distribution at position 0.
+    SamplingParams reference_params = base;
+    reference_params.seed = 1;
+    reference_params.logprobs = -1;
+    reference_params.logprobs_mode = LogprobsMode::kProcessedLogprobs;
+    const std::vector<uint8_t> row0 =
+        F32Bytes(std::vector<float>(target.begin(), target.begin() + kVocab));
+    const RowRequest reference_row{&reference_params, prompt, output, std::nullopt};
+    auto reference = ReferenceSampler().Run(*LogitsView::Create(DType::kFloat32, 1, kVocab, row0),
+                                            {&reference_row, 1});
+    ASSERT_TRUE(reference.ok()) << reference.status();
+    std::vector<double> p0(kVocab, 0.0);
+    for (const TokenLogprob& t : (*reference)[0].top_logprobs) {
+      p0[static_cast<size_t>(t.token_id)] = std::exp(static_cast<double>(t.logprob));
+    }
+    // Random draft distributions and drafts.
+    std::vector<float> q(static_cast<size_t>(kDrafts * kVocab));
+    std::uniform_real_distribution<float> uniform(0.05f, 1.0f);
+    for (int j = 0; j < kDrafts; ++j) {
+      float total = 0.0f;
+      for (int y = 0; y < kVocab; ++y)
+        total += q[static_cast<size_t>(j * kVocab + y)] = uniform(gen);
+      for (int y = 0; y < kVocab; ++y) q[static_cast<size_t>(j * kVocab + y)] /= total;
+    }
+    std::vector<float> logits;
+    std::vector<History> drafts(kReplicas);
+    std::vector<SamplingParams> params(kReplicas, base);
+    std::vector<VerifyRowRequest> rows(kReplicas);
+    const std::vector<uint8_t> q_bytes = F32Bytes(q);
+    const LogitsView q_view = *LogitsView::Create(DType::kFloat32, kDrafts, kVocab, q_bytes);
+    for (int n = 0; n < kReplicas; ++n) {
+      const size_t ni = static_cast<size_t>(n);
+      params[ni].seed = static_cast<uint64_t>(n);
+      for (int j = 0; j < kDrafts; ++j) {
+        std::discrete_distribution<int32_t> draw(q.begin() + j * kVocab,
+                                                 q.begin() + (j + 1) * kVocab);
+        drafts[ni].push_back(draw(gen));
+      }
+      logits.insert(logits.end(), target.begin(), target.end());
+      rows[ni].row = RowRequest{&params[ni], prompt, output, std::nullopt};
+      rows[ni].drafts.token_ids = drafts[ni];
+      rows[ni].drafts.probs = q_view;
+    }
+    const std::vector<uint8_t> bytes = F32Bytes(logits);
+    Sampler sampler;
+    Verifier verifier(sampler);
+    auto results = verifier.Run(
+        *LogitsView::Create(DType::kFloat32, kReplicas * (kDrafts + 1), kVocab, bytes), rows);
+    ASSERT_TRUE(results.ok()) << results.status();
+    std::vector<int64_t> first(kVocab, 0);
+    for (const VerifyResult& r : *results) ++first[static_cast<size_t>(r.tokens[0].token_id)];
+    const auto chi = ChiSquareTest(first, p0);
+    ASSERT_GE(chi.df, 1) << "config " << c;
+    EXPECT_LT(chi.statistic, testing::ChiSquareCritical001(chi.df))
+        << "config " << c << ": chi-square " << chi.statistic << " with " << chi.df << " df";
+  }
+}
+
 // --- Exact behaviour ---------------------------------------------------------------------
 
 struct Single {
@@ -466,14 +563,6 @@ absl::StatusOr<VerifyResult> VerifySingle(const Single& s) {
   auto results = verifier.Run(*view, {&row, 1});
   if (!results.ok()) return results.status();
   return (*results)[0];
-}
-
-std::vector<float> RandomLogits(int rows, int vocab, uint64_t seed) {
-  std::mt19937_64 gen(seed);
-  std::normal_distribution<float> normal(0.0f, 2.0f);
-  std::vector<float> out(static_cast<size_t>(rows * vocab));
-  for (float& l : out) l = normal(gen);
-  return out;
 }
 
 // Greedy: decoding with Sample one token at a time, and verifying drafts (some right, some
