@@ -144,6 +144,7 @@ struct Experiment {
   std::vector<int32_t> parents;  // tree shape
   bool chain = false;
   bool point_masses = false;
+  bool without_replacement = false;  // siblings drawn without replacement (each its own q)
 };
 
 struct Outcome {
@@ -189,7 +190,16 @@ Outcome RunExperiment(const Experiment& e) {
     for (size_t j = 0; j < k; ++j) {
       const int32_t parent = e.parents[j];
       const History before = parent < 0 ? History{} : paths[static_cast<size_t>(parent)];
-      const std::vector<double> q = draft_q(Concat(e.output, before));
+      std::vector<double> q = draft_q(Concat(e.output, before));
+      if (e.without_replacement) {
+        // Siblings drawn without replacement: the earlier siblings' tokens removed from q.
+        for (size_t i = 0; i < j; ++i) {
+          if (e.parents[i] == parent) q[static_cast<size_t>(drafts[i])] = 0.0;
+        }
+        double total = 0.0;
+        for (double qy : q) total += qy;
+        for (double& qy : q) qy /= total;
+      }
       int32_t x = 0;
       if (e.point_masses) {
         std::vector<int32_t> order(v);
@@ -427,6 +437,15 @@ TEST(SpeculativeStatisticsTest, TreeWithDraftProbsKeepsTheTargetDistribution) {
   Experiment e;
   e.params.temperature = 0.9f;
   e.parents = kTree;
+  ExpectTargetDistribution(RunExperiment(e));
+}
+
+TEST(SpeculativeStatisticsTest, TreeWithSiblingsDrawnWithoutReplacement) {
+  Experiment e;
+  e.params.temperature = 1.2f;
+  e.params.min_p = 0.05f;
+  e.parents = kTree;
+  e.without_replacement = true;
   ExpectTargetDistribution(RunExperiment(e));
 }
 
