@@ -116,7 +116,10 @@ async function modelClass(apiVersion, kind) {
 export async function schemaErrors(object) {
   const where = describe(object);
   const model = await modelClass(object?.apiVersion, object?.kind);
-  if (!model) return [`${where}: no Kubernetes schema for apiVersion ${object?.apiVersion} kind ${object?.kind}`];
+  if (!model)
+    return [
+      `${where}: no Kubernetes schema for apiVersion ${object?.apiVersion} kind ${object?.kind}`,
+    ];
   const errors = [];
   const visited = [];
   try {
@@ -129,7 +132,8 @@ export async function schemaErrors(object) {
   for (const { pointer, value, read } of visited) {
     if (Array.isArray(value)) continue;
     for (const key of Object.keys(value)) {
-      if (!read.has(key)) errors.push(`${where}: ${pointer}/${key} is not a field of the Kubernetes schema`);
+      if (!read.has(key))
+        errors.push(`${where}: ${pointer}/${key} is not a field of the Kubernetes schema`);
     }
   }
   return errors;
@@ -155,7 +159,8 @@ export function readFlags(tokensamplerd) {
     all.add(flag[1]);
     if (section.endsWith("tokensamplerd.cc")) own.add(flag[1]);
   }
-  if (own.size === 0) throw new Error(`${tokensamplerd} --helpfull lists no flag of tokensamplerd.cc`);
+  if (own.size === 0)
+    throw new Error(`${tokensamplerd} --helpfull lists no flag of tokensamplerd.cc`);
   return { all, own, binary: tokensamplerd };
 }
 
@@ -185,7 +190,9 @@ export function daemonConfig(container, flags, where) {
       continue;
     }
     if (variable.value === undefined) {
-      errors.push(`${where}: env ${variable.name} must have a literal value (valueFrom cannot be checked offline)`);
+      errors.push(
+        `${where}: env ${variable.name} must have a literal value (valueFrom cannot be checked offline)`,
+      );
       continue;
     }
     env[variable.name] = String(variable.value);
@@ -193,7 +200,9 @@ export function daemonConfig(container, flags, where) {
   }
   const args = [...(container.args ?? [])];
   if (container.command && !/(^|\/)tokensamplerd$/.test(container.command[0] ?? "")) {
-    errors.push(`${where}: command ${JSON.stringify(container.command)} does not run tokensamplerd`);
+    errors.push(
+      `${where}: command ${JSON.stringify(container.command)} does not run tokensamplerd`,
+    );
   }
   for (let i = 0; i < args.length; ++i) {
     const match = /^--?([a-z0-9_]+)(=(.*))?$/.exec(args[i]);
@@ -204,7 +213,12 @@ export function daemonConfig(container, flags, where) {
     let name = match[1];
     let value = match[3];
     // --nofoo is absl's --foo=false.
-    if (!flags.all.has(name) && name.startsWith("no") && flags.all.has(name.slice(2)) && value === undefined) {
+    if (
+      !flags.all.has(name) &&
+      name.startsWith("no") &&
+      flags.all.has(name.slice(2)) &&
+      value === undefined
+    ) {
       name = name.slice(2);
       value = "false";
     }
@@ -241,7 +255,10 @@ export function podSpecs(objects) {
 // any tag) or it is named tokensamplerd.
 export function isTokensamplerd(container) {
   const image = String(container.image ?? "").split("@")[0];
-  const repository = image.replace(/:[^/:]*$/, "").split("/").pop();
+  const repository = image
+    .replace(/:[^/:]*$/, "")
+    .split("/")
+    .pop();
   return repository === "tokensampler" || container.name === "tokensamplerd";
 }
 
@@ -346,7 +363,9 @@ function checkDaemon(pod, container, kind, flags) {
   // A sidecar must keep running next to the worker: an init container without restartPolicy:
   // Always would have to exit before the worker starts.
   if (kind === "initContainer" && container.restartPolicy !== "Always") {
-    errors.push(`${where}: an init container running tokensamplerd needs restartPolicy: Always (a native sidecar), got ${container.restartPolicy ?? "none"}`);
+    errors.push(
+      `${where}: an init container running tokensamplerd needs restartPolicy: Always (a native sidecar), got ${container.restartPolicy ?? "none"}`,
+    );
   }
 
   const listen = list(config.listen ?? FLAG_DEFAULTS.listen);
@@ -357,39 +376,58 @@ function checkDaemon(pod, container, kind, flags) {
     if (socket !== undefined) {
       const volume = volumeOf(container, socket);
       if (!volume) {
-        errors.push(`${where}: --listen ${address}: ${socket} is on no volume of the container (mount an emptyDir there so the worker can reach it)`);
+        errors.push(
+          `${where}: --listen ${address}: ${socket} is on no volume of the container (mount an emptyDir there so the worker can reach it)`,
+        );
       } else {
         const source = (spec.volumes ?? []).find((v) => v.name === volume.volume);
-        if (source && !source.emptyDir) errors.push(`${where}: --listen ${address}: volume ${volume.volume} should be an emptyDir`);
-        if (volume.mount.readOnly) errors.push(`${where}: --listen ${address}: volume ${volume.volume} is mounted readOnly`);
+        if (source && !source.emptyDir)
+          errors.push(
+            `${where}: --listen ${address}: volume ${volume.volume} should be an emptyDir`,
+          );
+        if (volume.mount.readOnly)
+          errors.push(`${where}: --listen ${address}: volume ${volume.volume} is mounted readOnly`);
         sockets.push({ address, socket, ...volume });
       }
       continue;
     }
     const port = tcpPort(address);
-    if (port === undefined) errors.push(`${where}: --listen ${address} is neither host:port nor unix:/path`);
-    else if (port !== 0 && !ports.has(port)) errors.push(`${where}: --listen ${address}: port ${port} is not among the container's ports`);
-    if (/^(127\.|localhost|\[::1\])/.test(address)) errors.push(`${where}: --listen ${address} is loopback: nothing outside the container reaches it`);
+    if (port === undefined)
+      errors.push(`${where}: --listen ${address} is neither host:port nor unix:/path`);
+    else if (port !== 0 && !ports.has(port))
+      errors.push(`${where}: --listen ${address}: port ${port} is not among the container's ports`);
+    if (/^(127\.|localhost|\[::1\])/.test(address))
+      errors.push(
+        `${where}: --listen ${address} is loopback: nothing outside the container reaches it`,
+      );
   }
   const healthPorts = new Set();
   for (const address of health) {
     const port = tcpPort(address);
     if (port === undefined) {
-      errors.push(`${where}: --health_listen ${address} must be host:port (probes cannot reach a Unix socket)`);
+      errors.push(
+        `${where}: --health_listen ${address} must be host:port (probes cannot reach a Unix socket)`,
+      );
       continue;
     }
     healthPorts.add(port);
-    if (!ports.has(port)) errors.push(`${where}: --health_listen port ${port} is not among the container's ports`);
-    if (/^(127\.|localhost|\[::1\])/.test(address)) errors.push(`${where}: --health_listen ${address} is loopback: the kubelet cannot probe it`);
+    if (!ports.has(port))
+      errors.push(`${where}: --health_listen port ${port} is not among the container's ports`);
+    if (/^(127\.|localhost|\[::1\])/.test(address))
+      errors.push(`${where}: --health_listen ${address} is loopback: the kubelet cannot probe it`);
   }
   if (config.metrics_listen) {
     const port = tcpPort(config.metrics_listen);
     if (port === undefined || !ports.has(port)) {
-      errors.push(`${where}: --metrics_listen ${config.metrics_listen}: port ${port} is not among the container's ports`);
+      errors.push(
+        `${where}: --metrics_listen ${config.metrics_listen}: port ${port} is not among the container's ports`,
+      );
     }
     const annotated = pod.template.metadata?.annotations?.["prometheus.io/port"];
     if (annotated !== undefined && Number(annotated) !== port) {
-      errors.push(`${where}: annotation prometheus.io/port ${annotated} is not the --metrics_listen port ${port}`);
+      errors.push(
+        `${where}: annotation prometheus.io/port ${annotated} is not the --metrics_listen port ${port}`,
+      );
     }
   }
 
@@ -400,39 +438,57 @@ function checkDaemon(pod, container, kind, flags) {
       continue;
     }
     if (!probe.grpc) {
-      errors.push(`${where}: ${probeName} must be a grpc probe (tokensamplerd serves grpc.health.v1)`);
+      errors.push(
+        `${where}: ${probeName} must be a grpc probe (tokensamplerd serves grpc.health.v1)`,
+      );
       continue;
     }
     const port = probe.grpc.port;
-    if (!ports.has(port)) errors.push(`${where}: ${probeName} port ${port} is not a port the container exposes`);
+    if (!ports.has(port))
+      errors.push(`${where}: ${probeName} port ${port} is not a port the container exposes`);
     if (!healthPorts.has(port)) {
-      errors.push(`${where}: ${probeName} port ${port} is not a --health_listen port (${[...healthPorts].join(",") || "none"}): the kubelet probes in plaintext without a token`);
+      errors.push(
+        `${where}: ${probeName} port ${port} is not a --health_listen port (${[...healthPorts].join(",") || "none"}): the kubelet probes in plaintext without a token`,
+      );
     }
     const service = probe.grpc.service ?? "";
     if (service !== "" && service !== "tokensampler.v1.Sampler") {
-      errors.push(`${where}: ${probeName} asks for service "${service}"; tokensamplerd reports "" and tokensampler.v1.Sampler`);
+      errors.push(
+        `${where}: ${probeName} asks for service "${service}"; tokensamplerd reports "" and tokensampler.v1.Sampler`,
+      );
     }
   }
 
   // Security: non-root, read-only root, no privilege, no capability, seccomp.
   const security = container.securityContext ?? {};
   const podSecurity = spec.securityContext ?? {};
-  if (!(security.runAsNonRoot ?? podSecurity.runAsNonRoot)) errors.push(`${where}: runAsNonRoot is not true`);
-  if ((security.runAsUser ?? podSecurity.runAsUser) === 0) errors.push(`${where}: runAsUser is 0 (root)`);
-  if (security.readOnlyRootFilesystem !== true) errors.push(`${where}: readOnlyRootFilesystem is not true`);
-  if (security.allowPrivilegeEscalation !== false) errors.push(`${where}: allowPrivilegeEscalation is not false`);
-  if (!(security.capabilities?.drop ?? []).includes("ALL")) errors.push(`${where}: capabilities.drop does not include ALL`);
-  if ((security.capabilities?.add ?? []).length > 0) errors.push(`${where}: capabilities.add ${security.capabilities.add} (it needs none)`);
+  if (!(security.runAsNonRoot ?? podSecurity.runAsNonRoot))
+    errors.push(`${where}: runAsNonRoot is not true`);
+  if ((security.runAsUser ?? podSecurity.runAsUser) === 0)
+    errors.push(`${where}: runAsUser is 0 (root)`);
+  if (security.readOnlyRootFilesystem !== true)
+    errors.push(`${where}: readOnlyRootFilesystem is not true`);
+  if (security.allowPrivilegeEscalation !== false)
+    errors.push(`${where}: allowPrivilegeEscalation is not false`);
+  if (!(security.capabilities?.drop ?? []).includes("ALL"))
+    errors.push(`${where}: capabilities.drop does not include ALL`);
+  if ((security.capabilities?.add ?? []).length > 0)
+    errors.push(`${where}: capabilities.add ${security.capabilities.add} (it needs none)`);
   const seccomp = security.seccompProfile?.type ?? podSecurity.seccompProfile?.type;
-  if (seccomp !== "RuntimeDefault" && seccomp !== "Localhost") errors.push(`${where}: seccompProfile is ${seccomp ?? "unset"}, not RuntimeDefault`);
+  if (seccomp !== "RuntimeDefault" && seccomp !== "Localhost")
+    errors.push(`${where}: seccompProfile is ${seccomp ?? "unset"}, not RuntimeDefault`);
   if (spec.enableServiceLinks !== false) {
-    errors.push(`${describe(pod.object)}: enableServiceLinks must be false: a Service named tokensampler injects TOKENSAMPLER_SERVICE_HOST, TOKENSAMPLER_PORT_... into the daemon's variable prefix`);
+    errors.push(
+      `${describe(pod.object)}: enableServiceLinks must be false: a Service named tokensampler injects TOKENSAMPLER_SERVICE_HOST, TOKENSAMPLER_PORT_... into the daemon's variable prefix`,
+    );
   }
 
   for (const resource of ["cpu", "memory"]) {
-    if (container.resources?.requests?.[resource] === undefined) errors.push(`${where}: no resources.requests.${resource}`);
+    if (container.resources?.requests?.[resource] === undefined)
+      errors.push(`${where}: no resources.requests.${resource}`);
   }
-  if (container.resources?.limits?.memory === undefined) errors.push(`${where}: no resources.limits.memory`);
+  if (container.resources?.limits?.memory === undefined)
+    errors.push(`${where}: no resources.limits.memory`);
 
   // Drain: SIGTERM comes after the preStop hook; the drain and the exit must fit in what is left
   // of the grace period, or the kubelet's SIGKILL cuts the calls in flight.
@@ -442,7 +498,9 @@ function checkDaemon(pod, container, kind, flags) {
   if (hook.error) errors.push(hook.error);
   const needed = (hook.seconds ?? 0) + drain + EXIT_MARGIN_SECONDS;
   if (grace < needed) {
-    errors.push(`${where}: terminationGracePeriodSeconds ${grace} is less than preStop ${hook.seconds ?? 0} s + --drain_seconds ${drain} s + ${EXIT_MARGIN_SECONDS} s to exit = ${needed} s`);
+    errors.push(
+      `${where}: terminationGracePeriodSeconds ${grace} is less than preStop ${hook.seconds ?? 0} s + --drain_seconds ${drain} s + ${EXIT_MARGIN_SECONDS} s to exit = ${needed} s`,
+    );
   }
   return { errors, sockets, config };
 }
@@ -451,23 +509,37 @@ function checkDaemon(pod, container, kind, flags) {
 function checkSidecarWiring(pod, daemon, sockets) {
   const errors = [];
   const where = describe(pod.object);
-  const others = [...(pod.spec.containers ?? []), ...(pod.spec.initContainers ?? [])].filter((c) => c !== daemon);
+  const others = [...(pod.spec.containers ?? []), ...(pod.spec.initContainers ?? [])].filter(
+    (c) => c !== daemon,
+  );
   if (sockets.length > 0) {
-    const sharing = others.filter((c) => sockets.some((s) => (c.volumeMounts ?? []).some((m) => m.name === s.volume)));
+    const sharing = others.filter((c) =>
+      sockets.some((s) => (c.volumeMounts ?? []).some((m) => m.name === s.volume)),
+    );
     if (sharing.length === 0) {
-      errors.push(`${where}: no other container mounts the socket volume ${sockets.map((s) => s.volume).join(",")} of ${daemon.name}`);
+      errors.push(
+        `${where}: no other container mounts the socket volume ${sockets.map((s) => s.volume).join(",")} of ${daemon.name}`,
+      );
     }
   }
   // Every unix: address another container is given must be a socket the daemon listens on,
   // reached through the same volume (mount paths may differ between containers).
   for (const container of others) {
-    const values = [...(container.args ?? []), ...(container.command ?? []), ...(container.env ?? []).map((e) => e.value ?? "")];
+    const values = [
+      ...(container.args ?? []),
+      ...(container.command ?? []),
+      ...(container.env ?? []).map((e) => e.value ?? ""),
+    ];
     for (const value of values) {
       for (const match of String(value).matchAll(/unix:(?:\/\/)?(\/[^\s,"']+)/g)) {
         const target = volumeOf(container, match[1]);
-        const ok = target && sockets.some((s) => s.volume === target.volume && s.relative === target.relative);
+        const ok =
+          target &&
+          sockets.some((s) => s.volume === target.volume && s.relative === target.relative);
         if (!ok) {
-          errors.push(`${where} container ${container.name}: unix:${match[1]} is not the socket ${daemon.name} listens on (${sockets.map((s) => `unix:${s.socket} on volume ${s.volume}`).join(", ") || "none"})`);
+          errors.push(
+            `${where} container ${container.name}: unix:${match[1]} is not the socket ${daemon.name} listens on (${sockets.map((s) => `unix:${s.socket} on volume ${s.volume}`).join(", ") || "none"})`,
+          );
         }
       }
     }
@@ -482,14 +554,18 @@ function checkSidecarWiring(pod, daemon, sockets) {
       continue;
     }
     const peers = others.filter((c) => (c.volumeMounts ?? []).some((m) => m.name === volume.name));
-    if (peers.length === 0) errors.push(`${where}: memory volume ${volume.name} is mounted only in ${daemon.name}`);
+    if (peers.length === 0)
+      errors.push(`${where}: memory volume ${volume.name} is mounted only in ${daemon.name}`);
     for (const peer of peers) {
       const mount = peer.volumeMounts.find((m) => m.name === volume.name);
       if (mount.mountPath !== daemonMount.mountPath) {
-        errors.push(`${where}: memory volume ${volume.name} is at ${daemonMount.mountPath} in ${daemon.name} but at ${mount.mountPath} in ${peer.name}`);
+        errors.push(
+          `${where}: memory volume ${volume.name} is at ${daemonMount.mountPath} in ${daemon.name} but at ${mount.mountPath} in ${peer.name}`,
+        );
       }
     }
-    if (!volume.emptyDir.sizeLimit) errors.push(`${where}: memory volume ${volume.name} has no sizeLimit`);
+    if (!volume.emptyDir.sizeLimit)
+      errors.push(`${where}: memory volume ${volume.name} has no sizeLimit`);
   }
   return errors;
 }
@@ -505,18 +581,25 @@ function checkPod(pod, flags) {
   ];
   for (const { container } of all) {
     for (const mount of container.volumeMounts ?? []) {
-      if (!volumes.has(mount.name)) errors.push(`${where} container ${container.name}: volumeMount ${mount.name} names no volume of the pod`);
+      if (!volumes.has(mount.name))
+        errors.push(
+          `${where} container ${container.name}: volumeMount ${mount.name} names no volume of the pod`,
+        );
     }
   }
   if (pod.object.kind !== "Pod") {
     const selector = pod.object.spec?.selector;
     if (!selectorMatches(selector, pod.template.metadata?.labels)) {
-      errors.push(`${where}: spec.selector ${JSON.stringify(selector)} does not match the pod template's labels ${JSON.stringify(pod.template.metadata?.labels)}`);
+      errors.push(
+        `${where}: spec.selector ${JSON.stringify(selector)} does not match the pod template's labels ${JSON.stringify(pod.template.metadata?.labels)}`,
+      );
     }
   }
   for (const constraint of spec.topologySpreadConstraints ?? []) {
     if (!selectorMatches(constraint.labelSelector, pod.template.metadata?.labels)) {
-      errors.push(`${where}: topologySpreadConstraints labelSelector ${JSON.stringify(constraint.labelSelector)} does not match its own pods`);
+      errors.push(
+        `${where}: topologySpreadConstraints labelSelector ${JSON.stringify(constraint.labelSelector)} does not match its own pods`,
+      );
     }
   }
   let daemons = 0;
@@ -538,50 +621,79 @@ function checkReferences(objects, pods) {
   for (const object of objects) {
     const where = describe(object);
     if (object.kind === "Service") {
-      const selected = pods.filter((p) => labelsMatch(object.spec?.selector, p.template.metadata?.labels));
+      const selected = pods.filter((p) =>
+        labelsMatch(object.spec?.selector, p.template.metadata?.labels),
+      );
       if (selected.length === 0) {
-        errors.push(`${where}: selector ${JSON.stringify(object.spec?.selector)} selects no rendered pod`);
+        errors.push(
+          `${where}: selector ${JSON.stringify(object.spec?.selector)} selects no rendered pod`,
+        );
         continue;
       }
       const daemonPods = selected.filter((p) => (p.spec.containers ?? []).some(isTokensamplerd));
       if (daemonPods.length > 0 && object.spec?.clusterIP !== "None") {
-        errors.push(`${where}: must be headless (clusterIP: None): HTTP/2 connections are long-lived, so clients balance per call and per stream over the pod addresses`);
+        errors.push(
+          `${where}: must be headless (clusterIP: None): HTTP/2 connections are long-lived, so clients balance per call and per stream over the pod addresses`,
+        );
       }
       for (const port of object.spec?.ports ?? []) {
         const target = port.targetPort ?? port.port;
         for (const pod of selected) {
           const exposed = (pod.spec.containers ?? []).some((c) => containerPorts(c).has(target));
-          if (!exposed) errors.push(`${where}: port ${port.name ?? port.port} targets ${target}, which no container of ${describe(pod.object)} exposes`);
+          if (!exposed)
+            errors.push(
+              `${where}: port ${port.name ?? port.port} targets ${target}, which no container of ${describe(pod.object)} exposes`,
+            );
         }
       }
     } else if (object.kind === "PodDisruptionBudget") {
-      const selected = pods.filter((p) => selectorMatches(object.spec?.selector, p.template.metadata?.labels));
-      if (selected.length === 0) errors.push(`${where}: selector ${JSON.stringify(object.spec?.selector)} selects no rendered pod`);
+      const selected = pods.filter((p) =>
+        selectorMatches(object.spec?.selector, p.template.metadata?.labels),
+      );
+      if (selected.length === 0)
+        errors.push(
+          `${where}: selector ${JSON.stringify(object.spec?.selector)} selects no rendered pod`,
+        );
       for (const hpa of objects.filter((o) => o.kind === "HorizontalPodAutoscaler")) {
         const minAvailable = object.spec?.minAvailable;
         const minReplicas = hpa.spec?.minReplicas ?? 1;
         if (typeof minAvailable === "number" && minAvailable >= minReplicas) {
-          errors.push(`${where}: minAvailable ${minAvailable} >= ${describe(hpa)} minReplicas ${minReplicas}: no pod could ever be evicted`);
+          errors.push(
+            `${where}: minAvailable ${minAvailable} >= ${describe(hpa)} minReplicas ${minReplicas}: no pod could ever be evicted`,
+          );
         }
       }
     } else if (object.kind === "HorizontalPodAutoscaler") {
       const ref = object.spec?.scaleTargetRef ?? {};
-      const target = pods.find((p) => p.object.kind === ref.kind && p.object.metadata?.name === ref.name && p.object.apiVersion === ref.apiVersion);
+      const target = pods.find(
+        (p) =>
+          p.object.kind === ref.kind &&
+          p.object.metadata?.name === ref.name &&
+          p.object.apiVersion === ref.apiVersion,
+      );
       if (!target) {
-        errors.push(`${where}: scaleTargetRef ${ref.apiVersion} ${ref.kind}/${ref.name} is not a rendered workload`);
+        errors.push(
+          `${where}: scaleTargetRef ${ref.apiVersion} ${ref.kind}/${ref.name} is not a rendered workload`,
+        );
         continue;
       }
       for (const metric of object.spec?.metrics ?? []) {
         if (metric.type !== "Resource" || metric.resource?.target?.type !== "Utilization") continue;
         const resource = metric.resource.name;
-        const running = [...(target.spec.containers ?? []), ...(target.spec.initContainers ?? []).filter((c) => c.restartPolicy === "Always")];
+        const running = [
+          ...(target.spec.containers ?? []),
+          ...(target.spec.initContainers ?? []).filter((c) => c.restartPolicy === "Always"),
+        ];
         for (const container of running) {
           if (container.resources?.requests?.[resource] === undefined) {
-            errors.push(`${where}: ${resource} utilisation needs resources.requests.${resource} on ${describe(target.object)} container ${container.name}`);
+            errors.push(
+              `${where}: ${resource} utilisation needs resources.requests.${resource} on ${describe(target.object)} container ${container.name}`,
+            );
           }
         }
       }
-      if ((object.spec?.minReplicas ?? 1) > object.spec?.maxReplicas) errors.push(`${where}: minReplicas > maxReplicas`);
+      if ((object.spec?.minReplicas ?? 1) > object.spec?.maxReplicas)
+        errors.push(`${where}: minReplicas > maxReplicas`);
     }
   }
   return errors;
@@ -599,7 +711,9 @@ export function checkDockerfile(dockerfileText, pods) {
       if (!isTokensamplerd(container)) continue;
       for (const port of container.ports ?? []) {
         if (!exposed.has(port.containerPort)) {
-          errors.push(`deploy/Dockerfile: EXPOSE does not list port ${port.containerPort} (${port.name ?? ""}) of ${describe(pod.object)} ${container.name}`);
+          errors.push(
+            `deploy/Dockerfile: EXPOSE does not list port ${port.containerPort} (${port.name ?? ""}) of ${describe(pod.object)} ${container.name}`,
+          );
         }
       }
     }
@@ -620,7 +734,8 @@ export async function checkObjects(objects, flags, dockerfile) {
   }
   if (daemons === 0) errors.push("no container runs tokensamplerd");
   errors.push(...checkReferences(objects, pods));
-  if (dockerfile !== null && dockerfile !== undefined) errors.push(...checkDockerfile(dockerfile, pods));
+  if (dockerfile !== null && dockerfile !== undefined)
+    errors.push(...checkDockerfile(dockerfile, pods));
   return errors;
 }
 

@@ -16,7 +16,13 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const deploy = path.resolve(here, "..");
 
 function parseArgs(argv) {
-  const options = { kubectl: process.env.KUBECTL || "kubectl", tokensamplerd: process.env.TOKENSAMPLERD, dockerfile: path.join(deploy, "Dockerfile"), dirs: [], renderJson: false };
+  const options = {
+    kubectl: process.env.KUBECTL || "kubectl",
+    tokensamplerd: process.env.TOKENSAMPLERD,
+    dockerfile: path.join(deploy, "Dockerfile"),
+    dirs: [],
+    renderJson: false,
+  };
   for (const arg of argv) {
     const match = /^--([a-z_-]+)(?:=(.*))?$/.exec(arg);
     if (!match) options.dirs.push(arg);
@@ -40,7 +46,8 @@ async function main() {
     process.stdout.write(`${JSON.stringify(render(options.kubectl, options.dirs[0]), null, 1)}\n`);
     return 0;
   }
-  if (!options.tokensamplerd) throw new Error("--tokensamplerd=PATH (or TOKENSAMPLERD) is required");
+  if (!options.tokensamplerd)
+    throw new Error("--tokensamplerd=PATH (or TOKENSAMPLERD) is required");
   const flags = readFlags(options.tokensamplerd);
   const dockerfile = options.dockerfile ? readText(options.dockerfile) : null;
   let failed = 0;
@@ -50,7 +57,8 @@ async function main() {
     const name = path.relative(process.cwd(), dir) || dir;
     for (const error of errors) console.log(`${name}: ${error}`);
     if (errors.length > 0) ++failed;
-    else console.log(`${name}: ok: ${objects.map((o) => `${o.kind}/${o.metadata?.name}`).join(", ")}`);
+    else
+      console.log(`${name}: ok: ${objects.map((o) => `${o.kind}/${o.metadata?.name}`).join(", ")}`);
   }
   return failed > 0 ? 1 : 0;
 }

@@ -10,7 +10,17 @@ import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
-import { checkDockerfile, checkKustomizeVersion, checkObjects, parseYaml, podSpecs, readFlags, readText, render, schemaErrors } from "./lib.mjs";
+import {
+  checkDockerfile,
+  checkKustomizeVersion,
+  checkObjects,
+  parseYaml,
+  podSpecs,
+  readFlags,
+  readText,
+  render,
+  schemaErrors,
+} from "./lib.mjs";
 
 const deploy = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const kubectl = process.env.KUBECTL || "kubectl";
@@ -27,7 +37,8 @@ before(() => {
   checkKustomizeVersion(kubectl);
   flags = readFlags(tokensamplerd);
   dockerfile = readText(path.join(deploy, "Dockerfile"));
-  for (const [name, dir] of Object.entries(overlays)) rendered[name] = render(kubectl, path.join(deploy, dir));
+  for (const [name, dir] of Object.entries(overlays))
+    rendered[name] = render(kubectl, path.join(deploy, dir));
   scratch = mkdtempSync(path.join(tmpdir(), "tokensampler-deploy-"));
 });
 after(() => rmSync(scratch, { recursive: true, force: true }));
@@ -47,7 +58,12 @@ describe("committed overlays", () => {
     });
   }
   test("the shared overlay renders the objects the issue asks for", () => {
-    assert.deepEqual(rendered.shared.map((o) => o.kind).sort(), ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service"]);
+    assert.deepEqual(rendered.shared.map((o) => o.kind).sort(), [
+      "Deployment",
+      "HorizontalPodAutoscaler",
+      "PodDisruptionBudget",
+      "Service",
+    ]);
   });
   test("the sidecar runs as a native sidecar next to the worker", () => {
     assert.equal(sidecar(rendered.sidecar).restartPolicy, "Always");
@@ -57,46 +73,332 @@ describe("committed overlays", () => {
 
 // [overlay, what is broken, mutation, expected error]
 const mutations = [
-  ["sidecar", "probe on a port nobody listens on", (o) => { sidecar(o).livenessProbe.grpc.port = 8082; }, /livenessProbe port 8082 is not a port the container exposes/],
-  ["sidecar", "health port removed from the ports", (o) => { sidecar(o).ports = sidecar(o).ports.filter((p) => p.name !== "health"); }, /--health_listen port 8081 is not among the container's ports/],
-  ["shared", "probe on the data port", (o) => { daemon(o).readinessProbe.grpc.port = 50051; }, /readinessProbe port 50051 is not a --health_listen port/],
-  ["shared", "http probe instead of grpc", (o) => { daemon(o).startupProbe = { httpGet: { path: "/", port: 8081 } }; }, /startupProbe must be a grpc probe/],
-  ["sidecar", "worker pointed at another socket", (o) => { env(worker(o), "TOKENSAMPLER_TARGET").value = "unix:/run/tokensampler/other.sock"; }, /unix:\/run\/tokensampler\/other.sock is not the socket tokensamplerd listens on/],
-  ["sidecar", "worker without the socket volume", (o) => { worker(o).volumeMounts = worker(o).volumeMounts.filter((m) => m.name !== "tokensampler-socket"); }, /no other container mounts the socket volume|is not the socket tokensamplerd listens on/],
-  ["sidecar", "socket outside any volume", (o) => { env(sidecar(o), "TOKENSAMPLER_LISTEN").value = "unix:/tmp/ts.sock"; }, /\/tmp\/ts.sock is on no volume of the container/],
-  ["sidecar", "sidecar mounts a volume the pod lacks", (o) => { sidecar(o).volumeMounts[0].name = "sockets"; }, /volumeMount sockets names no volume of the pod/],
-  ["sidecar", "shared memory only in the sidecar", (o) => { worker(o).volumeMounts = worker(o).volumeMounts.filter((m) => m.name !== "shm"); }, /memory volume shm is mounted only in tokensamplerd/],
-  ["sidecar", "shared memory at different paths", (o) => { worker(o).volumeMounts.find((m) => m.name === "shm").mountPath = "/shm"; }, /memory volume shm is at \/dev\/shm in tokensamplerd but at \/shm in model-worker/],
-  ["sidecar", "sidecar without restartPolicy: Always", (o) => { delete sidecar(o).restartPolicy; }, /needs restartPolicy: Always/],
-  ["sidecar", "grace period shorter than the drain", (o) => { pod(o).terminationGracePeriodSeconds = 20; }, /terminationGracePeriodSeconds 20 is less than preStop 0 s \+ --drain_seconds 20 s \+ 5 s to exit = 25 s/],
-  ["shared", "preStop longer than the grace period allows", (o) => { daemon(o).lifecycle.preStop.sleep.seconds = 10; }, /terminationGracePeriodSeconds 30 is less than preStop 10 s \+ --drain_seconds 20 s/],
-  ["shared", "drain raised by an argument (the command line wins)", (o) => { daemon(o).args = ["--drain_seconds=60"]; }, /--drain_seconds 60 s/],
-  ["shared", "a misspelt variable", (o) => { env(daemon(o), "TOKENSAMPLER_DRAIN_SECONDS").name = "TOKENSAMPLER_DRAIN_SECOND"; }, /env TOKENSAMPLER_DRAIN_SECOND names no tokensamplerd flag/],
-  ["shared", "a value tokensamplerd cannot parse", (o) => { daemon(o).env.push({ name: "TOKENSAMPLER_THREADS", value: "two" }); }, /tokensamplerd rejects its configuration: .*TOKENSAMPLER_THREADS.*two/],
-  ["shared", "an argument that is no flag", (o) => { daemon(o).args = ["--drain=5"]; }, /tokensamplerd has no flag --drain/],
-  ["shared", "a bad argument value", (o) => { daemon(o).args = ["--max_message_bytes=lots"]; }, /tokensamplerd rejects its configuration: .*max_message_bytes/],
-  ["shared", "the data port not exposed", (o) => { daemon(o).ports = daemon(o).ports.filter((p) => p.name !== "grpc"); }, /--listen 0.0.0.0:50051: port 50051 is not among the container's ports/],
-  ["shared", "loopback listener", (o) => { env(daemon(o), "TOKENSAMPLER_LISTEN").value = "127.0.0.1:50051"; }, /is loopback/],
-  ["shared", "writable root file system", (o) => { daemon(o).securityContext.readOnlyRootFilesystem = false; }, /readOnlyRootFilesystem is not true/],
-  ["shared", "capabilities kept", (o) => { delete daemon(o).securityContext.capabilities; }, /capabilities.drop does not include ALL/],
-  ["shared", "root user", (o) => { pod(o).securityContext.runAsUser = 0; }, /runAsUser is 0/],
-  ["shared", "no seccomp profile", (o) => { delete pod(o).securityContext.seccompProfile; }, /seccompProfile is unset/],
-  ["shared", "service links on", (o) => { delete pod(o).enableServiceLinks; }, /enableServiceLinks must be false/],
-  ["shared", "no memory request", (o) => { delete daemon(o).resources.requests.memory; }, /container tokensamplerd: no resources.requests.memory/],
-  ["shared", "no CPU request", (o) => { delete daemon(o).resources.requests.cpu; }, /cpu utilisation needs resources.requests.cpu on Deployment\/tokensampler container tokensamplerd/],
-  ["shared", "metrics annotation on another port", (o) => { podSpecs(o)[0].template.metadata.annotations["prometheus.io/port"] = "9091"; }, /prometheus.io\/port 9091 is not the --metrics_listen port 9090/],
-  ["shared", "Service selecting no pod", (o) => { find(o, "Service").spec.selector["app.kubernetes.io/name"] = "tokensamplr"; }, /Service\/tokensampler: selector .* selects no rendered pod/],
-  ["shared", "Service on a port name the pod lacks", (o) => { find(o, "Service").spec.ports[0].targetPort = "grcp"; }, /targets grcp, which no container of Deployment\/tokensampler exposes/],
-  ["shared", "Service with a cluster IP", (o) => { delete find(o, "Service").spec.clusterIP; }, /must be headless/],
-  ["shared", "PDB selecting no pod", (o) => { find(o, "PodDisruptionBudget").spec.selector.matchLabels["app.kubernetes.io/component"] = "sidecar"; }, /PodDisruptionBudget\/tokensampler: selector .* selects no rendered pod/],
-  ["shared", "PDB that blocks every eviction", (o) => { const pdb = find(o, "PodDisruptionBudget"); delete pdb.spec.maxUnavailable; pdb.spec.minAvailable = 2; }, /minAvailable 2 >= HorizontalPodAutoscaler\/tokensampler minReplicas 2/],
-  ["shared", "HPA on a Deployment that is not rendered", (o) => { find(o, "HorizontalPodAutoscaler").spec.scaleTargetRef.name = "sampler"; }, /scaleTargetRef apps\/v1 Deployment\/sampler is not a rendered workload/],
-  ["shared", "Deployment selector not matching its pods", (o) => { find(o, "Deployment").spec.selector.matchLabels["app.kubernetes.io/name"] = "x"; }, /spec.selector .* does not match the pod template's labels/],
-  ["shared", "schema: a port as text", (o) => { daemon(o).ports[0].containerPort = "50051"; }, /schema: \/spec\/template\/spec\/containers\/0\/ports\/0\/containerPort must be integer/],
-  ["shared", "schema: a missing required field", (o) => { delete find(o, "HorizontalPodAutoscaler").spec.maxReplicas; }, /HorizontalPodAutoscaler\/tokensampler: schema: \/spec must have required property maxReplicas/],
-  ["sidecar", "schema: a misspelt field", (o) => { sidecar(o).restartPolicyy = sidecar(o).restartPolicy; }, /\/spec\/template\/spec\/initContainers\/0\/restartPolicyy is not a field of the Kubernetes schema/],
-  ["shared", "schema: an unknown kind", (o) => { o.push({ apiVersion: "v1", kind: "Servce", metadata: { name: "x" } }); }, /no Kubernetes schema for apiVersion v1 kind Servce/],
-  ["shared", "no tokensamplerd at all", (o) => { daemon(o).image = "nginx"; daemon(o).name = "web"; }, /no container runs tokensamplerd/],
+  [
+    "sidecar",
+    "probe on a port nobody listens on",
+    (o) => {
+      sidecar(o).livenessProbe.grpc.port = 8082;
+    },
+    /livenessProbe port 8082 is not a port the container exposes/,
+  ],
+  [
+    "sidecar",
+    "health port removed from the ports",
+    (o) => {
+      sidecar(o).ports = sidecar(o).ports.filter((p) => p.name !== "health");
+    },
+    /--health_listen port 8081 is not among the container's ports/,
+  ],
+  [
+    "shared",
+    "probe on the data port",
+    (o) => {
+      daemon(o).readinessProbe.grpc.port = 50051;
+    },
+    /readinessProbe port 50051 is not a --health_listen port/,
+  ],
+  [
+    "shared",
+    "http probe instead of grpc",
+    (o) => {
+      daemon(o).startupProbe = { httpGet: { path: "/", port: 8081 } };
+    },
+    /startupProbe must be a grpc probe/,
+  ],
+  [
+    "sidecar",
+    "worker pointed at another socket",
+    (o) => {
+      env(worker(o), "TOKENSAMPLER_TARGET").value = "unix:/run/tokensampler/other.sock";
+    },
+    /unix:\/run\/tokensampler\/other.sock is not the socket tokensamplerd listens on/,
+  ],
+  [
+    "sidecar",
+    "worker without the socket volume",
+    (o) => {
+      worker(o).volumeMounts = worker(o).volumeMounts.filter(
+        (m) => m.name !== "tokensampler-socket",
+      );
+    },
+    /no other container mounts the socket volume|is not the socket tokensamplerd listens on/,
+  ],
+  [
+    "sidecar",
+    "socket outside any volume",
+    (o) => {
+      env(sidecar(o), "TOKENSAMPLER_LISTEN").value = "unix:/tmp/ts.sock";
+    },
+    /\/tmp\/ts.sock is on no volume of the container/,
+  ],
+  [
+    "sidecar",
+    "sidecar mounts a volume the pod lacks",
+    (o) => {
+      sidecar(o).volumeMounts[0].name = "sockets";
+    },
+    /volumeMount sockets names no volume of the pod/,
+  ],
+  [
+    "sidecar",
+    "shared memory only in the sidecar",
+    (o) => {
+      worker(o).volumeMounts = worker(o).volumeMounts.filter((m) => m.name !== "shm");
+    },
+    /memory volume shm is mounted only in tokensamplerd/,
+  ],
+  [
+    "sidecar",
+    "shared memory at different paths",
+    (o) => {
+      worker(o).volumeMounts.find((m) => m.name === "shm").mountPath = "/shm";
+    },
+    /memory volume shm is at \/dev\/shm in tokensamplerd but at \/shm in model-worker/,
+  ],
+  [
+    "sidecar",
+    "sidecar without restartPolicy: Always",
+    (o) => {
+      delete sidecar(o).restartPolicy;
+    },
+    /needs restartPolicy: Always/,
+  ],
+  [
+    "sidecar",
+    "grace period shorter than the drain",
+    (o) => {
+      pod(o).terminationGracePeriodSeconds = 20;
+    },
+    /terminationGracePeriodSeconds 20 is less than preStop 0 s \+ --drain_seconds 20 s \+ 5 s to exit = 25 s/,
+  ],
+  [
+    "shared",
+    "preStop longer than the grace period allows",
+    (o) => {
+      daemon(o).lifecycle.preStop.sleep.seconds = 10;
+    },
+    /terminationGracePeriodSeconds 30 is less than preStop 10 s \+ --drain_seconds 20 s/,
+  ],
+  [
+    "shared",
+    "drain raised by an argument (the command line wins)",
+    (o) => {
+      daemon(o).args = ["--drain_seconds=60"];
+    },
+    /--drain_seconds 60 s/,
+  ],
+  [
+    "shared",
+    "a misspelt variable",
+    (o) => {
+      env(daemon(o), "TOKENSAMPLER_DRAIN_SECONDS").name = "TOKENSAMPLER_DRAIN_SECOND";
+    },
+    /env TOKENSAMPLER_DRAIN_SECOND names no tokensamplerd flag/,
+  ],
+  [
+    "shared",
+    "a value tokensamplerd cannot parse",
+    (o) => {
+      daemon(o).env.push({ name: "TOKENSAMPLER_THREADS", value: "two" });
+    },
+    /tokensamplerd rejects its configuration: .*TOKENSAMPLER_THREADS.*two/,
+  ],
+  [
+    "shared",
+    "an argument that is no flag",
+    (o) => {
+      daemon(o).args = ["--drain=5"];
+    },
+    /tokensamplerd has no flag --drain/,
+  ],
+  [
+    "shared",
+    "a bad argument value",
+    (o) => {
+      daemon(o).args = ["--max_message_bytes=lots"];
+    },
+    /tokensamplerd rejects its configuration: .*max_message_bytes/,
+  ],
+  [
+    "shared",
+    "the data port not exposed",
+    (o) => {
+      daemon(o).ports = daemon(o).ports.filter((p) => p.name !== "grpc");
+    },
+    /--listen 0.0.0.0:50051: port 50051 is not among the container's ports/,
+  ],
+  [
+    "shared",
+    "loopback listener",
+    (o) => {
+      env(daemon(o), "TOKENSAMPLER_LISTEN").value = "127.0.0.1:50051";
+    },
+    /is loopback/,
+  ],
+  [
+    "shared",
+    "writable root file system",
+    (o) => {
+      daemon(o).securityContext.readOnlyRootFilesystem = false;
+    },
+    /readOnlyRootFilesystem is not true/,
+  ],
+  [
+    "shared",
+    "capabilities kept",
+    (o) => {
+      delete daemon(o).securityContext.capabilities;
+    },
+    /capabilities.drop does not include ALL/,
+  ],
+  [
+    "shared",
+    "root user",
+    (o) => {
+      pod(o).securityContext.runAsUser = 0;
+    },
+    /runAsUser is 0/,
+  ],
+  [
+    "shared",
+    "no seccomp profile",
+    (o) => {
+      delete pod(o).securityContext.seccompProfile;
+    },
+    /seccompProfile is unset/,
+  ],
+  [
+    "shared",
+    "service links on",
+    (o) => {
+      delete pod(o).enableServiceLinks;
+    },
+    /enableServiceLinks must be false/,
+  ],
+  [
+    "shared",
+    "no memory request",
+    (o) => {
+      delete daemon(o).resources.requests.memory;
+    },
+    /container tokensamplerd: no resources.requests.memory/,
+  ],
+  [
+    "shared",
+    "no CPU request",
+    (o) => {
+      delete daemon(o).resources.requests.cpu;
+    },
+    /cpu utilisation needs resources.requests.cpu on Deployment\/tokensampler container tokensamplerd/,
+  ],
+  [
+    "shared",
+    "metrics annotation on another port",
+    (o) => {
+      podSpecs(o)[0].template.metadata.annotations["prometheus.io/port"] = "9091";
+    },
+    /prometheus.io\/port 9091 is not the --metrics_listen port 9090/,
+  ],
+  [
+    "shared",
+    "Service selecting no pod",
+    (o) => {
+      find(o, "Service").spec.selector["app.kubernetes.io/name"] = "tokensamplr";
+    },
+    /Service\/tokensampler: selector .* selects no rendered pod/,
+  ],
+  [
+    "shared",
+    "Service on a port name the pod lacks",
+    (o) => {
+      find(o, "Service").spec.ports[0].targetPort = "grcp";
+    },
+    /targets grcp, which no container of Deployment\/tokensampler exposes/,
+  ],
+  [
+    "shared",
+    "Service with a cluster IP",
+    (o) => {
+      delete find(o, "Service").spec.clusterIP;
+    },
+    /must be headless/,
+  ],
+  [
+    "shared",
+    "PDB selecting no pod",
+    (o) => {
+      find(o, "PodDisruptionBudget").spec.selector.matchLabels["app.kubernetes.io/component"] =
+        "sidecar";
+    },
+    /PodDisruptionBudget\/tokensampler: selector .* selects no rendered pod/,
+  ],
+  [
+    "shared",
+    "PDB that blocks every eviction",
+    (o) => {
+      const pdb = find(o, "PodDisruptionBudget");
+      delete pdb.spec.maxUnavailable;
+      pdb.spec.minAvailable = 2;
+    },
+    /minAvailable 2 >= HorizontalPodAutoscaler\/tokensampler minReplicas 2/,
+  ],
+  [
+    "shared",
+    "HPA on a Deployment that is not rendered",
+    (o) => {
+      find(o, "HorizontalPodAutoscaler").spec.scaleTargetRef.name = "sampler";
+    },
+    /scaleTargetRef apps\/v1 Deployment\/sampler is not a rendered workload/,
+  ],
+  [
+    "shared",
+    "Deployment selector not matching its pods",
+    (o) => {
+      find(o, "Deployment").spec.selector.matchLabels["app.kubernetes.io/name"] = "x";
+    },
+    /spec.selector .* does not match the pod template's labels/,
+  ],
+  [
+    "shared",
+    "schema: a port as text",
+    (o) => {
+      daemon(o).ports[0].containerPort = "50051";
+    },
+    /schema: \/spec\/template\/spec\/containers\/0\/ports\/0\/containerPort must be integer/,
+  ],
+  [
+    "shared",
+    "schema: a missing required field",
+    (o) => {
+      delete find(o, "HorizontalPodAutoscaler").spec.maxReplicas;
+    },
+    /HorizontalPodAutoscaler\/tokensampler: schema: \/spec must have required property maxReplicas/,
+  ],
+  [
+    "sidecar",
+    "schema: a misspelt field",
+    (o) => {
+      sidecar(o).restartPolicyy = sidecar(o).restartPolicy;
+    },
+    /\/spec\/template\/spec\/initContainers\/0\/restartPolicyy is not a field of the Kubernetes schema/,
+  ],
+  [
+    "shared",
+    "schema: an unknown kind",
+    (o) => {
+      o.push({ apiVersion: "v1", kind: "Servce", metadata: { name: "x" } });
+    },
+    /no Kubernetes schema for apiVersion v1 kind Servce/,
+  ],
+  [
+    "shared",
+    "no tokensamplerd at all",
+    (o) => {
+      daemon(o).image = "nginx";
+      daemon(o).name = "web";
+    },
+    /no container runs tokensamplerd/,
+  ],
 ];
 
 describe("purpose-broken manifests are rejected", () => {
@@ -105,7 +407,10 @@ describe("purpose-broken manifests are rejected", () => {
       const objects = clone(rendered[overlay]);
       mutate(objects);
       const errors = await checkObjects(objects, flags, dockerfile);
-      assert.ok(errors.some((e) => expected.test(e)), `expected ${expected} among:\n${errors.join("\n")}`);
+      assert.ok(
+        errors.some((e) => expected.test(e)),
+        `expected ${expected} among:\n${errors.join("\n")}`,
+      );
     });
   }
 
@@ -113,23 +418,46 @@ describe("purpose-broken manifests are rejected", () => {
     const broken = dockerfile.replace(/^(EXPOSE .*)\b8081\b/m, "$1");
     assert.notEqual(broken, dockerfile);
     const errors = checkDockerfile(broken, podSpecs(rendered.shared));
-    assert.ok(errors.some((e) => /EXPOSE does not list port 8081/.test(e)), errors.join("\n"));
+    assert.ok(
+      errors.some((e) => /EXPOSE does not list port 8081/.test(e)),
+      errors.join("\n"),
+    );
   });
 
   test("broken YAML is rejected", () => {
-    assert.throws(() => parseYaml("a: [1, 2\nb: c\n", "broken.yaml"), /broken.yaml: YAML document 0/);
+    assert.throws(
+      () => parseYaml("a: [1, 2\nb: c\n", "broken.yaml"),
+      /broken.yaml: YAML document 0/,
+    );
   });
 
   test("schema errors name the object and the field", async () => {
-    const errors = await schemaErrors({ apiVersion: "policy/v1", kind: "PodDisruptionBudget", metadata: { name: "p" }, spec: { maxUnavailable: 1, selectr: {} } });
-    assert.deepEqual(errors, ["PodDisruptionBudget/p: /spec/selectr is not a field of the Kubernetes schema"]);
+    const errors = await schemaErrors({
+      apiVersion: "policy/v1",
+      kind: "PodDisruptionBudget",
+      metadata: { name: "p" },
+      spec: { maxUnavailable: 1, selectr: {} },
+    });
+    assert.deepEqual(errors, [
+      "PodDisruptionBudget/p: /spec/selectr is not a field of the Kubernetes schema",
+    ]);
   });
 
   // Overlays written on top of the committed ones: Kustomize renders them, and the rendered
   // result is what fails.
   const overlaysOnTop = [
-    ["sidecar", "worker socket path patched", `- op: replace\n  path: /spec/template/spec/containers/0/env/0/value\n  value: unix:/run/tokensampler/ts.sock\n`, /unix:\/run\/tokensampler\/ts.sock is not the socket tokensamplerd listens on/],
-    ["shared", "grace period patched", `- op: replace\n  path: /spec/template/spec/terminationGracePeriodSeconds\n  value: 25\n`, /terminationGracePeriodSeconds 25 is less than preStop 5 s \+ --drain_seconds 20 s \+ 5 s to exit = 30 s/],
+    [
+      "sidecar",
+      "worker socket path patched",
+      `- op: replace\n  path: /spec/template/spec/containers/0/env/0/value\n  value: unix:/run/tokensampler/ts.sock\n`,
+      /unix:\/run\/tokensampler\/ts.sock is not the socket tokensamplerd listens on/,
+    ],
+    [
+      "shared",
+      "grace period patched",
+      `- op: replace\n  path: /spec/template/spec/terminationGracePeriodSeconds\n  value: 25\n`,
+      /terminationGracePeriodSeconds 25 is less than preStop 5 s \+ --drain_seconds 20 s \+ 5 s to exit = 30 s/,
+    ],
   ];
   for (const [overlay, what, patch, expected] of overlaysOnTop) {
     test(`kustomize overlay on ${overlay}: ${what}`, async () => {
@@ -142,7 +470,10 @@ describe("purpose-broken manifests are rejected", () => {
           `patches:\n  - path: patch.yaml\n    target:\n      kind: Deployment\n`,
       );
       const errors = await checkObjects(render(kubectl, dir), flags, dockerfile);
-      assert.ok(errors.some((e) => expected.test(e)), `expected ${expected} among:\n${errors.join("\n")}`);
+      assert.ok(
+        errors.some((e) => expected.test(e)),
+        `expected ${expected} among:\n${errors.join("\n")}`,
+      );
     });
   }
 });

@@ -1,4 +1,4 @@
-"""A local "pod": the real tokensamplerd and a worker, wired exactly as the sidecar overlay wires them.
+"""A local "pod": the real tokensamplerd and a worker, wired as the sidecar overlay wires them.
 
 Everything comes from the rendered manifest (`kubectl kustomize deploy/overlays/sidecar`, through
 deploy/validate/validate.mjs --render-json), so the test breaks when the manifest changes:
@@ -43,7 +43,9 @@ import numpy as np
 import tokensampler
 from tokensampler._health import health_check_pb2
 
-SOURCE_DIR = os.path.abspath(os.environ.get("TOKENSAMPLER_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", "..")))
+SOURCE_DIR = os.path.abspath(
+    os.environ.get("TOKENSAMPLER_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
+)
 OVERLAY = os.path.join(SOURCE_DIR, "deploy", "overlays", "sidecar")
 DOCKERFILE = os.path.join(SOURCE_DIR, "deploy", "Dockerfile")
 LISTEN_FLAGS = ("listen", "health_listen", "metrics_listen")
@@ -56,8 +58,17 @@ def _term_with_parent():
 def render_sidecar():
     node = os.environ.get("NODE", "node")
     result = subprocess.run(
-        [node, os.path.join(SOURCE_DIR, "deploy", "validate", "validate.mjs"), "--render-json", OVERLAY],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "KUBECTL": os.environ.get("KUBECTL", "kubectl")})
+        [
+            node,
+            os.path.join(SOURCE_DIR, "deploy", "validate", "validate.mjs"),
+            "--render-json",
+            OVERLAY,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KUBECTL": os.environ.get("KUBECTL", "kubectl")},
+    )
     if result.returncode != 0:
         raise AssertionError(f"rendering {OVERLAY} failed:\n{result.stderr}")
     return json.loads(result.stdout)
@@ -93,14 +104,16 @@ class PathMap:
     def path(self, container_path):
         for mount_path, directory in self.mounts:
             if container_path == mount_path or container_path.startswith(mount_path + "/"):
-                return directory + container_path[len(mount_path):]
+                return directory + container_path[len(mount_path) :]
         return None
 
     def rewrite(self, text):
         """Moves every absolute path under a mount in `text` into its volume's directory."""
+
         def one(match):
             moved = self.path(match.group(0))
             return match.group(0) if moved is None else moved
+
         return re.sub(r"/[^\s,\"'=]*", one, text)
 
 
@@ -135,7 +148,8 @@ def health_check(address, service, timeout):
         check = channel.unary_unary(
             "/grpc.health.v1.Health/Check",
             request_serializer=health_check_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_check_pb2.HealthCheckResponse.FromString)
+            response_deserializer=health_check_pb2.HealthCheckResponse.FromString,
+        )
         return check(health_check_pb2.HealthCheckRequest(service=service), timeout=timeout).status
 
 
@@ -150,9 +164,14 @@ class SidecarPodTest(unittest.TestCase):
         objects = render_sidecar()
         workloads = [o for o in objects if o.get("kind") == "Deployment"]
         if len(workloads) != 1:
-            raise AssertionError(f"the sidecar overlay should render one Deployment, got {[o.get('kind') for o in objects]}")
+            raise AssertionError(
+                "the sidecar overlay should render one Deployment, got "
+                f"{[o.get('kind') for o in objects]}"
+            )
         cls.pod = workloads[0]["spec"]["template"]["spec"]
-        cls.annotations = workloads[0]["spec"]["template"].get("metadata", {}).get("annotations", {})
+        cls.annotations = (
+            workloads[0]["spec"]["template"].get("metadata", {}).get("annotations", {})
+        )
         sidecars = [c for c in cls.pod.get("initContainers", []) if is_tokensamplerd(c)]
         if len(sidecars) != 1:
             raise AssertionError("the sidecar overlay should have one tokensamplerd init container")
@@ -169,7 +188,9 @@ class SidecarPodTest(unittest.TestCase):
         self.addCleanup(shutil.rmtree, self.dir, ignore_errors=True)
         self.volume_dirs = {}
         for volume in self.pod.get("volumes", []):
-            self.assertIn("emptyDir", volume, f"volume {volume['name']}: the pod test can only make emptyDirs")
+            self.assertIn(
+                "emptyDir", volume, f"volume {volume['name']}: the pod test can only make emptyDirs"
+            )
             directory = os.path.join(self.dir, "volumes", volume["name"])
             os.makedirs(directory)
             self.volume_dirs[volume["name"]] = directory
@@ -184,7 +205,11 @@ class SidecarPodTest(unittest.TestCase):
     def container_env(self, container, paths, base=None):
         env = dict(base or {})
         for variable in container.get("env", []):
-            self.assertIn("value", variable, f"{container['name']} env {variable['name']}: only literal values can be run here")
+            self.assertIn(
+                "value",
+                variable,
+                f"{container['name']} env {variable['name']}: only literal values can be run here",
+            )
             env[variable["name"]] = paths.rewrite(str(variable["value"]))
         return env
 
@@ -212,17 +237,28 @@ class SidecarPodTest(unittest.TestCase):
         self.stderr_path = os.path.join(self.dir, "tokensamplerd.stderr")
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
-                [self.tokensamplerd, *args, f"--port_file={port_file}"], env=env, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=stderr, preexec_fn=_term_with_parent)
+                [self.tokensamplerd, *args, f"--port_file={port_file}"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                preexec_fn=_term_with_parent,
+            )
 
-        # The kubelet's startup probe gives it initialDelaySeconds + failureThreshold x periodSeconds.
+        # The kubelet's startup probe allows initialDelaySeconds + failureThreshold x periodSeconds.
         probe = self.sidecar["startupProbe"]
-        budget = probe.get("initialDelaySeconds", 0) + probe.get("failureThreshold", 3) * probe.get("periodSeconds", 10)
+        budget = probe.get("initialDelaySeconds", 0) + probe.get("failureThreshold", 3) * probe.get(
+            "periodSeconds", 10
+        )
         deadline = time.monotonic() + budget
         while not os.path.exists(port_file):
             if self.process.poll() is not None:
                 self.fail(f"tokensamplerd exited with {self.process.returncode}:\n{self.log()}")
-            self.assertLess(time.monotonic(), deadline, f"not serving within the startup probe's {budget} s:\n{self.log()}")
+            self.assertLess(
+                time.monotonic(),
+                deadline,
+                f"not serving within the startup probe's {budget} s:\n{self.log()}",
+            )
             time.sleep(0.05)
         bound = read_port_file(port_file)
         local = {}
@@ -236,7 +272,9 @@ class SidecarPodTest(unittest.TestCase):
         probe = self.sidecar[name]
         self.assertIn("grpc", probe, f"{name} must be a grpc probe")
         port = probe["grpc"]["port"]
-        self.assertIn(port, local, f"{name} probes port {port}, on which tokensamplerd does not listen")
+        self.assertIn(
+            port, local, f"{name} probes port {port}, on which tokensamplerd does not listen"
+        )
         return health_check(local[port], probe["grpc"].get("service", ""), timeout)
 
     def log(self):
@@ -259,33 +297,61 @@ class SidecarPodTest(unittest.TestCase):
         worker_env = self.container_env(self.worker, worker_paths)
         target = worker_env.get("TOKENSAMPLER_TARGET")
         self.assertIsNotNone(target, "the worker container has no TOKENSAMPLER_TARGET")
-        self.assertIn(target, bound["grpc"], f"the worker's target is not a socket tokensamplerd listens on: {bound['grpc']}")
-        socket_path = "/" + target[len("unix:"):].lstrip("/")
+        self.assertIn(
+            target,
+            bound["grpc"],
+            f"the worker's target is not a socket tokensamplerd listens on: {bound['grpc']}",
+        )
+        socket_path = "/" + target[len("unix:") :].lstrip("/")
         mode = self.sidecar_env_value("TOKENSAMPLER_UNIX_SOCKET_MODE")
         if mode:
             self.assertEqual(oct(os.stat(socket_path).st_mode & 0o777), oct(int(mode, 8)))
         # Shared memory: the sidecar and the worker see the same memory volume at the same path.
         for volume in self.pod.get("volumes", []):
             if volume["emptyDir"].get("medium") == "Memory":
-                sidecar_mount = next(m for m in self.sidecar["volumeMounts"] if m["name"] == volume["name"])
-                worker_mount = next(m for m in self.worker["volumeMounts"] if m["name"] == volume["name"])
+                sidecar_mount = next(
+                    m for m in self.sidecar["volumeMounts"] if m["name"] == volume["name"]
+                )
+                worker_mount = next(
+                    m for m in self.worker["volumeMounts"] if m["name"] == volume["name"]
+                )
                 self.assertEqual(sidecar_mount["mountPath"], worker_mount["mountPath"])
-                self.assertEqual(PathMap(self.sidecar, self.volume_dirs).path(sidecar_mount["mountPath"]),
-                                 worker_paths.path(worker_mount["mountPath"]))
+                self.assertEqual(
+                    PathMap(self.sidecar, self.volume_dirs).path(sidecar_mount["mountPath"]),
+                    worker_paths.path(worker_mount["mountPath"]),
+                )
 
         # Metrics on the annotated port.
         metrics_port = int(self.annotations["prometheus.io/port"])
-        with urllib.request.urlopen(f"http://{local[metrics_port]}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(
+            f"http://{local[metrics_port]}/metrics", timeout=10
+        ) as response:
             self.assertIn("tokensampler_serving 1", response.read().decode())
 
         # Worker 1: a separate process with the worker container's environment decodes through
         # the socket and exits (in the pod, the kubelet signals the sidecar only after that).
         decode = subprocess.run(
-            [self.cli, "decode", f"--target={target}", "--vocab=4096", "--sequences=3", "--steps=5",
-             "--temperature=0", "--timeout_ms=30000"],
-            env={**worker_env, "PATH": os.environ.get("PATH", "")}, capture_output=True, text=True, timeout=60)
+            [
+                self.cli,
+                "decode",
+                f"--target={target}",
+                "--vocab=4096",
+                "--sequences=3",
+                "--steps=5",
+                "--temperature=0",
+                "--timeout_ms=30000",
+            ],
+            env={**worker_env, "PATH": os.environ.get("PATH", "")},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         self.assertEqual(decode.returncode, 0, decode.stderr)
-        self.assertEqual(len(re.findall(r"(?m)^sequence \d+: (\d+ ){4}\d+ finish=none$", decode.stdout)), 3, decode.stdout)
+        self.assertEqual(
+            len(re.findall(r"(?m)^sequence \d+: (\d+ ){4}\d+ finish=none$", decode.stdout)),
+            3,
+            decode.stdout,
+        )
 
         # Worker 2: the Python client, greedy through a Session; its stream stays open.
         client = tokensampler.Client(target, timeout=30)
@@ -307,8 +373,8 @@ class SidecarPodTest(unittest.TestCase):
         watch = channel.unary_stream(
             "/grpc.health.v1.Health/Watch",
             request_serializer=health_check_pb2.HealthCheckRequest.SerializeToString,
-            response_deserializer=health_check_pb2.HealthCheckResponse.FromString)(
-                health_check_pb2.HealthCheckRequest(service=""), timeout=60)
+            response_deserializer=health_check_pb2.HealthCheckResponse.FromString,
+        )(health_check_pb2.HealthCheckRequest(service=""), timeout=60)
 
         def read_watch():
             try:
@@ -329,7 +395,10 @@ class SidecarPodTest(unittest.TestCase):
         try:
             code = self.process.wait(timeout=grace)
         except subprocess.TimeoutExpired:
-            self.fail(f"tokensamplerd did not exit within terminationGracePeriodSeconds {grace}:\n{self.log()}")
+            self.fail(
+                f"tokensamplerd did not exit within terminationGracePeriodSeconds {grace}:\n"
+                f"{self.log()}"
+            )
         self.assertEqual(code, 0, self.log())
         reader.join(timeout=30)
         self.assertIn(health_check_pb2.HealthCheckResponse.NOT_SERVING, statuses, self.log())
@@ -337,7 +406,12 @@ class SidecarPodTest(unittest.TestCase):
             session.step(rng.standard_normal((2, 4096)).astype(np.float32), [0, 1])
         self.assertEqual(ended.exception.code, grpc.StatusCode.UNAVAILABLE, ended.exception.details)
         log = self.log()
-        for event in ("event=shutdown signal=SIGTERM", "event=drain", "event=drained", "event=stop"):
+        for event in (
+            "event=shutdown signal=SIGTERM",
+            "event=drain",
+            "event=drained",
+            "event=stop",
+        ):
             self.assertIn(event, log)
         self.assertRegex(log, r"event=drained calls_cancelled=0")
 
@@ -346,6 +420,7 @@ class SidecarPodTest(unittest.TestCase):
             if variable["name"] == name:
                 return variable.get("value")
         return self.image_env.get(name)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -14,13 +14,17 @@ import re
 import subprocess
 import unittest
 
-SOURCE_DIR = os.environ.get("TOKENSAMPLER_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", ".."))
+SOURCE_DIR = os.environ.get(
+    "TOKENSAMPLER_SOURCE_DIR", os.path.join(os.path.dirname(__file__), "..", "..")
+)
 DOCKERFILE = os.path.join(SOURCE_DIR, "deploy", "Dockerfile")
 
 
 def shared_libraries(binary):
     """Paths of the shared libraries `binary` loads (ldd), the dynamic loader and vDSO aside."""
-    out = subprocess.run(["ldd", binary], check=True, capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(
+        ["ldd", binary], check=True, capture_output=True, text=True, timeout=60
+    ).stdout
     libraries = []
     for line in out.splitlines():
         match = re.match(r"\s*(\S+) => (\S+) \(0x", line)
@@ -39,14 +43,16 @@ def _spellings(library):
         if path.startswith("/lib/"):
             spellings.append("/usr" + path)
         elif path.startswith("/usr/lib/"):
-            spellings.append(path[len("/usr"):])
+            spellings.append(path[len("/usr") :])
     return spellings
 
 
 def owners(paths):
     """{path: package} from one `dpkg -S` over all `paths` (each call reads dpkg's whole file
     database, so one call instead of one per library); paths no package owns are absent."""
-    result = subprocess.run(["dpkg", "-S", *sorted(set(paths))], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["dpkg", "-S", *sorted(set(paths))], capture_output=True, text=True, timeout=300
+    )
     found = {}
     for line in result.stdout.splitlines():
         # "libssl3:amd64: /usr/lib/x86_64-linux-gnu/libssl.so.3"
@@ -64,7 +70,9 @@ def needed_packages(binaries):
     for library in libraries:
         package = next((found[p] for p in _spellings(library) if p in found), None)
         if package is None:
-            raise AssertionError(f"{library} (loaded by {' or '.join(binaries)}) is owned by no Debian package")
+            raise AssertionError(
+                f"{library} (loaded by {' or '.join(binaries)}) is owned by no Debian package"
+            )
         packages.setdefault(package, []).append(os.path.basename(library))
     return packages
 
@@ -86,7 +94,9 @@ def compare(needed, listed):
     """Errors: packages needed but not listed, and listed but not needed."""
     errors = []
     for package in sorted(set(needed) - set(listed)):
-        errors.append(f"deploy/Dockerfile misses {package} (for {', '.join(sorted(set(needed[package])))})")
+        errors.append(
+            f"deploy/Dockerfile misses {package} (for {', '.join(sorted(set(needed[package])))})"
+        )
     for package in sorted(set(listed) - set(needed)):
         errors.append(f"deploy/Dockerfile installs {package}, which neither binary loads")
     return errors
@@ -108,20 +118,33 @@ class RuntimeDepsTest(unittest.TestCase):
 
     def test_the_derivation_finds_the_libraries_we_know_of(self):
         # Guards the derivation itself: gRPC, oneTBB, Highway and prometheus-cpp must show up.
-        for package in ("libgrpc++1.51", "libtbb12", "libhwy1", "libprometheus-cpp-pull1.0", "libc6"):
+        for package in (
+            "libgrpc++1.51",
+            "libtbb12",
+            "libhwy1",
+            "libprometheus-cpp-pull1.0",
+            "libc6",
+        ):
             self.assertIn(package, self.needed)
 
     def test_a_missing_package_is_reported(self):
         broken = re.sub(r"^\s*libtbb12 \\\n", "", self.dockerfile, flags=re.M)
         self.assertNotEqual(broken, self.dockerfile)
-        self.assertEqual(compare(self.needed, dockerfile_packages(broken)),
-                         [f"deploy/Dockerfile misses libtbb12 (for {', '.join(sorted(set(self.needed['libtbb12'])))})"])
+        self.assertEqual(
+            compare(self.needed, dockerfile_packages(broken)),
+            [
+                "deploy/Dockerfile misses libtbb12 "
+                f"(for {', '.join(sorted(set(self.needed['libtbb12'])))})"
+            ],
+        )
 
     def test_an_extra_package_is_reported(self):
         broken = self.dockerfile.replace("      zlib1g \\\n", "      zlib1g \\\n      curl \\\n")
         self.assertNotEqual(broken, self.dockerfile)
-        self.assertEqual(compare(self.needed, dockerfile_packages(broken)),
-                         ["deploy/Dockerfile installs curl, which neither binary loads"])
+        self.assertEqual(
+            compare(self.needed, dockerfile_packages(broken)),
+            ["deploy/Dockerfile installs curl, which neither binary loads"],
+        )
 
     def test_runtime_stage_runs_tokensamplerd_as_non_root(self):
         self.assertRegex(self.dockerfile, r"(?m)^FROM debian:bookworm-slim AS runtime$")
