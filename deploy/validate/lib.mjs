@@ -199,6 +199,7 @@ export function daemonConfig(container, flags, where) {
     config[flag] = String(variable.value);
   }
   const args = [...(container.args ?? [])];
+  const onCommandLine = new Set();
   if (container.command && !/(^|\/)tokensamplerd$/.test(container.command[0] ?? "")) {
     errors.push(
       `${where}: command ${JSON.stringify(container.command)} does not run tokensamplerd`,
@@ -229,8 +230,8 @@ export function daemonConfig(container, flags, where) {
     if (value === undefined) value = "true";
     // Repeated --listen / --health_listen add up (tokensamplerd merges them).
     const repeatable = name === "listen" || name === "health_listen";
-    config[name] = repeatable && config[`${name}@arg`] ? `${config[name]},${value}` : value;
-    if (repeatable) config[`${name}@arg`] = true;
+    config[name] = repeatable && onCommandLine.has(name) ? `${config[name]},${value}` : value;
+    onCommandLine.add(name);
   }
   const parseError = parseWithDaemon(flags, env, args);
   if (parseError) errors.push(`${where}: tokensamplerd rejects its configuration: ${parseError}`);

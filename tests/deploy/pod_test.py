@@ -226,11 +226,14 @@ class SidecarPodTest(unittest.TestCase):
             if name in env:
                 env[name] = loopback_addresses(env[name], original_ports[flag])
         args = []
+        on_command_line = set()
         for arg in self.sidecar.get("args", []):
             arg = paths.rewrite(arg)
             flag, _, value = arg.lstrip("-").partition("=")
             if flag in LISTEN_FLAGS:
-                original_ports[flag] = []  # the command line wins over the variable
+                if flag not in on_command_line:  # the command line wins over the variable;
+                    original_ports[flag] = []  # repeated --listen flags add up
+                    on_command_line.add(flag)
                 arg = f"--{flag}={loopback_addresses(value, original_ports[flag])}"
             args.append(arg)
         port_file = os.path.join(self.dir, "ports")
