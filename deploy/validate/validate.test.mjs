@@ -1,11 +1,11 @@
-// node --test deploy/validate/validate.test.mjs   (env: TOKENSAMPLERD, optionally KUBECTL)
+// node --test deploy/validate/validate.test.mjs   (env: TOKENSAMPLERD, optionally KUSTOMIZE)
 //
 // The overlays as committed pass every check; each purpose-broken variant below is rejected with
 // the error it should get. The variants are mutations of the rendered objects, one per check,
 // plus overlays written on top of the committed ones (so the rendered output is what is checked)
 // and a broken YAML text.
 import assert from "node:assert/strict";
-import { mkdtempSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
+import { chmodSync, mkdtempSync, mkdirSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -14,6 +14,9 @@ import {
   checkDockerfile,
   checkKustomizeVersion,
   checkObjects,
+  KUSTOMIZE_VERSION,
+  kustomizeCommand,
+  PINNED_KUSTOMIZE,
   parseYaml,
   podSpecs,
   readFlags,
@@ -23,7 +26,7 @@ import {
 } from "./lib.mjs";
 
 const deploy = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const kubectl = process.env.KUBECTL || "kubectl";
+const kustomize = kustomizeCommand();
 const tokensamplerd = process.env.TOKENSAMPLERD;
 const overlays = { base: "base", sidecar: "overlays/sidecar", shared: "overlays/shared" };
 
@@ -34,11 +37,11 @@ let scratch;
 
 before(() => {
   assert.ok(tokensamplerd, "set TOKENSAMPLERD to the built tokensamplerd");
-  checkKustomizeVersion(kubectl);
+  checkKustomizeVersion(kustomize);
   flags = readFlags(tokensamplerd);
   dockerfile = readText(path.join(deploy, "Dockerfile"));
   for (const [name, dir] of Object.entries(overlays))
-    rendered[name] = render(kubectl, path.join(deploy, dir));
+    rendered[name] = render(kustomize, path.join(deploy, dir));
   scratch = mkdtempSync(path.join(tmpdir(), "tokensampler-deploy-"));
 });
 after(() => rmSync(scratch, { recursive: true, force: true }));
@@ -68,6 +71,41 @@ describe("committed overlays", () => {
   test("the sidecar runs as a native sidecar next to the worker", () => {
     assert.equal(sidecar(rendered.sidecar).restartPolicy, "Always");
     assert.ok(worker(rendered.sidecar));
+  });
+});
+
+// The overlays are rendered with the kustomize that package-lock.json pins; another one (KUSTOMIZE)
+// must be new enough for `labels` and `patches`.
+describe("kustomize", () => {
+  // A stand-in kustomize whose `version` prints `output`.
+  const fake = (name, output) => {
+    const file = path.join(scratch, name);
+    writeFileSync(file, `#!/bin/sh\nprintf '%s\\n' '${output}'\n`);
+    chmodSync(file, 0o755);
+    return file;
+  };
+  test(`the pinned kustomize is v${KUSTOMIZE_VERSION}`, () => {
+    assert.deepEqual(
+      checkKustomizeVersion(PINNED_KUSTOMIZE),
+      KUSTOMIZE_VERSION.split(".").map(Number),
+    );
+  });
+  test("a kustomize older than 4.5 is rejected", () => {
+    const old = fake("kustomize-4.4.1", "{Version:kustomize/v4.4.1 GitCommit:x GoOs:linux}");
+    assert.throws(
+      () => checkKustomizeVersion(old),
+      /is kustomize v4\.4\.1; the overlays need Kustomize >= 4\.5\.0/,
+    );
+  });
+  test("a kustomize 5 is accepted", () => {
+    assert.deepEqual(checkKustomizeVersion(fake("kustomize-5", "v5.5.0")), [5, 5, 0]);
+  });
+  test("a missing kustomize is named", () => {
+    const missing = path.join(scratch, "no-such-kustomize");
+    assert.throws(
+      () => checkKustomizeVersion(missing),
+      /no-such-kustomize version` failed .*KUSTOMIZE must name a kustomize binary >= 4\.5\.0/,
+    );
   });
 });
 
@@ -469,7 +507,7 @@ describe("purpose-broken manifests are rejected", () => {
         `apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources:\n  - ${path.relative(dir, path.join(deploy, overlays[overlay]))}\n` +
           `patches:\n  - path: patch.yaml\n    target:\n      kind: Deployment\n`,
       );
-      const errors = await checkObjects(render(kubectl, dir), flags, dockerfile);
+      const errors = await checkObjects(render(kustomize, dir), flags, dockerfile);
       assert.ok(
         errors.some((e) => expected.test(e)),
         `expected ${expected} among:\n${errors.join("\n")}`,

