@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the dependencies, builds, and runs every test (ctest: core, service, client,
-# integration against the real tokensamplerd binary). Exits non-zero if anything fails.
+# integration against the real tokensamplerd binary, deploy: the manifests and the image). Exits
+# non-zero if anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
