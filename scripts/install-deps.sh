@@ -10,6 +10,9 @@ packages=(
   libabsl-dev libtbb-dev libgtest-dev libgmock-dev libbenchmark-dev libhwy-dev
   prometheus-cpp-dev libcurl4-openssl-dev openssl
   python3-grpcio python3-numpy python3-protobuf python3-matplotlib
+  # The fuzz targets (scripts/test.sh fuzz): clang and its runtimes (libFuzzer, ASan, UBSan),
+  # which --no-install-recommends would leave out.
+  clang libclang-rt-14-dev
 )
 
 missing=()
