@@ -7,8 +7,10 @@ request:  one byte (even: SampleRequest, odd: SessionRequest) + a serialized mes
           a few invalid ones, so that mutation starts from the real wire format.
 pipeline, session: FuzzInput programs (tests/fuzz/fuzz_support.h) — bytes from a fixed-seed
           generator, of several lengths (every byte string is a valid program).
-Inputs the fuzzers find are not committed here unless they are worth keeping (a crash fixed:
-name the file after what it found).
+Besides these named seeds, each corpus holds inputs the fuzzers found (files named by their
+SHA-1), minimized with libFuzzer's -merge=1 over the seeds and a run's scratch corpus:
+    build-fuzz/tests/fuzz/fuzz_<t> -merge=1 <new dir> tests/fuzz/corpus/<t> <scratch corpus>
+An input that made a target crash, once fixed, is added with a name saying what it found.
 """
 
 import os
