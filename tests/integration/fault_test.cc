@@ -65,6 +65,19 @@ using ::tokensampler::testing::SetStep;
 using ::tokensampler::testing::TestSession;
 using ::tokensampler::testing::WaitFor;
 
+// Whether this test (and so the daemon, built alike) runs under AddressSanitizer.
+#if defined(__SANITIZE_ADDRESS__)
+constexpr bool kAddressSanitizer = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+constexpr bool kAddressSanitizer = true;
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+#else
+constexpr bool kAddressSanitizer = false;
+#endif
+
 // Resident set size of `pid` in KiB (VmRSS of /proc/<pid>/status), or -1.
 int64_t RssKib(pid_t pid) {
   std::ifstream in(absl::StrCat("/proc/", pid, "/status"));
@@ -455,11 +468,13 @@ TEST_F(FaultTest, ThousandsOfUnreleasedSequencesAreFreedWhenTheirStreamEnds) {
   for (int64_t rss : rss_after) absl::StrAppend(&curve, " ", rss);
   std::printf("%s\n", curve.c_str());  // the figure for docs/reliability.md
   const int64_t first = rss_after.front();
-  for (size_t i = 1; i < rss_after.size(); ++i) {
+  for (size_t i = 1; i < rss_after.size() && !kAddressSanitizer; ++i) {
     EXPECT_LT(rss_after[i], first + 32 * 1024)
         << "RSS after round " << i << " (" << endings[i] << "): " << rss_after[i]
         << " KiB; after round 0: " << first << " KiB; at start: " << rss_start << " KiB";
   }
+  // Under ASan the freed histories sit in its quarantine (256 MB) on purpose, so RSS says
+  // nothing; there the sanitized daemon's leak check at exit (exit code 23 on a leak) decides.
   ExpectCleanExit();
 }
 
