@@ -18,6 +18,7 @@
 #include "core/sampler.h"
 #include "core/tensor.h"
 #include "tests/fuzz/fuzz_support.h"
+#include "tests/testing/core_testing.h"
 
 namespace tokensampler::fuzzing {
 
@@ -166,17 +167,8 @@ inline std::vector<uint8_t> FuzzLogits(FuzzInput& in, DType dtype, int rows, int
   for (size_t i = 0; i < patches; ++i) {
     values[in.IntegralInRange<size_t>(0, count - 1)] = in.Percent(70) ? in.Float() : 40.0f;
   }
-  std::vector<uint8_t> bytes(count * DTypeSize(dtype));
-  for (size_t i = 0; i < count; ++i) {
-    if (dtype == DType::kFloat32) {
-      std::memcpy(bytes.data() + 4 * i, &values[i], 4);
-    } else {
-      const uint16_t h =
-          dtype == DType::kBFloat16 ? FloatToBf16(values[i]) : FloatToFp16(values[i]);
-      std::memcpy(bytes.data() + 2 * i, &h, 2);
-    }
-  }
-  return bytes;
+  return dtype == DType::kFloat32 ? testing::F32Bytes(values)
+                                  : testing::Half16Bytes(values, dtype);
 }
 
 inline bool SameFloat(float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); }
