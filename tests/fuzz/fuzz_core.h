@@ -167,8 +167,7 @@ inline std::vector<uint8_t> FuzzLogits(FuzzInput& in, DType dtype, int rows, int
   for (size_t i = 0; i < patches; ++i) {
     values[in.IntegralInRange<size_t>(0, count - 1)] = in.Percent(70) ? in.Float() : 40.0f;
   }
-  return dtype == DType::kFloat32 ? testing::F32Bytes(values)
-                                  : testing::Half16Bytes(values, dtype);
+  return dtype == DType::kFloat32 ? testing::F32Bytes(values) : testing::Half16Bytes(values, dtype);
 }
 
 inline bool SameFloat(float a, float b) { return a == b || (std::isnan(a) && std::isnan(b)); }
