@@ -115,7 +115,8 @@ absl::StatusOr<v1::Logits> MakeLogits(absl::Span<const float> values, uint32_t v
   switch (dtype) {
     case v1::DTYPE_FLOAT32:
       if constexpr (std::endian::native == std::endian::little) {
-        std::memcpy(out, values.data(), values.size() * sizeof(float));
+        // memcpy from an empty span's null data() is undefined even for 0 bytes (UBSan).
+        if (!values.empty()) std::memcpy(out, values.data(), values.size() * sizeof(float));
       } else {
         for (float v : values) {
           const uint32_t bits = FloatBits(v);

@@ -26,6 +26,9 @@ if [[ "${build_only}" == false ]]; then
   packages+=(
     libgtest-dev libgmock-dev libbenchmark-dev openssl
     python3-grpcio python3-numpy python3-protobuf python3-matplotlib
+    # The fuzz targets (scripts/test.sh fuzz): clang and its runtimes (libFuzzer, ASan, UBSan),
+    # which --no-install-recommends would leave out.
+    clang libclang-rt-14-dev
   )
 fi
 

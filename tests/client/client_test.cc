@@ -37,7 +37,10 @@ TEST(FromGrpcStatusTest, KeepsEveryCanonicalCodeAndMessage) {
 }
 
 TEST(FromGrpcStatusTest, UnknownCodeBecomesUnknown) {
-  volatile int wire_code = 42;  // a code from a newer peer (volatile: not a constant)
+  // A code from a newer peer (volatile: not a constant). 20, not e.g. 42: grpc::StatusCode's
+  // values span -32..31 (it has DO_NOT_USE = -1), and casting a number outside that is
+  // undefined behaviour (UBSan's -fsanitize=enum); gRPC itself maps larger wire codes to UNKNOWN.
+  volatile int wire_code = 20;
   const absl::Status status =
       FromGrpcStatus(grpc::Status(static_cast<grpc::StatusCode>(wire_code), "m"));
   EXPECT_EQ(status.code(), absl::StatusCode::kUnknown);

@@ -49,6 +49,11 @@ class Daemon:
         """The Unix socket address, for Client(target)."""
         return self.addresses[0]
 
+    @property
+    def pid(self):
+        """The daemon's process id while it runs (for /proc, e.g. its memory), else None."""
+        return None if self._process is None else self._process.pid
+
     def stderr(self):
         """What the daemon printed to stderr so far (one line per lifecycle event)."""
         if self._final_stderr is not None:

@@ -1,0 +1,143 @@
+// Fuzz target: a request from arbitrary bytes, through the service's conversion and validation
+// and, when valid, the core. The first byte picks the message:
+//   even: a SampleRequest — BatchFromProto (logits view, row count, every row's parameters),
+//         then Sampler::Run and ResponseToProto, as SamplerService::Sample does;
+//   odd:  a SessionRequest applied to a fresh SequenceTable in the stream's order (release, add,
+//         fork, step) with the conversions the Session stream uses.
+// Whatever the bytes, nothing may crash, errors must be INVALID_ARGUMENT / NOT_FOUND /
+// ALREADY_EXISTS / RESOURCE_EXHAUSTED with a message, and a success must hold one result per
+// sample with token ids inside the vocabulary.
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/types/span.h"
+#include "core/sampler.h"
+#include "core/session.h"
+#include "google/protobuf/stubs/logging.h"
+#include "service/convert.h"
+#include "tests/fuzz/fuzz_core.h"
+#include "tests/fuzz/fuzz_support.h"
+#include "tokensampler/v1/sampler.pb.h"
+
+namespace tokensampler::fuzzing {
+namespace {
+
+// Requests carry histories and params only; keep the fuzzer's executions quick.
+constexpr SessionLimits kLimits{.max_sequences = 64, .max_history_tokens = 4096};
+
+bool ExpectedError(const absl::Status& status) {
+  switch (status.code()) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kNotFound:
+    case absl::StatusCode::kAlreadyExists:
+    case absl::StatusCode::kResourceExhausted:
+      return !status.message().empty();
+    default:
+      return false;
+  }
+}
+
+// One Sampler per input: its per-thread scratch lives in oneTBB's allocator, which
+// LeakSanitizer does not scan, so a sampler kept across inputs would look like a leak.
+void FuzzSample(v1::SampleRequest& request) {
+  const Sampler sampler;
+  // Unseeded rows draw fresh entropy: seed them so that an input always runs the same way.
+  for (v1::SampleRow& row : *request.mutable_rows()) {
+    if (!row.params().has_seed()) row.mutable_params()->set_seed(7);
+  }
+  absl::StatusOr<service::Batch> batch = service::BatchFromProto(request);
+  if (!batch.ok()) {
+    FUZZ_CHECK(batch.status().code() == absl::StatusCode::kInvalidArgument &&
+                   !batch.status().message().empty(),
+               "BatchFromProto: %s", batch.status().ToString().c_str());
+    return;
+  }
+  const absl::StatusOr<std::vector<SampledToken>> tokens = sampler.Run(batch->logits, batch->rows);
+  if (!tokens.ok()) {
+    FUZZ_CHECK(tokens.status().code() == absl::StatusCode::kInvalidArgument &&
+                   !tokens.status().message().empty(),
+               "Sampler::Run: %s", tokens.status().ToString().c_str());
+    return;
+  }
+  size_t samples = 0;
+  for (const SamplingParams& p : batch->params) samples += static_cast<size_t>(p.n);
+  FUZZ_CHECK(tokens->size() == samples, "%zu results for %zu samples", tokens->size(), samples);
+  CheckResultInvariants(*tokens, batch->logits.vocab_size());
+  const v1::SampleResponse response = service::ResponseToProto(*tokens);
+  FUZZ_CHECK(response.results_size() == static_cast<int>(samples), "response has %d results",
+             response.results_size());
+  std::string wire;
+  FUZZ_CHECK(response.SerializeToString(&wire), "response does not serialize");
+}
+
+// The parts of one SessionRequest, in the stream's order; returns the first error.
+absl::Status ApplySession(const v1::SessionRequest& request, const Sampler& sampler,
+                          SequenceTable& table, v1::SessionResponse& response) {
+  for (uint64_t id : request.release()) {
+    if (absl::Status s = table.Release(id); !s.ok()) return s;
+  }
+  for (const v1::AddSequence& add : request.add()) {
+    absl::StatusOr<SamplingParams> params = service::UnvalidatedParamsFromProto(add.params());
+    if (!params.ok()) return params.status();
+    if (!params->seed.has_value()) params->seed = 7;
+    absl::Status s = table.Add(
+        add.sequence_id(), *std::move(params),
+        std::vector<int32_t>(add.prompt_token_ids().begin(), add.prompt_token_ids().end()));
+    if (!s.ok()) return s;
+  }
+  for (const v1::Fork& fork : request.fork()) {
+    const absl::Status s = table.Fork(
+        fork.parent_id(),
+        absl::MakeConstSpan(fork.child_ids().data(), static_cast<size_t>(fork.child_ids_size())));
+    if (!s.ok()) return s;
+  }
+  if (!request.has_step()) return absl::OkStatus();
+  absl::StatusOr<LogitsView> logits = service::LogitsFromProto(request.step().logits());
+  if (!logits.ok()) return logits.status();
+  const absl::Span<const uint64_t> ids(request.step().sequence_ids().data(),
+                                       static_cast<size_t>(request.step().sequence_ids_size()));
+  absl::StatusOr<std::vector<SampledToken>> tokens = table.Step(sampler, *logits, ids);
+  if (!tokens.ok()) return tokens.status();
+  FUZZ_CHECK(tokens->size() == ids.size(), "%zu results for %zu ids", tokens->size(), ids.size());
+  CheckResultInvariants(*tokens, logits->vocab_size());
+  service::SessionResultsToProto(*tokens, ids, response);
+  return absl::OkStatus();
+}
+
+void FuzzSession(const v1::SessionRequest& request) {
+  const Sampler sampler;
+  SequenceTable table(kLimits);
+  v1::SessionResponse response;
+  const absl::Status status = ApplySession(request, sampler, table, response);
+  FUZZ_CHECK(status.ok() || ExpectedError(status), "session request: %s",
+             status.ToString().c_str());
+  FUZZ_CHECK(table.size() <= kLimits.max_sequences, "%lld sequences",
+             static_cast<long long>(table.size()));
+}
+
+}  // namespace
+}  // namespace tokensampler::fuzzing
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  // Parsing arbitrary bytes makes protobuf log (e.g. invalid UTF-8 in a string field) on every
+  // other input; the parse result is what counts.
+  static const bool quiet = [] {
+    google::protobuf::SetLogHandler(nullptr);
+    return true;
+  }();
+  (void)quiet;
+  if (size == 0) return 0;
+  const bool session = (data[0] & 1) != 0;
+  const int body = static_cast<int>(size - 1);
+  if (session) {
+    tokensampler::v1::SessionRequest request;
+    if (request.ParseFromArray(data + 1, body)) tokensampler::fuzzing::FuzzSession(request);
+  } else {
+    tokensampler::v1::SampleRequest request;
+    if (request.ParseFromArray(data + 1, body)) tokensampler::fuzzing::FuzzSample(request);
+  }
+  return 0;
+}
