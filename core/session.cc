@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <string>
 #include <utility>
 
 #include "absl/container/flat_hash_set.h"
@@ -16,14 +17,15 @@ namespace tokensampler {
 namespace {
 
 // Row-level errors of the Sampler start with "rows[i]"; in a session, name the sequence too.
-absl::Status NameSequence(const absl::Status& status, absl::Span<const uint64_t> ids) {
+// `owners[i]` is the sequence of row i.
+absl::Status NameSequence(const absl::Status& status, absl::Span<const uint64_t> owners) {
   absl::string_view message = status.message();
   size_t row = 0;
   if (absl::ConsumePrefix(&message, "rows[")) {
     const size_t close = message.find(']');
     if (close != absl::string_view::npos && absl::SimpleAtoi(message.substr(0, close), &row) &&
-        row < ids.size()) {
-      return absl::Status(status.code(), absl::StrCat("sequence ", ids[row], ", rows[",
+        row < owners.size()) {
+      return absl::Status(status.code(), absl::StrCat("sequence ", owners[row], ", rows[",
                                                       status.message().substr(5)));
     }
   }
@@ -32,16 +34,32 @@ absl::Status NameSequence(const absl::Status& status, absl::Span<const uint64_t>
 
 }  // namespace
 
+int64_t SequenceTable::RowsFor(const Sequence& seq) {
+  return seq.beam.has_value() ? seq.beam->rows() : 1;
+}
+
+int64_t SequenceTable::UnitsOf(const Sequence& seq) {
+  return seq.beam.has_value() ? seq.beam->beam_params().beam_width : 1;
+}
+
 absl::Status SequenceTable::CheckCapacity(int64_t more) const {
-  if (size() + more > limits_.max_sequences) {
-    return absl::ResourceExhaustedError(absl::StrCat("the session would hold ", size() + more,
-                                                     " sequences; the limit is ",
-                                                     limits_.max_sequences));
+  if (units_ + more > limits_.max_sequences) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the session would hold ", units_ + more,
+        " sequences (a beam search counts as beam_width); the limit is ", limits_.max_sequences));
   }
   return absl::OkStatus();
 }
 
-absl::Status SequenceTable::Add(uint64_t id, SamplingParams params, std::vector<int32_t> prompt) {
+void SequenceTable::Erase(uint64_t id) {
+  const auto it = sequences_.find(id);
+  if (it == sequences_.end()) return;
+  units_ -= UnitsOf(it->second);
+  sequences_.erase(it);
+}
+
+absl::Status SequenceTable::Add(uint64_t id, SamplingParams params, std::vector<int32_t> prompt,
+                                std::optional<BeamParams> beam) {
   if (sequences_.contains(id)) {
     return absl::AlreadyExistsError(absl::StrCat("sequence ", id, " already exists"));
   }
@@ -62,11 +80,20 @@ absl::Status SequenceTable::Add(uint64_t id, SamplingParams params, std::vector<
                                                      " tokens; the limit is ",
                                                      limits_.max_history_tokens));
   }
-  RETURN_IF_ERROR(CheckCapacity(1));
+  if (beam.has_value()) {
+    RETURN_IF_ERROR(ValidateBeamParams(*beam, params, limits_.max_beam_width));
+  }
+  RETURN_IF_ERROR(CheckCapacity(beam.has_value() ? beam->beam_width : 1));
   Sequence& seq = sequences_[id];
+  if (beam.has_value()) {
+    const uint64_t seed =
+        params.seed.has_value() ? *params.seed : absl::Uniform<uint64_t>(entropy_);
+    seq.beam.emplace(*beam, params, seed);
+  }
   seq.params = std::move(params);
   seq.prompt = std::move(prompt);
   seq.family_samples = std::make_shared<uint32_t>(1);
+  units_ += UnitsOf(seq);
   return absl::OkStatus();
 }
 
@@ -85,34 +112,33 @@ absl::Status SequenceTable::Fork(uint64_t parent, absl::Span<const uint64_t> chi
       return absl::AlreadyExistsError(absl::StrCat("sequence ", child, " already exists"));
     }
   }
-  RETURN_IF_ERROR(CheckCapacity(static_cast<int64_t>(children.size())));
+  RETURN_IF_ERROR(CheckCapacity(static_cast<int64_t>(children.size()) * UnitsOf(it->second)));
   const Sequence source = it->second;  // copy: inserting may rehash
   for (uint64_t child : children) {
     Sequence& seq = sequences_[child];
     seq = source;
     seq.sample_index = (*source.family_samples)++;
+    units_ += UnitsOf(seq);
   }
   return absl::OkStatus();
 }
 
 absl::Status SequenceTable::Release(uint64_t id) {
-  if (sequences_.erase(id) == 0) {
+  if (!sequences_.contains(id)) {
     return absl::NotFoundError(absl::StrCat("sequence ", id, " is not in this session"));
   }
+  Erase(id);
   return absl::OkStatus();
 }
 
-absl::StatusOr<std::vector<SampledToken>> SequenceTable::Step(const Sampler& sampler,
+absl::StatusOr<std::vector<SequenceStep>> SequenceTable::Step(const Sampler& sampler,
                                                               const LogitsView& logits,
                                                               absl::Span<const uint64_t> ids,
                                                               const std::atomic<bool>* cancelled) {
-  if (ids.size() != static_cast<size_t>(logits.rows())) {
-    return absl::InvalidArgumentError(absl::StrCat("step.sequence_ids has ", ids.size(),
-                                                   " ids but logits.rows is ", logits.rows()));
-  }
-  std::vector<Sequence*> rows;
-  rows.reserve(ids.size());
+  std::vector<Sequence*> stepped;
+  stepped.reserve(ids.size());
   absl::flat_hash_set<uint64_t> seen;
+  int64_t needed_rows = 0;
   for (size_t i = 0; i < ids.size(); ++i) {
     if (!seen.insert(ids[i]).second) {
       return absl::InvalidArgumentError(
@@ -123,38 +149,79 @@ absl::StatusOr<std::vector<SampledToken>> SequenceTable::Step(const Sampler& sam
       return absl::NotFoundError(absl::StrCat(
           "sequence ", ids[i], " is not in this session (never added, released or finished)"));
     }
-    Sequence& seq = it->second;
+    needed_rows += RowsFor(it->second);
+    stepped.push_back(&it->second);
+  }
+  if (needed_rows != logits.rows()) {
+    std::string multi;  // the sequences that take more than one row, for the message
+    for (size_t i = 0; i < ids.size(); ++i) {
+      if (!stepped[i]->beam.has_value()) continue;
+      absl::StrAppend(&multi, multi.empty() ? " (" : ", ", "sequence ", ids[i], ": ",
+                      RowsFor(*stepped[i]), " live beam", RowsFor(*stepped[i]) == 1 ? "" : "s");
+    }
+    if (multi.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("step.sequence_ids has ", ids.size(),
+                                                     " ids but logits.rows is ", logits.rows()));
+    }
+    return absl::InvalidArgumentError(absl::StrCat("logits.rows is ", logits.rows(),
+                                                   " but the stepped sequences need ", needed_rows,
+                                                   multi, ")"));
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    Sequence& seq = *stepped[i];
     if (seq.validated_vocab != logits.vocab_size()) {
       if (absl::Status s = ValidateParams(seq.params, logits.vocab_size()); !s.ok()) {
         return absl::Status(s.code(), absl::StrCat("sequence ", ids[i], ": params.", s.message()));
       }
     }
-    if (static_cast<int64_t>(seq.prompt.size() + seq.output.size()) + 1 >
-        limits_.max_history_tokens) {
+    const size_t history = seq.beam.has_value() ? seq.beam->NextHistoryTokens(seq.prompt.size())
+                                                : seq.prompt.size() + seq.output.size() + 1;
+    if (static_cast<int64_t>(history) > limits_.max_history_tokens) {
       return absl::ResourceExhaustedError(absl::StrCat(
           "sequence ", ids[i], " would exceed ", limits_.max_history_tokens, " history tokens"));
     }
-    rows.push_back(&seq);
   }
   std::vector<RowRequest> requests;
-  requests.reserve(rows.size());
-  for (const Sequence* seq : rows) {
-    requests.push_back(
-        {&seq->params, seq->prompt, seq->output, seq->mirostat_mu, seq->sample_index});
+  std::vector<uint64_t> owners;  // the sequence of each row
+  requests.reserve(static_cast<size_t>(needed_rows));
+  owners.reserve(static_cast<size_t>(needed_rows));
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const Sequence* seq = stepped[i];
+    if (seq->beam.has_value()) {
+      seq->beam->AppendRows(seq->prompt, requests);
+    } else {
+      requests.push_back(
+          {&seq->params, seq->prompt, seq->output, seq->mirostat_mu, seq->sample_index});
+    }
+    owners.resize(requests.size(), ids[i]);
   }
   absl::StatusOr<std::vector<SampledToken>> results = sampler.Run(logits, requests, cancelled);
-  if (!results.ok()) return NameSequence(results.status(), ids);
-  for (size_t i = 0; i < rows.size(); ++i) {
-    Sequence& seq = *rows[i];
-    const SampledToken& token = (*results)[i];
+  if (!results.ok()) return NameSequence(results.status(), owners);
+  std::vector<SequenceStep> out(ids.size());
+  size_t row = 0;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    Sequence& seq = *stepped[i];
+    SequenceStep& result = out[i];
+    result.sequence_id = ids[i];
     seq.validated_vocab = logits.vocab_size();
-    seq.output.push_back(token.token_id);
-    if (token.mirostat_mu.has_value()) seq.mirostat_mu = token.mirostat_mu;
+    const size_t rows = static_cast<size_t>(RowsFor(seq));
+    if (seq.beam.has_value()) {
+      result.beam =
+          seq.beam->Advance(absl::MakeConstSpan(*results).subspan(row, rows), seq.sample_index);
+      result.token.finish_reason = result.beam->finish_reason;
+    } else {
+      result.token = std::move((*results)[row]);
+      seq.output.push_back(result.token.token_id);
+      if (result.token.mirostat_mu.has_value()) seq.mirostat_mu = result.token.mirostat_mu;
+    }
+    row += rows;
   }
-  for (size_t i = 0; i < rows.size(); ++i) {
-    if ((*results)[i].finish_reason != FinishReason::kNone) sequences_.erase(ids[i]);
+  for (size_t i = 0; i < ids.size(); ++i) {
+    const bool done = out[i].beam.has_value() ? out[i].beam->finished
+                                              : out[i].token.finish_reason != FinishReason::kNone;
+    if (done) Erase(ids[i]);
   }
-  return results;
+  return out;
 }
 
 }  // namespace tokensampler

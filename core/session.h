@@ -14,9 +14,11 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/random/random.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/beam.h"
 #include "core/params.h"
 #include "core/sampler.h"
 #include "core/tensor.h"
@@ -24,8 +26,20 @@
 namespace tokensampler {
 
 struct SessionLimits {
-  int64_t max_sequences = 4096;          // live sequences per table
-  int64_t max_history_tokens = 1 << 20;  // prompt + output tokens per sequence
+  int64_t max_sequences = 4096;          // live sequences per table (a beam search counts as
+                                         // beam_width sequences)
+  int64_t max_history_tokens = 1 << 20;  // prompt + output tokens per sequence (per beam)
+  int32_t max_beam_width = 16;           // largest beam_width of a beam search
+};
+
+// The outcome of one step for one stepped sequence.
+struct SequenceStep {
+  uint64_t sequence_id = 0;
+  // A plain sequence: the sampled token (finish_reason set when it ends the sequence).
+  SampledToken token;
+  // A beam search: its new live beams and, when the search is over, its hypotheses
+  // (token.finish_reason is then beam->finish_reason as well).
+  std::optional<BeamStep> beam;
 };
 
 class SequenceTable {
@@ -34,10 +48,12 @@ class SequenceTable {
   SequenceTable(const SequenceTable&) = delete;
   SequenceTable& operator=(const SequenceTable&) = delete;
 
-  // Adds a sequence. Returns ALREADY_EXISTS for a live id; INVALID_ARGUMENT for bad params
-  // (ranges; token ids are checked against the vocabulary at each step) or n != 1 (fork
-  // instead); RESOURCE_EXHAUSTED beyond max_sequences or max_history_tokens.
-  absl::Status Add(uint64_t id, SamplingParams params, std::vector<int32_t> prompt);
+  // Adds a sequence; with `beam`, a beam search (core/beam.h). Returns ALREADY_EXISTS for a
+  // live id; INVALID_ARGUMENT for bad params (ranges; token ids are checked against the
+  // vocabulary at each step), n != 1 (fork instead) or bad beam params (ValidateBeamParams,
+  // against max_beam_width); RESOURCE_EXHAUSTED beyond max_sequences or max_history_tokens.
+  absl::Status Add(uint64_t id, SamplingParams params, std::vector<int32_t> prompt,
+                   std::optional<BeamParams> beam = std::nullopt);
 
   // Copies the state of `parent` into each of `children`. Each child draws from its own RNG
   // stream (a new sample index of the parent's family), so forking a sequence into k children
@@ -49,17 +65,23 @@ class SequenceTable {
   // Drops a sequence. Returns NOT_FOUND when it is not live.
   absl::Status Release(uint64_t id);
 
-  // Samples row i of `logits` for sequence ids[i], appends the token to its output and advances
-  // μ; a sequence whose token finishes it is released. Returns one result per row, or on error
-  // changes nothing: INVALID_ARGUMENT (ids.size() != rows, an id twice, params or history vs the
-  // vocabulary, NaN, every token masked), NOT_FOUND naming the first unknown id,
-  // RESOURCE_EXHAUSTED when a history would exceed max_history_tokens, CANCELLED when
+  // Steps each sequence of `ids` once. The rows of `logits` are consumed in the order of `ids`:
+  // RowsFor(sequence) rows each (a plain sequence 1, a beam search one per live beam in slot
+  // order). A plain sequence samples its row, appends the token to its output and advances μ;
+  // a beam search advances (BeamSearch::Advance). A sequence that finishes (its token ends it,
+  // or its search is over) is released. Returns one result per id, in order, or on error
+  // changes nothing: INVALID_ARGUMENT (the rows the ids need != logits.rows, an id twice, params
+  // or history vs the vocabulary, NaN, every token masked), NOT_FOUND naming the first unknown
+  // id, RESOURCE_EXHAUSTED when a history would exceed max_history_tokens, CANCELLED when
   // `cancelled` (passed to Sampler::Run) became true before every row was sampled.
-  absl::StatusOr<std::vector<SampledToken>> Step(const Sampler& sampler, const LogitsView& logits,
+  absl::StatusOr<std::vector<SequenceStep>> Step(const Sampler& sampler, const LogitsView& logits,
                                                  absl::Span<const uint64_t> ids,
                                                  const std::atomic<bool>* cancelled = nullptr);
 
+  // Live sequence ids.
   int64_t size() const { return static_cast<int64_t>(sequences_.size()); }
+  // What max_sequences counts: each live sequence once, a beam search beam_width times.
+  int64_t units() const { return units_; }
   bool contains(uint64_t id) const { return sequences_.contains(id); }
 
  private:
@@ -71,12 +93,21 @@ class SequenceTable {
     uint32_t sample_index = 0;
     std::shared_ptr<uint32_t> family_samples;  // sample indexes handed out in this family
     int32_t validated_vocab = 0;               // params already validated for this vocabulary size
+    std::optional<BeamSearch> beam;            // set for a beam search
   };
 
+  // The logits rows a step of `seq` consumes (the Step row-mapping rule, in one place).
+  static int64_t RowsFor(const Sequence& seq);
+  // What `seq` counts towards max_sequences.
+  static int64_t UnitsOf(const Sequence& seq);
+
   absl::Status CheckCapacity(int64_t more) const;
+  void Erase(uint64_t id);
 
   SessionLimits limits_;
   absl::flat_hash_map<uint64_t, Sequence> sequences_;
+  int64_t units_ = 0;
+  absl::BitGen entropy_;  // seeds of unseeded beam sampling
 };
 
 }  // namespace tokensampler
