@@ -44,9 +44,9 @@ int64_t SequenceTable::UnitsOf(const Sequence& seq) {
 
 absl::Status SequenceTable::CheckCapacity(int64_t more) const {
   if (units_ + more > limits_.max_sequences) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "the session would hold ", units_ + more,
-        " sequences (a beam search counts as beam_width); the limit is ", limits_.max_sequences));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("the session would hold ", units_ + more, " sequences; the limit is ",
+                     limits_.max_sequences, " (a beam search counts as beam_width sequences)"));
   }
   return absl::OkStatus();
 }

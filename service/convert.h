@@ -11,8 +11,10 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/beam.h"
 #include "core/params.h"
 #include "core/sampler.h"
+#include "core/session.h"
 #include "core/tensor.h"
 #include "tokensampler/v1/sampler.pb.h"
 
@@ -70,10 +72,13 @@ absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request);
 // them).
 v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens);
 
-// Appends one SequenceResult per token to `response.results`: tokens[i] of the step row that
-// belongs to sequence_ids[i]. REQUIRES: tokens.size() == sequence_ids.size() (one sample per row).
-void SessionResultsToProto(absl::Span<const SampledToken> tokens,
-                           absl::Span<const uint64_t> sequence_ids, v1::SessionResponse& response);
+// Returns the core beam parameters of `proto` (unset fields = defaults, EARLY_STOPPING_UNSPECIFIED
+// = HEURISTIC), not yet validated (ValidateBeamParams), or INVALID_ARGUMENT naming the `beam.`
+// field and value for an unknown early_stopping or a count beyond int32.
+absl::StatusOr<BeamParams> BeamParamsFromProto(const v1::BeamSearchParams& proto);
+
+// Appends one SequenceResult per stepped sequence to `response.results`, in order.
+void SessionResultsToProto(absl::Span<const SequenceStep> steps, v1::SessionResponse& response);
 
 }  // namespace tokensampler::service
 
