@@ -15,6 +15,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
@@ -47,6 +48,21 @@ ABSL_FLAG(bool, json, false,
           "sample: print the response as one line of JSON; decode: one line per step.");
 ABSL_FLAG(uint32_t, sequences, 2, "decode: number of sequences to decode (each forked --n times).");
 ABSL_FLAG(uint32_t, steps, 8, "decode: most steps to run (fewer when every sequence finishes).");
+// --- decode: beam search ---
+ABSL_FLAG(std::optional<uint32_t>, beam_width, std::nullopt,
+          "decode: run each sequence as a beam search of this width (AddSequence.beam); prints "
+          "the beams of every step and the finished hypotheses.");
+ABSL_FLAG(std::optional<float>, length_penalty, std::nullopt,
+          "decode, beam search: 1.0; hypothesis score = sum logprob / length^length_penalty.");
+ABSL_FLAG(std::optional<std::string>, early_stopping, std::nullopt,
+          "decode, beam search: true, heuristic (default) or never.");
+ABSL_FLAG(std::optional<uint32_t>, num_return_sequences, std::nullopt,
+          "decode, beam search: 1; hypotheses to return, <= --beam_width.");
+ABSL_FLAG(std::optional<uint32_t>, num_beam_groups, std::nullopt,
+          "decode, beam search: 1; groups of diverse beam search (divides --beam_width).");
+ABSL_FLAG(std::optional<float>, diversity_penalty, std::nullopt,
+          "decode, beam search: 0; Hamming diversity penalty between groups.");
+ABSL_FLAG(bool, do_sample, false, "decode, beam search: beam sampling with the sampling flags.");
 ABSL_FLAG(std::string, service, "",
           "health: the service to ask about (\"\" = the whole server, or "
           "tokensampler.v1.Sampler).");
@@ -510,6 +526,151 @@ absl::StatusOr<T> Await(std::future<T>& future, absl::Duration timeout) {
 
 }  // namespace
 
+std::string FormatBeamResult(int step, const v1::SequenceResult& result) {
+  std::string text;
+  for (int i = 0; i < result.beams_size(); ++i) {
+    const v1::BeamSlot& slot = result.beams(i);
+    absl::StrAppend(&text, "step ", step, " sequence ", result.sequence_id(), " beam ", i,
+                    ": parent ", slot.parent_beam(), " token ", slot.token_id(), " score ",
+                    absl::StrFormat("%.4f", slot.cumulative_score()), "\n");
+  }
+  for (int i = 0; i < result.hypotheses_size(); ++i) {
+    const v1::BeamHypothesis& h = result.hypotheses(i);
+    absl::StrAppend(&text, "sequence ", result.sequence_id(), " hypothesis ", i, ": ",
+                    absl::StrJoin(h.token_ids(), " "),
+                    " score=", absl::StrFormat("%.4f", h.score()),
+                    " finish=", FinishReasonName(h.finish_reason()), "\n");
+  }
+  return text;
+}
+
+absl::StatusOr<std::optional<v1::BeamSearchParams>> BeamParamsFromFlags() {
+  const std::optional<uint32_t> width = absl::GetFlag(FLAGS_beam_width);
+  const std::optional<float> length_penalty = absl::GetFlag(FLAGS_length_penalty);
+  const std::optional<std::string> early_stopping = absl::GetFlag(FLAGS_early_stopping);
+  const std::optional<uint32_t> num_return = absl::GetFlag(FLAGS_num_return_sequences);
+  const std::optional<uint32_t> groups = absl::GetFlag(FLAGS_num_beam_groups);
+  const std::optional<float> diversity = absl::GetFlag(FLAGS_diversity_penalty);
+  const bool do_sample = absl::GetFlag(FLAGS_do_sample);
+  if (!width.has_value()) {
+    if (length_penalty || early_stopping || num_return || groups || diversity || do_sample) {
+      return absl::InvalidArgumentError(
+          "--length_penalty, --early_stopping, --num_return_sequences, --num_beam_groups, "
+          "--diversity_penalty and --do_sample need --beam_width");
+    }
+    return std::nullopt;
+  }
+  v1::BeamSearchParams beam;
+  beam.set_beam_width(*width);  // the server checks the range
+  if (length_penalty.has_value()) beam.set_length_penalty(*length_penalty);
+  if (early_stopping.has_value()) {
+    if (*early_stopping == "true") {
+      beam.set_early_stopping(v1::EARLY_STOPPING_TRUE);
+    } else if (*early_stopping == "heuristic") {
+      beam.set_early_stopping(v1::EARLY_STOPPING_HEURISTIC);
+    } else if (*early_stopping == "never") {
+      beam.set_early_stopping(v1::EARLY_STOPPING_NEVER);
+    } else {
+      return BadFlag("early_stopping", "one of true, heuristic, never", *early_stopping);
+    }
+  }
+  if (num_return.has_value()) beam.set_num_return_sequences(*num_return);
+  if (groups.has_value()) beam.set_num_beam_groups(*groups);
+  if (diversity.has_value()) beam.set_diversity_penalty(*diversity);
+  beam.set_do_sample(do_sample);
+  return beam;
+}
+
+namespace {
+
+// `decode --beam_width`: each sequence is a beam search; the worker side (this loop) keeps one
+// history per live beam and reorders them by parent_beam after every step, as a model worker
+// reorders its KV cache.
+int RunBeamDecode(std::ostream& out, std::ostream& err, const v1::SamplingParams& params,
+                  const v1::BeamSearchParams& beam, uint32_t vocab, v1::DType dtype) {
+  const uint32_t sequences = absl::GetFlag(FLAGS_sequences);
+  const uint32_t steps = absl::GetFlag(FLAGS_steps);
+  absl::StatusOr<std::vector<int32_t>> prompt =
+      ParseTokenIds("prompt_token_ids", absl::GetFlag(FLAGS_prompt_token_ids));
+  if (!prompt.ok()) return Fail(err, prompt.status());
+  absl::StatusOr<Client> client = ClientFromFlags();
+  if (!client.ok()) return Fail(err, client.status());
+  const absl::Duration timeout = TimeoutFromFlags();
+  const bool json = absl::GetFlag(FLAGS_json);
+  const uint64_t seed = absl::GetFlag(FLAGS_seed);
+
+  std::unique_ptr<SessionClient> session = SessionClient::Open(*client);
+  // Per live search: the history (prompt + output) of each live beam, in slot order.
+  std::map<uint64_t, std::vector<std::vector<int32_t>>> beams;
+  v1::SessionRequest start;
+  for (uint32_t i = 0; i < sequences; ++i) {
+    v1::AddSequence& add = *start.add_add();
+    add.set_sequence_id(i);
+    *add.mutable_params() = params;
+    *add.mutable_beam() = beam;
+    std::vector<int32_t> history =
+        prompt->empty() ? std::vector<int32_t>{static_cast<int32_t>(i % vocab)} : *prompt;
+    add.mutable_prompt_token_ids()->Add(history.begin(), history.end());
+    beams[i] = {history};  // one row (the prompt) at the first step
+  }
+  std::future<absl::StatusOr<v1::SessionResponse>> started = session->Send(std::move(start));
+  if (absl::StatusOr<absl::StatusOr<v1::SessionResponse>> r = Await(started, timeout); !r.ok()) {
+    return Fail(err, r.status());
+  } else if (!r->ok()) {
+    return Fail(err, r->status());
+  }
+  for (uint32_t step = 0; step < steps && !beams.empty(); ++step) {
+    std::vector<uint64_t> ids;
+    std::vector<float> rows;
+    for (const auto& [id, histories] : beams) {
+      ids.push_back(id);
+      for (const std::vector<int32_t>& history : histories) {
+        const size_t size = history.size();
+        const std::vector<float> row =
+            ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], vocab);
+        rows.insert(rows.end(), row.begin(), row.end());
+      }
+    }
+    absl::StatusOr<v1::Logits> logits = MakeLogits(rows, vocab, dtype);
+    if (!logits.ok()) return Fail(err, logits.status());
+    v1::SessionRequest request;
+    *request.mutable_step()->mutable_logits() = *std::move(logits);
+    request.mutable_step()->mutable_sequence_ids()->Add(ids.begin(), ids.end());
+    std::future<absl::StatusOr<v1::SessionResponse>> answer = session->Send(std::move(request));
+    absl::StatusOr<absl::StatusOr<v1::SessionResponse>> response = Await(answer, timeout);
+    if (!response.ok()) return Fail(err, response.status());
+    if (!response->ok()) return Fail(err, response->status());
+    if (json) {
+      absl::StatusOr<std::string> line = FormatResponseJson(**response);
+      if (!line.ok()) return Fail(err, line.status());
+      out << *line;
+    }
+    for (const v1::SequenceResult& result : (*response)->results()) {
+      if (!json) out << FormatBeamResult(static_cast<int>(step), result);
+      std::vector<std::vector<int32_t>>& histories = beams[result.sequence_id()];
+      std::vector<std::vector<int32_t>> next;
+      for (const v1::BeamSlot& slot : result.beams()) {
+        next.push_back(histories.at(slot.parent_beam()));
+        next.back().push_back(slot.token_id());
+      }
+      histories = std::move(next);
+      if (result.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+        beams.erase(result.sequence_id());
+      }
+    }
+  }
+  if (!json) {
+    for (const auto& [id, histories] : beams) {
+      out << "sequence " << id << ": search not finished after " << steps << " steps ("
+          << histories.size() << " live beams)\n";
+    }
+  }
+  if (absl::Status closed = session->Close(); !closed.ok()) return Fail(err, closed);
+  return 0;
+}
+
+}  // namespace
+
 int RunDecode(std::ostream& out, std::ostream& err) {
   const std::optional<uint32_t> vocab = absl::GetFlag(FLAGS_vocab);
   if (!vocab.has_value()) return Fail(err, absl::InvalidArgumentError("--vocab is required"));
@@ -528,6 +689,15 @@ int RunDecode(std::ostream& out, std::ostream& err) {
   if (!dtype.ok()) return Fail(err, dtype.status());
   absl::StatusOr<v1::SamplingParams> params = SamplingParamsFromFlags();
   if (!params.ok()) return Fail(err, params.status());
+  absl::StatusOr<std::optional<v1::BeamSearchParams>> beam = BeamParamsFromFlags();
+  if (!beam.ok()) return Fail(err, beam.status());
+  if (beam->has_value()) {
+    if (params->has_n()) {
+      return Fail(err, absl::InvalidArgumentError("--n cannot be combined with --beam_width (use "
+                                                  "--num_return_sequences for more hypotheses)"));
+    }
+    return RunBeamDecode(out, err, *params, **beam, *vocab, *dtype);
+  }
   // --n samples of a sequence are the sequence and n - 1 forks of it.
   const int32_t n = params->has_n() ? params->n() : 1;
   if (n < 1) return Fail(err, BadFlag("n", ">= 1", absl::StrCat(n)));

@@ -88,9 +88,11 @@ struct RefResult {
   double min_margin = std::numeric_limits<double>::infinity();  // closest decisive comparison
 };
 
-// Beam search on `model` from `prompt`, straight from the definitions.
-inline RefResult ReferenceBeamSearch(const ToyBeamModel& model, const std::vector<int32_t>& prompt,
-                                     const RefConfig& c) {
+// Beam search on `model` (anything with `std::vector<float> Logits(prompt, output) const` and an
+// `eos` token id) from `prompt`, straight from the definitions.
+template <typename Model>
+RefResult ReferenceBeamSearch(const Model& model, const std::vector<int32_t>& prompt,
+                              const RefConfig& c) {
   struct Running {
     std::vector<int32_t> out;
     double score;
