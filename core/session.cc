@@ -135,7 +135,9 @@ absl::StatusOr<std::vector<SequenceStep>> SequenceTable::Step(const Sampler& sam
                                                               const LogitsView& logits,
                                                               absl::Span<const uint64_t> ids,
                                                               const std::atomic<bool>* cancelled) {
-  std::vector<Sequence*> stepped;
+  // The row count is checked before the ids are (an unknown id counts one row), so that a
+  // malformed step is INVALID_ARGUMENT whatever its ids.
+  std::vector<Sequence*> stepped;  // nullptr for an unknown id
   stepped.reserve(ids.size());
   absl::flat_hash_set<uint64_t> seen;
   int64_t needed_rows = 0;
@@ -145,17 +147,13 @@ absl::StatusOr<std::vector<SequenceStep>> SequenceTable::Step(const Sampler& sam
           absl::StrCat("step.sequence_ids lists sequence ", ids[i], " twice"));
     }
     const auto it = sequences_.find(ids[i]);
-    if (it == sequences_.end()) {
-      return absl::NotFoundError(absl::StrCat(
-          "sequence ", ids[i], " is not in this session (never added, released or finished)"));
-    }
-    needed_rows += RowsFor(it->second);
-    stepped.push_back(&it->second);
+    stepped.push_back(it == sequences_.end() ? nullptr : &it->second);
+    needed_rows += stepped.back() == nullptr ? 1 : RowsFor(*stepped.back());
   }
   if (needed_rows != logits.rows()) {
     std::string multi;  // the sequences that take more than one row, for the message
     for (size_t i = 0; i < ids.size(); ++i) {
-      if (!stepped[i]->beam.has_value()) continue;
+      if (stepped[i] == nullptr || !stepped[i]->beam.has_value()) continue;
       absl::StrAppend(&multi, multi.empty() ? " (" : ", ", "sequence ", ids[i], ": ",
                       RowsFor(*stepped[i]), " live beam", RowsFor(*stepped[i]) == 1 ? "" : "s");
     }
@@ -166,6 +164,12 @@ absl::StatusOr<std::vector<SequenceStep>> SequenceTable::Step(const Sampler& sam
     return absl::InvalidArgumentError(absl::StrCat("logits.rows is ", logits.rows(),
                                                    " but the stepped sequences need ", needed_rows,
                                                    multi, ")"));
+  }
+  for (size_t i = 0; i < ids.size(); ++i) {
+    if (stepped[i] == nullptr) {
+      return absl::NotFoundError(absl::StrCat(
+          "sequence ", ids[i], " is not in this session (never added, released or finished)"));
+    }
   }
   for (size_t i = 0; i < ids.size(); ++i) {
     Sequence& seq = *stepped[i];
