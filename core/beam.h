@@ -1,8 +1,8 @@
 // BeamSearch: the server-side state of one beam search (HF `generate(num_beams=...)` semantics),
 // advanced one step at a time from the processed log-probabilities of each live beam's row.
 //
-// Definitions (HF transformers ≥ 4.50 `GenerationMixin._beam_search`; diverse beam search as
-// HF's `_group_beam_search` with `HammingDiversityLogitsProcessor`):
+// Definitions (HF transformers' vectorised `GenerationMixin._beam_search`, 4.57; diverse beam
+// search as HF's `_group_beam_search` with `HammingDiversityLogitsProcessor`):
 //  - A beam's token scores are the log-softmax of its row after steps 1–2 of the pipeline
 //    (masks, biases, min_tokens, penalties, DRY, no-repeat-ngram) with the beam's own history.
 //    With do_sample they are the log-probabilities of the distribution the row would be sampled
