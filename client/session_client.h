@@ -101,6 +101,11 @@ class SessionClient {
 
   SessionClient(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options);
 
+  // Add and AddBeamSearch (`beam` null for a plain sequence).
+  std::future<absl::Status> AddSequence(uint64_t sequence_id, const v1::SamplingParams& params,
+                                        const v1::BeamSearchParams* beam,
+                                        absl::Span<const int32_t> prompt_token_ids);
+
   // Sends `request` and queues `deliver` for its answer (or calls it at once with the final
   // status when the stream has ended).
   void Enqueue(v1::SessionRequest request, Deliver deliver);

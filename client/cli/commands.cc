@@ -524,6 +524,33 @@ absl::StatusOr<T> Await(std::future<T>& future, absl::Duration timeout) {
   return future.get();
 }
 
+// Sends `request` on `session` and waits (until `timeout`) for its answer: the response, or the
+// error of the request or of the wait.
+absl::StatusOr<v1::SessionResponse> Exchange(SessionClient& session, v1::SessionRequest request,
+                                             absl::Duration timeout) {
+  std::future<absl::StatusOr<v1::SessionResponse>> answer = session.Send(std::move(request));
+  absl::StatusOr<absl::StatusOr<v1::SessionResponse>> response = Await(answer, timeout);
+  if (!response.ok()) return response.status();
+  return *std::move(response);
+}
+
+// The toy model's next-token logits for a sequence whose prompt + output is `history`.
+std::vector<float> ToyRow(uint64_t seed, const std::vector<int32_t>& history, uint32_t vocab) {
+  const size_t size = history.size();
+  return ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], vocab);
+}
+
+// A step request of `rows` (vocab `vocab`, sent as `dtype`) for `ids`.
+absl::StatusOr<v1::SessionRequest> StepRequest(const std::vector<float>& rows, uint32_t vocab,
+                                               v1::DType dtype, const std::vector<uint64_t>& ids) {
+  absl::StatusOr<v1::Logits> logits = MakeLogits(rows, vocab, dtype);
+  if (!logits.ok()) return logits.status();
+  v1::SessionRequest request;
+  *request.mutable_step()->mutable_logits() = *std::move(logits);
+  request.mutable_step()->mutable_sequence_ids()->Add(ids.begin(), ids.end());
+  return request;
+}
+
 }  // namespace
 
 std::string FormatBeamResult(int step, const v1::SequenceResult& result) {
@@ -613,11 +640,9 @@ int RunBeamDecode(std::ostream& out, std::ostream& err, const v1::SamplingParams
     add.mutable_prompt_token_ids()->Add(history.begin(), history.end());
     beams[i] = {history};  // one row (the prompt) at the first step
   }
-  std::future<absl::StatusOr<v1::SessionResponse>> started = session->Send(std::move(start));
-  if (absl::StatusOr<absl::StatusOr<v1::SessionResponse>> r = Await(started, timeout); !r.ok()) {
+  if (absl::StatusOr<v1::SessionResponse> r = Exchange(*session, std::move(start), timeout);
+      !r.ok()) {
     return Fail(err, r.status());
-  } else if (!r->ok()) {
-    return Fail(err, r->status());
   }
   for (uint32_t step = 0; step < steps && !beams.empty(); ++step) {
     std::vector<uint64_t> ids;
@@ -625,27 +650,20 @@ int RunBeamDecode(std::ostream& out, std::ostream& err, const v1::SamplingParams
     for (const auto& [id, histories] : beams) {
       ids.push_back(id);
       for (const std::vector<int32_t>& history : histories) {
-        const size_t size = history.size();
-        const std::vector<float> row =
-            ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], vocab);
+        const std::vector<float> row = ToyRow(seed, history, vocab);
         rows.insert(rows.end(), row.begin(), row.end());
       }
     }
-    absl::StatusOr<v1::Logits> logits = MakeLogits(rows, vocab, dtype);
-    if (!logits.ok()) return Fail(err, logits.status());
-    v1::SessionRequest request;
-    *request.mutable_step()->mutable_logits() = *std::move(logits);
-    request.mutable_step()->mutable_sequence_ids()->Add(ids.begin(), ids.end());
-    std::future<absl::StatusOr<v1::SessionResponse>> answer = session->Send(std::move(request));
-    absl::StatusOr<absl::StatusOr<v1::SessionResponse>> response = Await(answer, timeout);
+    absl::StatusOr<v1::SessionRequest> request = StepRequest(rows, vocab, dtype, ids);
+    if (!request.ok()) return Fail(err, request.status());
+    absl::StatusOr<v1::SessionResponse> response = Exchange(*session, *std::move(request), timeout);
     if (!response.ok()) return Fail(err, response.status());
-    if (!response->ok()) return Fail(err, response->status());
     if (json) {
-      absl::StatusOr<std::string> line = FormatResponseJson(**response);
+      absl::StatusOr<std::string> line = FormatResponseJson(*response);
       if (!line.ok()) return Fail(err, line.status());
       out << *line;
     }
-    for (const v1::SequenceResult& result : (*response)->results()) {
+    for (const v1::SequenceResult& result : response->results()) {
       if (!json) out << FormatBeamResult(static_cast<int>(step), result);
       std::vector<std::vector<int32_t>>& histories = beams[result.sequence_id()];
       std::vector<std::vector<int32_t>> next;
@@ -733,11 +751,9 @@ int RunDecode(std::ostream& out, std::ostream& err) {
     }
   }
   const size_t prompt_size = histories.begin()->second.size();
-  std::future<absl::StatusOr<v1::SessionResponse>> started = session->Send(std::move(start));
-  if (absl::StatusOr<absl::StatusOr<v1::SessionResponse>> r = Await(started, timeout); !r.ok()) {
+  if (absl::StatusOr<v1::SessionResponse> r = Exchange(*session, std::move(start), timeout);
+      !r.ok()) {
     return Fail(err, r.status());
-  } else if (!r->ok()) {
-    return Fail(err, r->status());
   }
 
   for (uint32_t step = 0; step < steps && !histories.empty(); ++step) {
@@ -746,26 +762,19 @@ int RunDecode(std::ostream& out, std::ostream& err) {
     std::vector<float> rows;
     for (const auto& [id, history] : histories) {
       ids.push_back(id);
-      const size_t size = history.size();
-      const std::vector<float> row =
-          ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], *vocab);
+      const std::vector<float> row = ToyRow(seed, history, *vocab);
       rows.insert(rows.end(), row.begin(), row.end());
     }
-    absl::StatusOr<v1::Logits> logits = MakeLogits(rows, *vocab, *dtype);
-    if (!logits.ok()) return Fail(err, logits.status());
-    v1::SessionRequest request;
-    *request.mutable_step()->mutable_logits() = *std::move(logits);
-    request.mutable_step()->mutable_sequence_ids()->Add(ids.begin(), ids.end());
-    std::future<absl::StatusOr<v1::SessionResponse>> answer = session->Send(std::move(request));
-    absl::StatusOr<absl::StatusOr<v1::SessionResponse>> response = Await(answer, timeout);
+    absl::StatusOr<v1::SessionRequest> request = StepRequest(rows, *vocab, *dtype, ids);
+    if (!request.ok()) return Fail(err, request.status());
+    absl::StatusOr<v1::SessionResponse> response = Exchange(*session, *std::move(request), timeout);
     if (!response.ok()) return Fail(err, response.status());
-    if (!response->ok()) return Fail(err, response->status());
     if (json) {
-      absl::StatusOr<std::string> line = FormatResponseJson(**response);
+      absl::StatusOr<std::string> line = FormatResponseJson(*response);
       if (!line.ok()) return Fail(err, line.status());
       out << *line;
     }
-    for (const v1::SequenceResult& result : (*response)->results()) {
+    for (const v1::SequenceResult& result : response->results()) {
       if (!json) out << FormatSequenceResult(static_cast<int>(step), result, with_logprobs) << "\n";
       std::vector<int32_t>& history = histories[result.sequence_id()];
       history.push_back(result.token_id());
