@@ -457,8 +457,8 @@ int main(int argc, char** argv) {
                {"session_max_sequences", options->session.limits.max_sequences},
                {"session_max_history_tokens", options->session.limits.max_history_tokens},
                {"session_idle_timeout_seconds", absl::GetFlag(FLAGS_session_idle_timeout_seconds)},
-               {"max_beam_width", options->session.limits.max_beam_width},
-               {"keepalive_time_seconds", absl::GetFlag(FLAGS_keepalive_time_seconds)}});
+               {"keepalive_time_seconds", absl::GetFlag(FLAGS_keepalive_time_seconds)},
+               {"max_beam_width", options->session.limits.max_beam_width}});
   for (const std::string& address : (*server)->bound_addresses()) {
     const bool unix_socket = absl::StartsWith(address, "unix");
     logger->Log(LogLevel::kInfo, "listen",

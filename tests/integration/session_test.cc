@@ -188,7 +188,9 @@ TEST_F(SessionDaemonTest, LimitFlagsGiveResourceExhaustedInTheResponse) {
   for (uint64_t id = 1; id <= 4; ++id) AddSequence(four, id, Seeded(id));
   const v1::SessionResponse over = session.Call(four);
   EXPECT_EQ(over.error().code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_EQ(over.error().message(), "add[3]: the session would hold 4 sequences; the limit is 3");
+  EXPECT_EQ(over.error().message(),
+            "add[3]: the session would hold 4 sequences; the limit is 3 (a beam search counts as "
+            "beam_width sequences)");
   v1::SessionRequest long_prompt;
   long_prompt.add_release(3);
   AddSequence(long_prompt, 9, Seeded(9), std::vector<int32_t>(11, 1));
@@ -561,11 +563,12 @@ TEST(SessionDaemonStartupTest, SessionFlagsAreLoggedAtStart) {
   absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon = DaemonProcess::Start(
       TOKENSAMPLERD_PATH,
       {"--listen=127.0.0.1:0", "--session_max_sequences=10", "--session_max_history_tokens=100",
-       "--session_idle_timeout_seconds=0", "--keepalive_time_seconds=5"});
+       "--session_idle_timeout_seconds=0", "--keepalive_time_seconds=5", "--max_beam_width=3"});
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   EXPECT_THAT((*daemon)->Stderr(),
               HasSubstr("session_max_sequences=10 session_max_history_tokens=100 "
-                        "session_idle_timeout_seconds=0 keepalive_time_seconds=5"));
+                        "session_idle_timeout_seconds=0 keepalive_time_seconds=5 "
+                        "max_beam_width=3"));
   absl::StatusOr<int> stopped = (*daemon)->Stop();
   ASSERT_TRUE(stopped.ok()) << stopped.status();
   EXPECT_EQ(*stopped, 0);
