@@ -51,6 +51,7 @@ SamplingParams ToSamplingParams(const ToyBeamModel& model, const RefConfig& c) {
   p.eos_token_ids = {model.eos};
   p.max_tokens = c.max_tokens;
   p.min_tokens = c.min_tokens;
+  if (c.stop_token >= 0) p.stop_token_ids = {c.stop_token};
   p.repetition_penalty = static_cast<float>(c.repetition_penalty);
   p.temperature = static_cast<float>(c.temperature);
   p.top_k = c.top_k;
@@ -124,8 +125,13 @@ bool ExpectSameAsReference(const ToyBeamModel& model, const std::vector<int32_t>
     const BeamHypothesis& g = got.last.hypotheses[i];
     EXPECT_EQ(g.token_ids, want.hypotheses[i].tokens) << name << " hypothesis " << i;
     EXPECT_NEAR(g.score, want.hypotheses[i].score, 1e-4) << name << " hypothesis " << i;
-    EXPECT_EQ(g.finish_reason, want.hypotheses[i].eos ? FinishReason::kEos : FinishReason::kLength)
-        << name << " hypothesis " << i;
+    const FinishReason reason = want.hypotheses[i].eos    ? FinishReason::kEos
+                                : want.hypotheses[i].stop ? FinishReason::kStop
+                                                          : FinishReason::kLength;
+    EXPECT_EQ(g.finish_reason, reason) << name << " hypothesis " << i;
+    if (want.hypotheses[i].stop) {
+      EXPECT_EQ(g.stop_token_id, c.stop_token) << name;
+    }
   }
   if (!got.last.hypotheses.empty()) {
     EXPECT_EQ(got.last.finish_reason, got.last.hypotheses[0].finish_reason) << name;
@@ -181,6 +187,66 @@ TEST(BeamSearchTest, MatchesReferenceForEveryWidthModeAndLengthPenalty) {
   EXPECT_GE(eos_depths_seen, 5);  // EOS ends hypotheses at several depths
   EXPECT_LE(skipped, compared / 20) << compared << " compared";
   EXPECT_GE(compared, 200);
+}
+
+TEST(BeamSearchTest, StopTokensFinishHypothesesAndWidenTheCandidates) {
+  // A stop token next to the EOS: hypotheses end with STOP too, and K = 3·S continuations.
+  int compared = 0;
+  int stopped = 0;
+  for (int32_t width : {1, 2, 4, 6}) {
+    for (RefStopping stopping :
+         {RefStopping::kTrue, RefStopping::kHeuristic, RefStopping::kNever}) {
+      for (uint64_t seed = 1; seed <= 4; ++seed) {
+        ToyBeamModel model;
+        model.seed = seed * 31 + static_cast<uint64_t>(width);
+        model.vocab = 12;  // small: the stop token ranks high often
+        model.eos = 0;
+        model.eos_slope = 0.2;
+        RefConfig c;
+        c.width = width;
+        c.stopping = stopping;
+        c.stop_token = 5;
+        c.num_return = width;
+        c.max_tokens = 7;
+        c.min_tokens = seed == 4 ? 2 : 0;
+        if (ExpectSameAsReference(model, {1}, c, Name(c, model.seed))) {
+          ++compared;
+          for (const auto& h : testing::ReferenceBeamSearch(model, {1}, c).hypotheses) {
+            stopped += h.stop ? 1 : 0;
+          }
+        }
+      }
+    }
+  }
+  EXPECT_GE(compared, 40);
+  EXPECT_GE(stopped, 5);
+
+  // EOS and the stop token boosted so that finishing continuations crowd the top ranks: more
+  // than S of the best 2·S finish at some steps, and only the 3·S kept continuations give S
+  // live beams.
+  int crowded = 0;
+  for (int32_t width : {3, 4, 6}) {
+    for (double boost : {3.0, 5.0}) {
+      for (uint64_t seed = 1; seed <= 6; ++seed) {
+        ToyBeamModel model;
+        model.seed = seed * 101 + static_cast<uint64_t>(width);
+        model.vocab = 16;
+        model.eos = 0;
+        model.eos_slope = 0.0;
+        model.boosted = 5;
+        model.boost = boost;
+        RefConfig c;
+        c.width = width;
+        c.stop_token = 5;
+        c.num_return = width;
+        c.max_tokens = 6;
+        c.length_penalty = 0.0;
+        c.stopping = RefStopping::kNever;
+        if (ExpectSameAsReference(model, {1}, c, Name(c, model.seed))) ++crowded;
+      }
+    }
+  }
+  EXPECT_GE(crowded, 30);
 }
 
 TEST(BeamSearchTest, DiverseBeamSearchMatchesGroupBeamSearchReference) {

@@ -27,6 +27,10 @@ struct ToyBeamModel {
   int32_t vocab = 40;
   int32_t eos = 0;
   double eos_slope = 0.5;
+  // Added to the EOS token's and `boosted`'s values (e.g. a stop token), so that finishing
+  // continuations crowd the top ranks.
+  int32_t boosted = -1;
+  double boost = 0.0;
 
   static uint64_t Mix(uint64_t x) {
     x += 0x9E3779B97F4A7C15ull;
@@ -44,7 +48,8 @@ struct ToyBeamModel {
     for (int32_t v = 0; v < vocab; ++v) {
       const double u = static_cast<double>(Mix(h + static_cast<uint64_t>(v)) >> 11) * 0x1.0p-53;
       double value = 10.0 * u - 5.0;
-      if (v == eos) value += eos_slope * static_cast<double>(output.size()) - 2.0;
+      if (v == eos) value += eos_slope * static_cast<double>(output.size()) - 2.0 + boost;
+      if (v == boosted) value += boost;
       row[static_cast<size_t>(v)] = static_cast<float>(value);
     }
     return row;
@@ -62,6 +67,7 @@ struct RefConfig {
   double diversity = 0.0;
   int32_t max_tokens = 12;
   int32_t min_tokens = 0;
+  int32_t stop_token = -1;  // a stop_token_ids entry (-1: none); ends with STOP
   double repetition_penalty = 1.0;
   // Beam sampling.
   bool do_sample = false;
@@ -79,7 +85,8 @@ struct RefSlot {
 struct RefHypothesis {
   std::vector<int32_t> tokens;
   double score;
-  bool eos;  // ended by EOS (else by max_tokens)
+  bool eos;           // ended by EOS
+  bool stop = false;  // ended by the stop token (neither: by max_tokens)
 };
 
 struct RefResult {
@@ -105,7 +112,7 @@ RefResult ReferenceBeamSearch(const Model& model, const std::vector<int32_t>& pr
   };
   RefResult result;
   const int32_t S = c.width / c.groups;
-  const int32_t K = std::max(2, 1 + 1) * S;  // one EOS token
+  const int32_t K = std::max(2, 1 + 1 + (c.stop_token >= 0 ? 1 : 0)) * S;  // EOS (+ stop)
   const double kInf = std::numeric_limits<double>::infinity();
   auto note = [&](double a, double b) {
     if (std::isfinite(a) && std::isfinite(b)) {
@@ -126,7 +133,10 @@ RefResult ReferenceBeamSearch(const Model& model, const std::vector<int32_t>& pr
       }
       x[v] = value;
     }
-    if (static_cast<int32_t>(out.size()) < c.min_tokens) x[static_cast<size_t>(model.eos)] = -kInf;
+    if (static_cast<int32_t>(out.size()) < c.min_tokens) {
+      x[static_cast<size_t>(model.eos)] = -kInf;
+      if (c.stop_token >= 0) x[static_cast<size_t>(c.stop_token)] = -kInf;
+    }
     if (c.do_sample) {
       for (double& value : x) value /= c.temperature;
       if (c.top_k > 0 && c.top_k < static_cast<int32_t>(x.size())) {
@@ -223,15 +233,16 @@ RefResult ReferenceBeamSearch(const Model& model, const std::vector<int32_t>& pr
         std::vector<int32_t> out = running[row].out;
         out.push_back(token);
         const bool eos = token == model.eos;
+        const bool stop = !eos && token == c.stop_token;
         const bool length = static_cast<int32_t>(out.size()) >= c.max_tokens;
-        if (eos || length) {
+        if (eos || stop || length) {
           if (rank >= static_cast<size_t>(S)) continue;
           // BeamHypotheses.add with length = generated tokens including the last.
           const double hyp_score =
               score / std::pow(static_cast<double>(out.size()), c.length_penalty);
           note(hyp_score, pool.worst);
           if (static_cast<int32_t>(pool.beams.size()) < S || hyp_score > pool.worst) {
-            pool.beams.push_back({out, hyp_score, eos});
+            pool.beams.push_back({out, hyp_score, eos, stop});
             if (static_cast<int32_t>(pool.beams.size()) > S) {
               size_t worst_i = 0;
               for (size_t i = 1; i < pool.beams.size(); ++i) {
