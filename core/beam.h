@@ -10,9 +10,10 @@
 //  - A beam's cumulative score is the sum of its tokens' scores (minus diversity penalties).
 //  - Each step, per group of beam_width / num_beam_groups = S beams, the K = max(2, 1 + E) · S
 //    best (beam, token) continuations by cumulative score are taken (E = the number of
-//    eos_token_ids and stop_token_ids); ties by beam slot, then token id. With do_sample the K
-//    are drawn without replacement from softmax(cumulative scores) over every (beam, token) of
-//    the group, then ranked by score.
+//    eos_token_ids, unless ignore_eos, plus stop_token_ids); ties by beam slot, then token id.
+//    With do_sample the K are drawn without replacement from softmax(cumulative scores) over
+//    every (beam, token) of the group (Philox, keyed by seed, generated length, the sequence's
+//    sample index and lane = group · K + draw), then ranked by score.
 //  - In rank order: a continuation whose token finishes the sequence (EOS, a stop token or stop
 //    sequence, or max_tokens reached: the finish reasons of `Sample`) becomes a finished
 //    hypothesis if its rank is below S; otherwise it becomes a new live beam, until S live beams.
