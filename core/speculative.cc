@@ -68,10 +68,12 @@ absl::Status ValidateParents(absl::Span<const int32_t> parents, size_t k) {
           absl::StrCat("draft_parents[", j, "] = ", parent, " is out of range [-1, ", nodes, ")"));
     }
     if (parent < j) continue;
-    // A parent at or after its child: a cycle if following parents comes back to j.
+    // A parent at or after its child: a cycle if following parents comes back to j. The entries
+    // after j are not range-checked yet: the walk stops at one out of range (then j's parent is
+    // reported as a forward reference).
     std::vector<int32_t> path = {j};
     int32_t node = parent;
-    while (node >= 0 && static_cast<int64_t>(path.size()) <= nodes && node != j) {
+    while (node >= 0 && node < nodes && static_cast<int64_t>(path.size()) <= nodes && node != j) {
       path.push_back(node);
       node = parents[static_cast<size_t>(node)];
     }

@@ -946,6 +946,16 @@ INSTANTIATE_TEST_SUITE_P(
                     s.probs.clear();
                   },
                   "rows[0].draft_parents[0] = 1 is a forward reference"},
+        // The cycle check follows parents[1] = 41 before the loop has range-checked it: it
+        // read past the end of the parents (found by fuzzing, tests/fuzz/request_fuzzer.cc).
+        ErrorCase{"ForwardReferenceToAnOutOfRangeParent",
+                  [](Single& s) {
+                    s.drafts = {1, 2, 3};
+                    s.parents = {1, 41, -1};
+                    s.logits.resize(16, 0.0f);
+                    s.probs.clear();
+                  },
+                  "rows[0].draft_parents[0] = 1 is a forward reference"},
         ErrorCase{"SelfParent",
                   [](Single& s) {
                     s.parents = {-1, 1};

@@ -47,12 +47,13 @@ inline float FuzzParam(FuzzInput& in, std::initializer_list<float> typical) {
 
 // Parameters for a vocabulary of `vocab` tokens: every field may be set; most values are in
 // range, some are not (the caller validates). Always seeded: the oracle needs reproducible
-// draws, and an unseeded row draws fresh entropy.
-inline SamplingParams FuzzParams(FuzzInput& in, int32_t vocab) {
+// draws, and an unseeded row draws fresh entropy. Only the groups in `allowed_groups` (bits as
+// below) may be set.
+inline SamplingParams FuzzParams(FuzzInput& in, int32_t vocab, uint32_t allowed_groups = ~0u) {
   SamplingParams p;
   p.seed = in.Integral<uint64_t>();
   // One byte of flags picks which groups are set; each group consumes its own bytes.
-  const uint32_t groups = in.Integral<uint32_t>();
+  const uint32_t groups = in.Integral<uint32_t>() & allowed_groups;
   const auto on = [groups](int bit) { return ((groups >> bit) & 1u) != 0; };
   if (on(0)) p.temperature = FuzzParam(in, {0.0f, 1e-6f, 0.3f, 0.8f, 1.0f, 1.7f, 40.0f});
   if (on(1)) p.top_k = in.OneOf<int32_t>({-2, -1, 0, 1, 2, 5, 50, 1000, vocab, vocab + 1});

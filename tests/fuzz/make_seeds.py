@@ -2,11 +2,12 @@
 
     PYTHONPATH=build/python /usr/bin/python3 tests/fuzz/make_seeds.py
 
-request:  one byte (even: SampleRequest, odd: SessionRequest) + a serialized message: valid
-          requests of every kind (dtypes, parameter families, histories, adds, forks, steps) and
-          a few invalid ones, so that mutation starts from the real wire format.
-pipeline, session: FuzzInput programs (tests/fuzz/fuzz_support.h) — bytes from a fixed-seed
-          generator, of several lengths (every byte string is a valid program).
+request:  one byte (even: SampleRequest; odd: SessionRequest, or VerifyRequest when bit 1 is
+          set too) + a serialized message: valid requests of every kind (dtypes, parameter
+          families, histories, adds, forks, steps, draft chains and trees) and a few invalid ones,
+          so that mutation starts from the real wire format.
+pipeline, session, verify: FuzzInput programs (tests/fuzz/fuzz_support.h) — bytes from a
+          fixed-seed generator, of several lengths (every byte string is a valid program).
 Besides these named seeds, each corpus holds inputs the fuzzers found (files named by their
 SHA-1), minimized with libFuzzer's -merge=1 over the seeds and a run's scratch corpus:
     build-fuzz/tests/fuzz/fuzz_<t> -merge=1 <new dir> tests/fuzz/corpus/<t> <scratch corpus>
@@ -110,6 +111,61 @@ def session_seeds():
     write("request", "session_step_bf16", b"\x01" + step.SerializeToString())
 
 
+def probs(rows, vocab, dtype=pb.DTYPE_FLOAT32, rng=None, tokens=()):
+    """Draft probabilities: a random distribution per row, rows[j] giving tokens[j] mass."""
+    rng = rng or random.Random(0)
+    values = []
+    for j in range(rows):
+        row = [rng.random() ** 4 for _ in range(vocab)]
+        if j < len(tokens):
+            row[tokens[j]] += 0.5
+        total = sum(row)
+        values.extend(v / total for v in row)
+    out = pb.Logits(dtype=dtype, rows=rows, vocab_size=vocab)
+    if dtype == pb.DTYPE_FLOAT32:
+        out.data = struct.pack(f"<{len(values)}f", *values)
+    elif dtype == pb.DTYPE_BFLOAT16:
+        out.data = b"".join(struct.pack("<f", v)[2:] for v in values)
+    else:
+        out.data = struct.pack(f"<{len(values)}e", *values)
+    return out
+
+
+def verify_seeds():
+    """VerifyRequests (first byte 3): chains and trees, with and without draft_probs, greedy and
+    sampled, and a few invalid ones (a cycle, a forward reference, a row-count mismatch)."""
+    rng = random.Random(3)
+    cases = [
+        # name, vocab, drafts, parents, probs dtype (None: point masses), params
+        ("chain_point", 16, [3, 5, 7], [], None, pb.SamplingParams(temperature=0.8, seed=1)),
+        ("chain_q_f32", 32, [1, 2, 3, 4], [], pb.DTYPE_FLOAT32,
+         pb.SamplingParams(temperature=1.0, top_p=0.9, seed=2, logprobs=2)),
+        ("chain_q_bf16_penalties", 64, [9, 9, 9], [], pb.DTYPE_BFLOAT16,
+         pb.SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, seed=3,
+                           logprobs=1, logprobs_mode=pb.PROCESSED_LOGPROBS)),
+        ("chain_greedy_stop", 16, [2, 4, 6, 8], [], None,
+         pb.SamplingParams(temperature=0.0, stop_token_ids=[4], max_tokens=10)),
+        ("tree_q_fp16", 32, [1, 2, 3, 4, 5], [-1, -1, 0, 0, 2], pb.DTYPE_FLOAT16,
+         pb.SamplingParams(temperature=0.7, top_k=8, seed=5)),
+        ("tree_greedy", 16, [0, 1, 2, 3], [-1, -1, 1, 1], None,
+         pb.SamplingParams(temperature=0.0, logprobs=3)),
+        ("no_drafts_mirostat", 16, [], [], None, pb.SamplingParams(mirostat_mode=2, seed=6)),
+        ("bad_cycle", 16, [1, 2, 3], [1, 0, -1], None, pb.SamplingParams(seed=7)),
+        ("bad_forward", 16, [1, 2, 3], [-1, 2, 0], None, pb.SamplingParams(seed=8)),
+    ]
+    for name, vocab, drafts, parents, dtype, params in cases:
+        request = pb.VerifyRequest(logits=logits(len(drafts) + 1, vocab, rng=rng))
+        row = request.rows.add(params=params, draft_token_ids=drafts, draft_parents=parents)
+        row.prompt_token_ids.extend(rng.randrange(vocab) for _ in range(4))
+        row.output_token_ids.extend(rng.randrange(vocab) for _ in range(2))
+        if dtype is not None:
+            row.draft_probs.CopyFrom(probs(len(drafts), vocab, dtype, rng, drafts))
+        write("request", f"verify_{name}", b"\x03" + request.SerializeToString())
+    request = pb.VerifyRequest(logits=logits(2, 8, rng=rng))
+    request.rows.add(draft_token_ids=[1, 2])
+    write("request", "verify_bad_rows", b"\x03" + request.SerializeToString())
+
+
 def program_seeds(target, count):
     rng = random.Random(len(target))  # fixed per target
     for i in range(count):
@@ -123,3 +179,5 @@ if __name__ == "__main__":
     session_seeds()
     program_seeds("pipeline", 24)
     program_seeds("session", 24)
+    verify_seeds()
+    program_seeds("verify", 30)

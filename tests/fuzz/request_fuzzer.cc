@@ -2,11 +2,15 @@
 // and, when valid, the core. The first byte picks the message:
 //   even: a SampleRequest — BatchFromProto (logits view, row count, every row's parameters),
 //         then Sampler::Run and ResponseToProto, as SamplerService::Sample does;
-//   odd:  a SessionRequest applied to a fresh SequenceTable in the stream's order (release, add,
-//         fork, step) with the conversions the Session stream uses.
+//   odd, bit 1 clear (1, 5, 9, …): a SessionRequest applied to a fresh SequenceTable in the
+//         stream's order (release, add, fork, step) with the conversions the Session stream uses;
+//   odd, bit 1 set (3, 7, 11, …): a VerifyRequest — VerifyBatchFromProto, then Verifier::Run and
+//         VerifyResponseToProto, as SamplerService::Verify does (tests/fuzz/verify_fuzzer.cc
+//         checks the Verifier's results in depth).
 // Whatever the bytes, nothing may crash, errors must be INVALID_ARGUMENT / NOT_FOUND /
 // ALREADY_EXISTS / RESOURCE_EXHAUSTED with a message, and a success must hold one result per
-// sample with token ids inside the vocabulary.
+// sample (one per verified row, with num_accepted + 1 or, when finished, num_accepted tokens)
+// with token ids inside the vocabulary.
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -16,6 +20,7 @@
 #include "absl/types/span.h"
 #include "core/sampler.h"
 #include "core/session.h"
+#include "core/speculative.h"
 #include "google/protobuf/stubs/logging.h"
 #include "service/convert.h"
 #include "tests/fuzz/fuzz_core.h"
@@ -69,6 +74,47 @@ void FuzzSample(v1::SampleRequest& request) {
   const v1::SampleResponse response = service::ResponseToProto(*tokens);
   FUZZ_CHECK(response.results_size() == static_cast<int>(samples), "response has %d results",
              response.results_size());
+  std::string wire;
+  FUZZ_CHECK(response.SerializeToString(&wire), "response does not serialize");
+}
+
+void FuzzVerify(v1::VerifyRequest& request) {
+  const Sampler sampler;
+  const Verifier verifier(sampler);
+  for (v1::VerifyRow& row : *request.mutable_rows()) {
+    if (!row.params().has_seed()) row.mutable_params()->set_seed(7);
+  }
+  absl::StatusOr<service::VerifyBatch> batch = service::VerifyBatchFromProto(request);
+  if (!batch.ok()) {
+    FUZZ_CHECK(batch.status().code() == absl::StatusCode::kInvalidArgument &&
+                   !batch.status().message().empty(),
+               "VerifyBatchFromProto: %s", batch.status().ToString().c_str());
+    return;
+  }
+  const absl::StatusOr<std::vector<VerifyResult>> results =
+      verifier.Run(batch->logits, batch->rows);
+  if (!results.ok()) {
+    FUZZ_CHECK(results.status().code() == absl::StatusCode::kInvalidArgument &&
+                   !results.status().message().empty(),
+               "Verifier::Run: %s", results.status().ToString().c_str());
+    return;
+  }
+  FUZZ_CHECK(results->size() == batch->rows.size(), "%zu results for %zu rows", results->size(),
+             batch->rows.size());
+  for (size_t r = 0; r < results->size(); ++r) {
+    const VerifyResult& result = (*results)[r];
+    const size_t accepted = result.num_accepted();
+    FUZZ_CHECK(accepted <= batch->rows[r].drafts.token_ids.size(), "row %zu: %zu accepted", r,
+               accepted);
+    FUZZ_CHECK(result.tokens.size() == accepted + 1 ||
+                   (result.tokens.size() == accepted && accepted > 0 &&
+                    result.tokens.back().finish_reason != FinishReason::kNone),
+               "row %zu: %zu tokens for %zu accepted", r, result.tokens.size(), accepted);
+    CheckResultInvariants(result.tokens, batch->logits.vocab_size());
+  }
+  const v1::VerifyResponse response = service::VerifyResponseToProto(*results);
+  FUZZ_CHECK(response.results_size() == static_cast<int>(results->size()),
+             "response has %d results", response.results_size());
   std::string wire;
   FUZZ_CHECK(response.SerializeToString(&wire), "response does not serialize");
 }
@@ -130,9 +176,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   }();
   (void)quiet;
   if (size == 0) return 0;
-  const bool session = (data[0] & 1) != 0;
+  const bool odd = (data[0] & 1) != 0;
   const int body = static_cast<int>(size - 1);
-  if (session) {
+  if (odd && (data[0] & 2) != 0) {
+    tokensampler::v1::VerifyRequest request;
+    if (request.ParseFromArray(data + 1, body)) tokensampler::fuzzing::FuzzVerify(request);
+  } else if (odd) {
     tokensampler::v1::SessionRequest request;
     if (request.ParseFromArray(data + 1, body)) tokensampler::fuzzing::FuzzSession(request);
   } else {
