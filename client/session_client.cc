@@ -148,14 +148,29 @@ StatusOnly() {
 
 std::future<absl::Status> SessionClient::Add(uint64_t sequence_id, const v1::SamplingParams& params,
                                              absl::Span<const int32_t> prompt_token_ids) {
+  return AddSequence(sequence_id, params, nullptr, prompt_token_ids);
+}
+
+std::future<absl::Status> SessionClient::AddSequence(uint64_t sequence_id,
+                                                     const v1::SamplingParams& params,
+                                                     const v1::BeamSearchParams* beam,
+                                                     absl::Span<const int32_t> prompt_token_ids) {
   v1::SessionRequest request;
   v1::AddSequence& add = *request.add_add();
   add.set_sequence_id(sequence_id);
   *add.mutable_params() = params;
+  if (beam != nullptr) *add.mutable_beam() = *beam;
   add.mutable_prompt_token_ids()->Add(prompt_token_ids.begin(), prompt_token_ids.end());
   auto [deliver, future] = StatusOnly();
   Enqueue(std::move(request), std::move(deliver));
   return std::move(future);
+}
+
+std::future<absl::Status> SessionClient::AddBeamSearch(uint64_t sequence_id,
+                                                       const v1::SamplingParams& params,
+                                                       const v1::BeamSearchParams& beam,
+                                                       absl::Span<const int32_t> prompt_token_ids) {
+  return AddSequence(sequence_id, params, &beam, prompt_token_ids);
 }
 
 std::future<absl::StatusOr<std::vector<v1::SequenceResult>>> SessionClient::Step(

@@ -61,8 +61,17 @@ class SessionClient {
   std::future<absl::Status> Add(uint64_t sequence_id, const v1::SamplingParams& params,
                                 absl::Span<const int32_t> prompt_token_ids = {});
 
-  // One step: row i of `logits` (see MakeLogits in client/logits.h) belongs to sequence_ids[i].
-  // Returns one result per row, in that order; a result with a finish_reason ends its sequence
+  // Starts a beam search `sequence_id` (see BeamSearchParams in the proto). Each Step then takes
+  // one logits row per live beam of it (1 at its first step), and its result lists the new
+  // beams (`beams`: parent_beam, token_id, cumulative_score) and, when the search is over, the
+  // `hypotheses`, best first.
+  std::future<absl::Status> AddBeamSearch(uint64_t sequence_id, const v1::SamplingParams& params,
+                                          const v1::BeamSearchParams& beam,
+                                          absl::Span<const int32_t> prompt_token_ids = {});
+
+  // One step: the rows of `logits` (see MakeLogits in client/logits.h) are consumed in the order
+  // of `sequence_ids`, one per plain sequence and one per live beam of a beam search. Returns
+  // one result per sequence id, in that order; a result with a finish_reason ends its sequence
   // (the server releases it).
   std::future<absl::StatusOr<std::vector<v1::SequenceResult>>> Step(
       v1::Logits logits, absl::Span<const uint64_t> sequence_ids);
@@ -91,6 +100,11 @@ class SessionClient {
   using Deliver = std::function<void(absl::StatusOr<v1::SessionResponse>)>;
 
   SessionClient(std::shared_ptr<grpc::Channel> channel, const ClientOptions& options);
+
+  // Add and AddBeamSearch (`beam` null for a plain sequence).
+  std::future<absl::Status> AddSequence(uint64_t sequence_id, const v1::SamplingParams& params,
+                                        const v1::BeamSearchParams* beam,
+                                        absl::Span<const int32_t> prompt_token_ids);
 
   // Sends `request` and queues `deliver` for its answer (or calls it at once with the final
   // status when the stream has ended).

@@ -21,6 +21,8 @@ enum class DrawPurpose : uint32_t {
   kXtc = 1,      // XTC's coin
   kAccept = 2,   // speculative decoding: accept / reject coins (one per position)
   kRecover = 3,  // speculative decoding: residual draw
+  // Beam search with do_sample: the draws of the continuations (lane = group · K + draw).
+  kBeamCandidates = 16,
 };
 
 // A uniform double in [0, 1) with 53 random bits, keyed by (seed, step, sample, purpose, lane).

@@ -14,9 +14,11 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/random/random.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/beam.h"
 #include "core/params.h"
 #include "core/sampler.h"
 #include "core/speculative.h"
@@ -25,8 +27,23 @@
 namespace tokensampler {
 
 struct SessionLimits {
-  int64_t max_sequences = 4096;          // live sequences per table
-  int64_t max_history_tokens = 1 << 20;  // prompt + output tokens per sequence
+  int64_t max_sequences = 4096;          // live sequences per table (a beam search counts as
+                                         // beam_width sequences)
+  int64_t max_history_tokens = 1 << 20;  // prompt + output tokens per sequence (per beam)
+  int32_t max_beam_width = 16;           // largest beam_width of a beam search
+};
+
+// The outcome of one step for one stepped sequence.
+struct SequenceStep {
+  uint64_t sequence_id = 0;
+  // A plain sequence: the sampled token (finish_reason set when it ends the sequence).
+  SampledToken token;
+  // A beam search: its new live beams and, when the search is over, its hypotheses
+  // (token.finish_reason is then beam->finish_reason as well).
+  std::optional<BeamStep> beam;
+  // A plain sequence of a step with drafts (StepWithDrafts): every token emitted (`token` is the
+  // last of them).
+  std::optional<VerifyResult> verify;
 };
 
 // The drafts of one sequence in a step.
@@ -35,20 +52,18 @@ struct SequenceDrafts {
   Drafts drafts;
 };
 
-// The rows of a step's logits one stepped sequence takes: 1, or with drafts one for the current
-// position plus one per draft node. (The one place that knows; beam sequences extend it.)
-size_t StepRows(const Drafts* drafts);
-
 class SequenceTable {
  public:
   explicit SequenceTable(SessionLimits limits) : limits_(limits) {}
   SequenceTable(const SequenceTable&) = delete;
   SequenceTable& operator=(const SequenceTable&) = delete;
 
-  // Adds a sequence. Returns ALREADY_EXISTS for a live id; INVALID_ARGUMENT for bad params
-  // (ranges; token ids are checked against the vocabulary at each step) or n != 1 (fork
-  // instead); RESOURCE_EXHAUSTED beyond max_sequences or max_history_tokens.
-  absl::Status Add(uint64_t id, SamplingParams params, std::vector<int32_t> prompt);
+  // Adds a sequence; with `beam`, a beam search (core/beam.h). Returns ALREADY_EXISTS for a
+  // live id; INVALID_ARGUMENT for bad params (ranges; token ids are checked against the
+  // vocabulary at each step), n != 1 (fork instead) or bad beam params (ValidateBeamParams,
+  // against max_beam_width); RESOURCE_EXHAUSTED beyond max_sequences or max_history_tokens.
+  absl::Status Add(uint64_t id, SamplingParams params, std::vector<int32_t> prompt,
+                   std::optional<BeamParams> beam = std::nullopt);
 
   // Copies the state of `parent` into each of `children`. Each child draws from its own RNG
   // stream (a new sample index of the parent's family), so forking a sequence into k children
@@ -60,27 +75,34 @@ class SequenceTable {
   // Drops a sequence. Returns NOT_FOUND when it is not live.
   absl::Status Release(uint64_t id);
 
-  // Samples row i of `logits` for sequence ids[i], appends the token to its output and advances
-  // μ; a sequence whose token finishes it is released. Returns one result per row, or on error
-  // changes nothing: INVALID_ARGUMENT (ids.size() != rows, an id twice, params or history vs the
-  // vocabulary, NaN, every token masked), NOT_FOUND naming the first unknown id,
-  // RESOURCE_EXHAUSTED when a history would exceed max_history_tokens, CANCELLED when
+  // Steps each sequence of `ids` once. The rows of `logits` are consumed in the order of `ids`:
+  // StepRows() rows each (a plain sequence 1, a beam search one per live beam in slot
+  // order). A plain sequence samples its row, appends the token to its output and advances μ;
+  // a beam search advances (BeamSearch::Advance). A sequence that finishes (its token ends it,
+  // or its search is over) is released. Returns one result per id, in order, or on error
+  // changes nothing: INVALID_ARGUMENT (the rows the ids need != logits.rows, an id twice, params
+  // or history vs the vocabulary, NaN, every token masked), NOT_FOUND naming the first unknown
+  // id, RESOURCE_EXHAUSTED when a history would exceed max_history_tokens, CANCELLED when
   // `cancelled` (passed to Sampler::Run) became true before every row was sampled.
-  absl::StatusOr<std::vector<SampledToken>> Step(const Sampler& sampler, const LogitsView& logits,
+  absl::StatusOr<std::vector<SequenceStep>> Step(const Sampler& sampler, const LogitsView& logits,
                                                  absl::Span<const uint64_t> ids,
                                                  const std::atomic<bool>* cancelled = nullptr);
 
-  // Step with drafts: every stepped sequence is verified (core/speculative.h) — a sequence
+  // Step with drafts: the rows of `logits` go to the ids as for Step, a plain sequence with
+  // drafts taking StepRows() of them. Every plain sequence is verified (core/speculative.h) — one
   // listed in `drafts` against its drafts, the others with none, which gives exactly Step's
-  // token — and its history advances by every emitted token. Rows of `logits` go to the ids in
-  // order, StepRows() each. Returns one result per id, or on error changes nothing: the errors of
-  // Step, plus INVALID_ARGUMENT for bad drafts ("drafts[i].…") or a drafts entry whose sequence is
-  // not stepped or listed twice.
-  absl::StatusOr<std::vector<VerifyResult>> StepWithDrafts(
+  // token — and its history advances by every emitted token (SequenceStep::verify); a beam search
+  // advances as in Step. Returns one result per id, or on error changes nothing: the errors of
+  // Step, plus INVALID_ARGUMENT for bad drafts ("drafts[i].…"), a drafts entry whose sequence is
+  // not stepped, listed twice or a beam search.
+  absl::StatusOr<std::vector<SequenceStep>> StepWithDrafts(
       const Verifier& verifier, const LogitsView& logits, absl::Span<const uint64_t> ids,
       absl::Span<const SequenceDrafts> drafts, const std::atomic<bool>* cancelled = nullptr);
 
+  // Live sequence ids.
   int64_t size() const { return static_cast<int64_t>(sequences_.size()); }
+  // What max_sequences counts: each live sequence once, a beam search beam_width times.
+  int64_t units() const { return units_; }
   bool contains(uint64_t id) const { return sequences_.contains(id); }
 
  private:
@@ -92,7 +114,15 @@ class SequenceTable {
     uint32_t sample_index = 0;
     std::shared_ptr<uint32_t> family_samples;  // sample indexes handed out in this family
     int32_t validated_vocab = 0;               // params already validated for this vocabulary size
+    std::optional<BeamSearch> beam;            // set for a beam search
   };
+
+  // The logits rows a stepped sequence takes (the Step row-mapping rule, in one place): a plain
+  // sequence 1, with k drafts k + 1 (a tree of N nodes N + 1), a beam search one per live beam
+  // (1 at its first step). `seq` null (an unknown id) counts as a plain sequence.
+  static size_t StepRows(const Sequence* seq, const Drafts* drafts);
+  // What `seq` counts towards max_sequences.
+  static int64_t UnitsOf(const Sequence& seq);
 
   absl::Status CheckCapacity(int64_t more) const;
   // The checks every step makes before it samples: the rows the ids need (drafts[i] = the
@@ -101,9 +131,18 @@ class SequenceTable {
   absl::StatusOr<std::vector<Sequence*>> StepSequences(const LogitsView& logits,
                                                        absl::Span<const uint64_t> ids,
                                                        absl::Span<const Drafts* const> drafts);
+  // Step and StepWithDrafts: one Sampler::Run over every row (no verifier), or one Verifier::Run.
+  absl::StatusOr<std::vector<SequenceStep>> Run(const Sampler* sampler, const Verifier* verifier,
+                                                const LogitsView& logits,
+                                                absl::Span<const uint64_t> ids,
+                                                absl::Span<const Drafts* const> drafts,
+                                                const std::atomic<bool>* cancelled);
+  void Erase(uint64_t id);
 
   SessionLimits limits_;
   absl::flat_hash_map<uint64_t, Sequence> sequences_;
+  int64_t units_ = 0;
+  absl::BitGen entropy_;  // seeds of unseeded beam sampling
 };
 
 }  // namespace tokensampler

@@ -1,6 +1,7 @@
 #include "service/convert.h"
 
 #include <algorithm>
+#include <limits>
 #include <string>
 #include <utility>
 
@@ -281,13 +282,79 @@ v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens) {
   return response;
 }
 
-void SessionResultsToProto(absl::Span<const SampledToken> tokens,
-                           absl::Span<const uint64_t> sequence_ids, v1::SessionResponse& response) {
-  response.mutable_results()->Reserve(static_cast<int>(tokens.size()));
-  for (size_t i = 0; i < tokens.size(); ++i) {
+absl::StatusOr<BeamParams> BeamParamsFromProto(const v1::BeamSearchParams& proto) {
+  constexpr uint32_t kMaxCount = static_cast<uint32_t>(std::numeric_limits<int32_t>::max());
+  const auto count = [&](absl::string_view field, uint32_t value) -> absl::StatusOr<int32_t> {
+    if (value > kMaxCount) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("beam.", field, " must be at most ", kMaxCount, ", got ", value));
+    }
+    return static_cast<int32_t>(value);
+  };
+  BeamParams beam;
+  ASSIGN_OR_RETURN(beam.beam_width, count("beam_width", proto.beam_width()));
+  if (proto.has_length_penalty()) beam.length_penalty = proto.length_penalty();
+  switch (proto.early_stopping()) {
+    case v1::EARLY_STOPPING_UNSPECIFIED:
+    case v1::EARLY_STOPPING_HEURISTIC:
+      beam.early_stopping = EarlyStopping::kHeuristic;
+      break;
+    case v1::EARLY_STOPPING_TRUE:
+      beam.early_stopping = EarlyStopping::kTrue;
+      break;
+    case v1::EARLY_STOPPING_NEVER:
+      beam.early_stopping = EarlyStopping::kNever;
+      break;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          "beam.early_stopping must be one of EARLY_STOPPING_TRUE, EARLY_STOPPING_HEURISTIC, "
+          "EARLY_STOPPING_NEVER, got ",
+          static_cast<int>(proto.early_stopping())));
+  }
+  if (proto.has_num_return_sequences()) {
+    ASSIGN_OR_RETURN(beam.num_return_sequences,
+                     count("num_return_sequences", proto.num_return_sequences()));
+  }
+  if (proto.has_num_beam_groups()) {
+    ASSIGN_OR_RETURN(beam.num_beam_groups, count("num_beam_groups", proto.num_beam_groups()));
+  }
+  if (proto.has_diversity_penalty()) beam.diversity_penalty = proto.diversity_penalty();
+  beam.do_sample = proto.do_sample();
+  return beam;
+}
+
+void SessionResultsToProto(absl::Span<const SequenceStep> steps, v1::SessionResponse& response) {
+  response.mutable_results()->Reserve(static_cast<int>(steps.size()));
+  for (const SequenceStep& step : steps) {
     v1::SequenceResult& out = *response.add_results();
-    out.set_sequence_id(sequence_ids[i]);
-    SetTokenFields(tokens[i], out);
+    out.set_sequence_id(step.sequence_id);
+    if (!step.beam.has_value()) {
+      SetTokenFields(step.token, out);
+      if (step.verify.has_value()) VerifyResultToProto(*step.verify, *out.mutable_verify());
+      continue;
+    }
+    const BeamStep& beam = *step.beam;
+    out.set_finish_reason(FinishReasonToProto(beam.finish_reason));
+    out.mutable_beams()->Reserve(static_cast<int>(beam.beams.size()));
+    for (const BeamSlot& slot : beam.beams) {
+      v1::BeamSlot& slot_out = *out.add_beams();
+      slot_out.set_parent_beam(slot.parent_beam);
+      slot_out.set_token_id(slot.token_id);
+      slot_out.set_logprob(slot.logprob);
+      slot_out.set_cumulative_score(slot.cumulative_score);
+    }
+    for (const BeamHypothesis& h : beam.hypotheses) {
+      v1::BeamHypothesis& h_out = *out.add_hypotheses();
+      h_out.mutable_token_ids()->Add(h.token_ids.begin(), h.token_ids.end());
+      h_out.set_score(h.score);
+      h_out.set_sum_logprobs(h.sum_logprobs);
+      h_out.set_finish_reason(FinishReasonToProto(h.finish_reason));
+      if (h.stop_token_id.has_value()) {
+        h_out.set_stop_token_id(*h.stop_token_id);
+      } else if (h.stop_sequence_index.has_value()) {
+        h_out.set_stop_sequence_index(*h.stop_sequence_index);
+      }
+    }
   }
 }
 
@@ -384,18 +451,6 @@ absl::StatusOr<std::vector<SequenceDrafts>> StepDraftsFromProto(const v1::Step& 
     out.push_back({d.sequence_id(), *drafts});
   }
   return out;
-}
-
-void SessionVerifyResultsToProto(absl::Span<const VerifyResult> results,
-                                 absl::Span<const uint64_t> sequence_ids,
-                                 v1::SessionResponse& response) {
-  response.mutable_results()->Reserve(static_cast<int>(results.size()));
-  for (size_t i = 0; i < results.size(); ++i) {
-    v1::SequenceResult& out = *response.add_results();
-    out.set_sequence_id(sequence_ids[i]);
-    SetTokenFields(results[i].tokens.back(), out);
-    VerifyResultToProto(results[i], *out.mutable_verify());
-  }
 }
 
 }  // namespace tokensampler::service

@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
+#include "core/beam.h"
 #include "core/params.h"
 #include "core/sampler.h"
 #include "core/session.h"
@@ -72,10 +73,15 @@ absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request);
 // them).
 v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens);
 
-// Appends one SequenceResult per token to `response.results`: tokens[i] of the step row that
-// belongs to sequence_ids[i]. REQUIRES: tokens.size() == sequence_ids.size() (one sample per row).
-void SessionResultsToProto(absl::Span<const SampledToken> tokens,
-                           absl::Span<const uint64_t> sequence_ids, v1::SessionResponse& response);
+// Returns the core beam parameters of `proto` (unset fields = defaults, EARLY_STOPPING_UNSPECIFIED
+// = HEURISTIC), not yet validated (ValidateBeamParams), or INVALID_ARGUMENT naming the `beam.`
+// field and value for an unknown early_stopping or a count beyond int32.
+absl::StatusOr<BeamParams> BeamParamsFromProto(const v1::BeamSearchParams& proto);
+
+// Appends one SequenceResult per stepped sequence to `response.results`, in order: a plain
+// sequence's token in the plain fields (the last emitted one, with every emitted token in
+// `verify` for a step with drafts), a beam search's `beams` and `hypotheses`.
+void SessionResultsToProto(absl::Span<const SequenceStep> steps, v1::SessionResponse& response);
 
 // --- Speculative decoding (Verify, Session steps with drafts) ---
 
@@ -114,12 +120,6 @@ v1::VerifyResponse VerifyResponseToProto(absl::Span<const VerifyResult> results)
 // The core drafts of a Session step (Step.drafts); INVALID_ARGUMENT names `drafts[i].…`.
 // Ownership: borrows from `step`.
 absl::StatusOr<std::vector<SequenceDrafts>> StepDraftsFromProto(const v1::Step& step);
-
-// Appends one SequenceResult per stepped sequence (results[i] for sequence_ids[i]): the last
-// emitted token in the plain fields, every emitted token in `verify`.
-void SessionVerifyResultsToProto(absl::Span<const VerifyResult> results,
-                                 absl::Span<const uint64_t> sequence_ids,
-                                 v1::SessionResponse& response);
 
 }  // namespace tokensampler::service
 

@@ -109,6 +109,10 @@ absl::Status ValidateOptions(const ServerOptions& options) {
     return absl::InvalidArgumentError(absl::StrCat("session max_history_tokens must be > 0, got ",
                                                    options.session.limits.max_history_tokens));
   }
+  if (options.session.limits.max_beam_width <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("session max_beam_width must be > 0, got ",
+                                                   options.session.limits.max_beam_width));
+  }
   if (options.session.idle_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError(
         absl::StrCat("session idle_timeout must be > 0 (infinite = never), got ",

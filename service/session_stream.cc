@@ -241,8 +241,9 @@ void SessionStream::Pump(const std::function<void()>& update) {
     if (actions.read) StartRead(&read_buffer_);
     if (actions.task) {
       // current_ is the task's from now on, but the task has not started yet.
+      // Rows for the limits and metrics: the step's logits rows (beams and drafts take several).
       admission_ = call_.Admit(static_cast<int64_t>(current_.ByteSizeLong()),
-                               current_.has_step() ? current_.step().sequence_ids_size() : 0);
+                               current_.has_step() ? current_.step().logits().rows() : 0);
       env_.registry->TaskStarted();
       if (admission_.ok()) {
         env_.arena->enqueue([this] { RunTask(); });
@@ -353,9 +354,19 @@ absl::Status SessionStream::Apply(const v1::SessionRequest& request,
     const v1::AddSequence& add = request.add(i);
     absl::StatusOr<SamplingParams> params = UnvalidatedParamsFromProto(add.params());
     if (!params.ok()) return Prefixed(absl::StrCat("add[", i, "].params."), params.status());
+    std::optional<BeamParams> beam;
+    if (add.has_beam()) {
+      absl::StatusOr<BeamParams> converted = BeamParamsFromProto(add.beam());
+      if (!converted.ok()) return Prefixed(absl::StrCat("add[", i, "]."), converted.status());
+      // Checked here so that the message names `beam.` or `params.` itself.
+      RETURN_IF_ERROR(
+          Prefixed(absl::StrCat("add[", i, "]."),
+                   ValidateBeamParams(*converted, *params, env_.options->limits.max_beam_width)));
+      beam = *converted;
+    }
     const absl::Status added = table_.Add(
         add.sequence_id(), *std::move(params),
-        std::vector<int32_t>(add.prompt_token_ids().begin(), add.prompt_token_ids().end()));
+        std::vector<int32_t>(add.prompt_token_ids().begin(), add.prompt_token_ids().end()), beam);
     // Add's INVALID_ARGUMENT errors are parameter errors whose message starts with the field.
     RETURN_IF_ERROR(Prefixed(added.code() == absl::StatusCode::kInvalidArgument
                                  ? absl::StrCat("add[", i, "].params.")
@@ -374,19 +385,16 @@ absl::Status SessionStream::Apply(const v1::SessionRequest& request,
   if (!logits.ok()) return Prefixed("step.", logits.status());
   const absl::Span<const uint64_t> ids = SpanOf(step.sequence_ids());
   if (env_.options->before_step_for_testing) env_.options->before_step_for_testing(cancelled_);
+  absl::StatusOr<std::vector<SequenceStep>> steps;
   if (step.drafts_size() > 0) {
     absl::StatusOr<std::vector<SequenceDrafts>> drafts = StepDraftsFromProto(step);
     if (!drafts.ok()) return Prefixed("step.", drafts.status());
-    absl::StatusOr<std::vector<VerifyResult>> verified =
-        table_.StepWithDrafts(*env_.verifier, *logits, ids, *drafts, &cancelled_);
-    if (!verified.ok()) return Prefixed("step: ", verified.status());
-    SessionVerifyResultsToProto(*verified, ids, response);
-    return absl::OkStatus();
+    steps = table_.StepWithDrafts(*env_.verifier, *logits, ids, *drafts, &cancelled_);
+  } else {
+    steps = table_.Step(*env_.sampler, *logits, ids, &cancelled_);
   }
-  absl::StatusOr<std::vector<SampledToken>> tokens =
-      table_.Step(*env_.sampler, *logits, ids, &cancelled_);
-  if (!tokens.ok()) return Prefixed("step: ", tokens.status());
-  SessionResultsToProto(*tokens, ids, response);
+  if (!steps.ok()) return Prefixed("step: ", steps.status());
+  SessionResultsToProto(*steps, response);
   return absl::OkStatus();
 }
 

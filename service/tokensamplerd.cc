@@ -88,6 +88,10 @@ ABSL_FLAG(int64_t, session_max_sequences, tokensampler::SessionLimits{}.max_sequ
 ABSL_FLAG(int64_t, session_max_history_tokens, tokensampler::SessionLimits{}.max_history_tokens,
           "Session: most prompt + output tokens of one sequence; an add or step beyond it gets "
           "RESOURCE_EXHAUSTED. The server keeps 4 bytes per token.");
+ABSL_FLAG(int32_t, max_beam_width, tokensampler::SessionLimits{}.max_beam_width,
+          "Session: largest beam_width of a beam search (AddSequence.beam); a wider one gets "
+          "INVALID_ARGUMENT. A beam search counts as beam_width sequences towards "
+          "--session_max_sequences.");
 ABSL_FLAG(int32_t, session_idle_timeout_seconds, 300,
           "Session: a stream with no request and no work for this long is ended with "
           "RESOURCE_EXHAUSTED and its sequences are released; 0 = never.");
@@ -308,9 +312,11 @@ absl::StatusOr<tokensampler::service::ServerOptions> OptionsFromFlags(Logger* lo
   const int64_t max_sequences = absl::GetFlag(FLAGS_session_max_sequences);
   const int64_t max_history_tokens = absl::GetFlag(FLAGS_session_max_history_tokens);
   const int32_t idle_seconds = absl::GetFlag(FLAGS_session_idle_timeout_seconds);
+  const int32_t max_beam_width = absl::GetFlag(FLAGS_max_beam_width);
   for (const auto& [flag, value, least] :
        {std::tuple<const char*, int64_t, int64_t>{"session_max_sequences", max_sequences, 1},
         {"session_max_history_tokens", max_history_tokens, 1},
+        {"max_beam_width", max_beam_width, 1},
         {"session_idle_timeout_seconds", idle_seconds, 0}}) {
     if (value < least) {
       return absl::InvalidArgumentError(
@@ -319,6 +325,7 @@ absl::StatusOr<tokensampler::service::ServerOptions> OptionsFromFlags(Logger* lo
   }
   options.session.limits.max_sequences = max_sequences;
   options.session.limits.max_history_tokens = max_history_tokens;
+  options.session.limits.max_beam_width = max_beam_width;
   options.session.idle_timeout =
       idle_seconds == 0 ? absl::InfiniteDuration() : absl::Seconds(idle_seconds);
 
@@ -450,7 +457,8 @@ int main(int argc, char** argv) {
                {"session_max_sequences", options->session.limits.max_sequences},
                {"session_max_history_tokens", options->session.limits.max_history_tokens},
                {"session_idle_timeout_seconds", absl::GetFlag(FLAGS_session_idle_timeout_seconds)},
-               {"keepalive_time_seconds", absl::GetFlag(FLAGS_keepalive_time_seconds)}});
+               {"keepalive_time_seconds", absl::GetFlag(FLAGS_keepalive_time_seconds)},
+               {"max_beam_width", options->session.limits.max_beam_width}});
   for (const std::string& address : (*server)->bound_addresses()) {
     const bool unix_socket = absl::StartsWith(address, "unix");
     logger->Log(LogLevel::kInfo, "listen",

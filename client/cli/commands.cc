@@ -54,6 +54,21 @@ ABSL_FLAG(
     "decode: speculative decoding with this many draft tokens per step from a weaker toy "
     "draft model, verified by the server (Step.drafts); prints the acceptance rate. 0 = off.");
 ABSL_FLAG(uint32_t, steps, 8, "decode: most steps to run (fewer when every sequence finishes).");
+// --- decode: beam search ---
+ABSL_FLAG(std::optional<uint32_t>, beam_width, std::nullopt,
+          "decode: run each sequence as a beam search of this width (AddSequence.beam); prints "
+          "the beams of every step and the finished hypotheses.");
+ABSL_FLAG(std::optional<float>, length_penalty, std::nullopt,
+          "decode, beam search: 1.0; hypothesis score = sum logprob / length^length_penalty.");
+ABSL_FLAG(std::optional<std::string>, early_stopping, std::nullopt,
+          "decode, beam search: true, heuristic (default) or never.");
+ABSL_FLAG(std::optional<uint32_t>, num_return_sequences, std::nullopt,
+          "decode, beam search: 1; hypotheses to return, <= --beam_width.");
+ABSL_FLAG(std::optional<uint32_t>, num_beam_groups, std::nullopt,
+          "decode, beam search: 1; groups of diverse beam search (divides --beam_width).");
+ABSL_FLAG(std::optional<float>, diversity_penalty, std::nullopt,
+          "decode, beam search: 0; Hamming diversity penalty between groups.");
+ABSL_FLAG(bool, do_sample, false, "decode, beam search: beam sampling with the sampling flags.");
 ABSL_FLAG(std::string, service, "",
           "health: the service to ask about (\"\" = the whole server, or "
           "tokensampler.v1.Sampler).");
@@ -515,6 +530,197 @@ absl::StatusOr<T> Await(std::future<T>& future, absl::Duration timeout) {
   return future.get();
 }
 
+// Sends `request` on `session` and waits (until `timeout`) for its answer: the response, or the
+// error of the request or of the wait.
+absl::StatusOr<v1::SessionResponse> Exchange(SessionClient& session, v1::SessionRequest request,
+                                             absl::Duration timeout) {
+  std::future<absl::StatusOr<v1::SessionResponse>> answer = session.Send(std::move(request));
+  absl::StatusOr<absl::StatusOr<v1::SessionResponse>> response = Await(answer, timeout);
+  if (!response.ok()) return response.status();
+  return *std::move(response);
+}
+
+// Exchange for a decode step; with `json`, also prints the response as one line to `out`.
+absl::StatusOr<v1::SessionResponse> ExchangeStep(SessionClient& session, v1::SessionRequest request,
+                                                 absl::Duration timeout, bool json,
+                                                 std::ostream& out) {
+  absl::StatusOr<v1::SessionResponse> response = Exchange(session, std::move(request), timeout);
+  if (!response.ok() || !json) return response;
+  absl::StatusOr<std::string> line = FormatResponseJson(*response);
+  if (!line.ok()) return line.status();
+  out << *line;
+  return response;
+}
+
+// The toy model's next-token logits for a sequence whose prompt + output is `history`.
+std::vector<float> ToyRow(uint64_t seed, const std::vector<int32_t>& history, uint32_t vocab) {
+  const size_t size = history.size();
+  return ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], vocab);
+}
+
+// What both decode loops read from the flags besides the sampling and beam parameters.
+struct DecodeFlags {
+  std::vector<int32_t> prompt;  // --prompt_token_ids (empty: see PromptOf)
+  Client client;
+  absl::Duration timeout;
+  bool json = false;
+  uint64_t seed = 0;  // the toy model's
+
+  // Sequence i's prompt: --prompt_token_ids, or else the single token i % vocab.
+  std::vector<int32_t> PromptOf(uint32_t i, uint32_t vocab) const {
+    return prompt.empty() ? std::vector<int32_t>{static_cast<int32_t>(i % vocab)} : prompt;
+  }
+};
+
+absl::StatusOr<DecodeFlags> DecodeFlagsFromFlags() {
+  absl::StatusOr<std::vector<int32_t>> prompt =
+      ParseTokenIds("prompt_token_ids", absl::GetFlag(FLAGS_prompt_token_ids));
+  if (!prompt.ok()) return prompt.status();
+  absl::StatusOr<Client> client = ClientFromFlags();
+  if (!client.ok()) return client.status();
+  return DecodeFlags{*std::move(prompt), *std::move(client), TimeoutFromFlags(),
+                     absl::GetFlag(FLAGS_json), absl::GetFlag(FLAGS_seed)};
+}
+
+// A step request of `rows` (vocab `vocab`, sent as `dtype`) for `ids`.
+absl::StatusOr<v1::SessionRequest> StepRequest(const std::vector<float>& rows, uint32_t vocab,
+                                               v1::DType dtype, const std::vector<uint64_t>& ids) {
+  absl::StatusOr<v1::Logits> logits = MakeLogits(rows, vocab, dtype);
+  if (!logits.ok()) return logits.status();
+  v1::SessionRequest request;
+  *request.mutable_step()->mutable_logits() = *std::move(logits);
+  request.mutable_step()->mutable_sequence_ids()->Add(ids.begin(), ids.end());
+  return request;
+}
+
+}  // namespace
+
+std::string FormatBeamResult(int step, const v1::SequenceResult& result) {
+  std::string text;
+  for (int i = 0; i < result.beams_size(); ++i) {
+    const v1::BeamSlot& slot = result.beams(i);
+    absl::StrAppend(&text, "step ", step, " sequence ", result.sequence_id(), " beam ", i,
+                    ": parent ", slot.parent_beam(), " token ", slot.token_id(), " score ",
+                    absl::StrFormat("%.4f", slot.cumulative_score()), "\n");
+  }
+  for (int i = 0; i < result.hypotheses_size(); ++i) {
+    const v1::BeamHypothesis& h = result.hypotheses(i);
+    absl::StrAppend(&text, "sequence ", result.sequence_id(), " hypothesis ", i, ": ",
+                    absl::StrJoin(h.token_ids(), " "),
+                    " score=", absl::StrFormat("%.4f", h.score()),
+                    " finish=", FinishReasonName(h.finish_reason()), "\n");
+  }
+  return text;
+}
+
+absl::StatusOr<std::optional<v1::BeamSearchParams>> BeamParamsFromFlags() {
+  const std::optional<uint32_t> width = absl::GetFlag(FLAGS_beam_width);
+  const std::optional<float> length_penalty = absl::GetFlag(FLAGS_length_penalty);
+  const std::optional<std::string> early_stopping = absl::GetFlag(FLAGS_early_stopping);
+  const std::optional<uint32_t> num_return = absl::GetFlag(FLAGS_num_return_sequences);
+  const std::optional<uint32_t> groups = absl::GetFlag(FLAGS_num_beam_groups);
+  const std::optional<float> diversity = absl::GetFlag(FLAGS_diversity_penalty);
+  const bool do_sample = absl::GetFlag(FLAGS_do_sample);
+  if (!width.has_value()) {
+    if (length_penalty || early_stopping || num_return || groups || diversity || do_sample) {
+      return absl::InvalidArgumentError(
+          "--length_penalty, --early_stopping, --num_return_sequences, --num_beam_groups, "
+          "--diversity_penalty and --do_sample need --beam_width");
+    }
+    return std::nullopt;
+  }
+  v1::BeamSearchParams beam;
+  beam.set_beam_width(*width);  // the server checks the range
+  if (length_penalty.has_value()) beam.set_length_penalty(*length_penalty);
+  if (early_stopping.has_value()) {
+    if (*early_stopping == "true") {
+      beam.set_early_stopping(v1::EARLY_STOPPING_TRUE);
+    } else if (*early_stopping == "heuristic") {
+      beam.set_early_stopping(v1::EARLY_STOPPING_HEURISTIC);
+    } else if (*early_stopping == "never") {
+      beam.set_early_stopping(v1::EARLY_STOPPING_NEVER);
+    } else {
+      return BadFlag("early_stopping", "one of true, heuristic, never", *early_stopping);
+    }
+  }
+  if (num_return.has_value()) beam.set_num_return_sequences(*num_return);
+  if (groups.has_value()) beam.set_num_beam_groups(*groups);
+  if (diversity.has_value()) beam.set_diversity_penalty(*diversity);
+  beam.set_do_sample(do_sample);
+  return beam;
+}
+
+namespace {
+
+// `decode --beam_width`: each sequence is a beam search; the worker side (this loop) keeps one
+// history per live beam and reorders them by parent_beam after every step, as a model worker
+// reorders its KV cache.
+int RunBeamDecode(std::ostream& out, std::ostream& err, const v1::SamplingParams& params,
+                  const v1::BeamSearchParams& beam, uint32_t vocab, v1::DType dtype) {
+  const uint32_t sequences = absl::GetFlag(FLAGS_sequences);
+  const uint32_t steps = absl::GetFlag(FLAGS_steps);
+  absl::StatusOr<DecodeFlags> flags = DecodeFlagsFromFlags();
+  if (!flags.ok()) return Fail(err, flags.status());
+  const absl::Duration timeout = flags->timeout;
+  const bool json = flags->json;
+  const uint64_t seed = flags->seed;
+
+  std::unique_ptr<SessionClient> session = SessionClient::Open(flags->client);
+  // Per live search: the history (prompt + output) of each live beam, in slot order.
+  std::map<uint64_t, std::vector<std::vector<int32_t>>> beams;
+  v1::SessionRequest start;
+  for (uint32_t i = 0; i < sequences; ++i) {
+    v1::AddSequence& add = *start.add_add();
+    add.set_sequence_id(i);
+    *add.mutable_params() = params;
+    *add.mutable_beam() = beam;
+    std::vector<int32_t> history = flags->PromptOf(i, vocab);
+    add.mutable_prompt_token_ids()->Add(history.begin(), history.end());
+    beams[i] = {history};  // one row (the prompt) at the first step
+  }
+  if (absl::StatusOr<v1::SessionResponse> r = Exchange(*session, std::move(start), timeout);
+      !r.ok()) {
+    return Fail(err, r.status());
+  }
+  for (uint32_t step = 0; step < steps && !beams.empty(); ++step) {
+    std::vector<uint64_t> ids;
+    std::vector<float> rows;
+    for (const auto& [id, histories] : beams) {
+      ids.push_back(id);
+      for (const std::vector<int32_t>& history : histories) {
+        const std::vector<float> row = ToyRow(seed, history, vocab);
+        rows.insert(rows.end(), row.begin(), row.end());
+      }
+    }
+    absl::StatusOr<v1::SessionRequest> request = StepRequest(rows, vocab, dtype, ids);
+    if (!request.ok()) return Fail(err, request.status());
+    absl::StatusOr<v1::SessionResponse> response =
+        ExchangeStep(*session, *std::move(request), timeout, json, out);
+    if (!response.ok()) return Fail(err, response.status());
+    for (const v1::SequenceResult& result : response->results()) {
+      if (!json) out << FormatBeamResult(static_cast<int>(step), result);
+      std::vector<std::vector<int32_t>>& histories = beams[result.sequence_id()];
+      std::vector<std::vector<int32_t>> next;
+      for (const v1::BeamSlot& slot : result.beams()) {
+        next.push_back(histories.at(slot.parent_beam()));
+        next.back().push_back(slot.token_id());
+      }
+      histories = std::move(next);
+      if (result.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+        beams.erase(result.sequence_id());
+      }
+    }
+  }
+  if (!json) {
+    for (const auto& [id, histories] : beams) {
+      out << "sequence " << id << ": search not finished after " << steps << " steps ("
+          << histories.size() << " live beams)\n";
+    }
+  }
+  if (absl::Status closed = session->Close(); !closed.ok()) return Fail(err, closed);
+  return 0;
+}
+
 }  // namespace
 
 namespace {
@@ -535,7 +741,7 @@ SpeculativeProposal Propose(uint64_t seed, std::vector<int32_t> path, uint32_t k
     return path.size() > back ? path[path.size() - 1 - back] : -1;
   };
   for (uint32_t j = 0; j <= k; ++j) {
-    const std::vector<float> target = ToyModelLogits(seed, context(1), context(0), vocab);
+    const std::vector<float> target = ToyRow(seed, path, vocab);
     proposal.target_rows.insert(proposal.target_rows.end(), target.begin(), target.end());
     if (j == k) break;
     const std::vector<float> draft = ToyDraftLogits(seed, context(1), context(0), vocab);
@@ -586,22 +792,33 @@ int RunDecode(std::ostream& out, std::ostream& err) {
   if (!dtype.ok()) return Fail(err, dtype.status());
   absl::StatusOr<v1::SamplingParams> params = SamplingParamsFromFlags();
   if (!params.ok()) return Fail(err, params.status());
+  absl::StatusOr<std::optional<v1::BeamSearchParams>> beam = BeamParamsFromFlags();
+  if (!beam.ok()) return Fail(err, beam.status());
+  if (beam->has_value()) {
+    if (absl::GetFlag(FLAGS_speculative) > 0) {
+      return Fail(err, absl::InvalidArgumentError(
+                           "--speculative cannot be combined with --beam_width (drafts are "
+                           "verified for plain sequences only)"));
+    }
+    if (params->has_n()) {
+      return Fail(err, absl::InvalidArgumentError("--n cannot be combined with --beam_width (use "
+                                                  "--num_return_sequences for more hypotheses)"));
+    }
+    return RunBeamDecode(out, err, *params, **beam, *vocab, *dtype);
+  }
   // --n samples of a sequence are the sequence and n - 1 forks of it.
   const int32_t n = params->has_n() ? params->n() : 1;
   if (n < 1) return Fail(err, BadFlag("n", ">= 1", absl::StrCat(n)));
   params->clear_n();
-  absl::StatusOr<std::vector<int32_t>> prompt =
-      ParseTokenIds("prompt_token_ids", absl::GetFlag(FLAGS_prompt_token_ids));
-  if (!prompt.ok()) return Fail(err, prompt.status());
-  absl::StatusOr<Client> client = ClientFromFlags();
-  if (!client.ok()) return Fail(err, client.status());
-  const absl::Duration timeout = TimeoutFromFlags();
-  const bool json = absl::GetFlag(FLAGS_json);
+  absl::StatusOr<DecodeFlags> flags = DecodeFlagsFromFlags();
+  if (!flags.ok()) return Fail(err, flags.status());
+  const absl::Duration timeout = flags->timeout;
+  const bool json = flags->json;
   const bool with_logprobs = params->has_logprobs();
-  const uint64_t seed = absl::GetFlag(FLAGS_seed);
+  const uint64_t seed = flags->seed;
 
   // Sequence i is id i·n; its forks are i·n + 1 … i·n + n - 1. One request adds and forks all.
-  std::unique_ptr<SessionClient> session = SessionClient::Open(*client);
+  std::unique_ptr<SessionClient> session = SessionClient::Open(flags->client);
   std::map<uint64_t, std::vector<int32_t>> histories;  // prompt + output of live sequences
   std::map<uint64_t, std::pair<std::vector<int32_t>, std::string>> done;  // output, finish
   v1::SessionRequest start;
@@ -610,8 +827,7 @@ int RunDecode(std::ostream& out, std::ostream& err) {
     v1::AddSequence& add = *start.add_add();
     add.set_sequence_id(id);
     *add.mutable_params() = *params;
-    std::vector<int32_t> history =
-        prompt->empty() ? std::vector<int32_t>{static_cast<int32_t>(i % *vocab)} : *prompt;
+    std::vector<int32_t> history = flags->PromptOf(i, *vocab);
     add.mutable_prompt_token_ids()->Add(history.begin(), history.end());
     if (n > 1) start.add_fork()->set_parent_id(id);
     for (int32_t k = 0; k < n; ++k) {
@@ -621,11 +837,9 @@ int RunDecode(std::ostream& out, std::ostream& err) {
     }
   }
   const size_t prompt_size = histories.begin()->second.size();
-  std::future<absl::StatusOr<v1::SessionResponse>> started = session->Send(std::move(start));
-  if (absl::StatusOr<absl::StatusOr<v1::SessionResponse>> r = Await(started, timeout); !r.ok()) {
+  if (absl::StatusOr<v1::SessionResponse> r = Exchange(*session, std::move(start), timeout);
+      !r.ok()) {
     return Fail(err, r.status());
-  } else if (!r->ok()) {
-    return Fail(err, r->status());
   }
 
   const uint32_t speculative = absl::GetFlag(FLAGS_speculative);
@@ -637,13 +851,13 @@ int RunDecode(std::ostream& out, std::ostream& err) {
     // --speculative: k + 1 rows, after the history and after each of the k drafts).
     std::vector<uint64_t> ids;
     std::vector<float> rows;
-    v1::SessionRequest request;
+    std::vector<v1::SequenceDrafts> drafts_of_step;
     for (const auto& [id, history] : histories) {
       ids.push_back(id);
       SpeculativeProposal proposal = Propose(seed, history, speculative, *vocab, greedy, draft_gen);
       rows.insert(rows.end(), proposal.target_rows.begin(), proposal.target_rows.end());
       if (speculative == 0) continue;
-      v1::SequenceDrafts& drafts = *request.mutable_step()->add_drafts();
+      v1::SequenceDrafts& drafts = drafts_of_step.emplace_back();
       drafts.set_sequence_id(id);
       drafts.mutable_draft_token_ids()->Add(proposal.drafts.begin(), proposal.drafts.end());
       if (!proposal.draft_probs.empty()) {
@@ -653,20 +867,15 @@ int RunDecode(std::ostream& out, std::ostream& err) {
         *drafts.mutable_draft_probs() = *std::move(probs);
       }
     }
-    absl::StatusOr<v1::Logits> logits = MakeLogits(rows, *vocab, *dtype);
-    if (!logits.ok()) return Fail(err, logits.status());
-    *request.mutable_step()->mutable_logits() = *std::move(logits);
-    request.mutable_step()->mutable_sequence_ids()->Add(ids.begin(), ids.end());
-    std::future<absl::StatusOr<v1::SessionResponse>> answer = session->Send(std::move(request));
-    absl::StatusOr<absl::StatusOr<v1::SessionResponse>> response = Await(answer, timeout);
-    if (!response.ok()) return Fail(err, response.status());
-    if (!response->ok()) return Fail(err, response->status());
-    if (json) {
-      absl::StatusOr<std::string> line = FormatResponseJson(**response);
-      if (!line.ok()) return Fail(err, line.status());
-      out << *line;
+    absl::StatusOr<v1::SessionRequest> request = StepRequest(rows, *vocab, *dtype, ids);
+    if (!request.ok()) return Fail(err, request.status());
+    for (v1::SequenceDrafts& drafts : drafts_of_step) {
+      *request->mutable_step()->add_drafts() = std::move(drafts);
     }
-    for (const v1::SequenceResult& result : (*response)->results()) {
+    absl::StatusOr<v1::SessionResponse> response =
+        ExchangeStep(*session, *std::move(request), timeout, json, out);
+    if (!response.ok()) return Fail(err, response.status());
+    for (const v1::SequenceResult& result : response->results()) {
       std::vector<int32_t>& history = histories[result.sequence_id()];
       if (speculative > 0) {
         const v1::VerifyResult& verify = result.verify();

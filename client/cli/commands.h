@@ -154,6 +154,17 @@ std::string FormatResult(const v1::SampledToken& result, bool with_logprobs);
 // `step 3 sequence 7: token 1234 logprob -0.53 [top: 1234:-0.53 77:-1.9] finish=none`.
 std::string FormatSequenceResult(int step, const v1::SequenceResult& result, bool with_logprobs);
 
+// The lines of a beam search's step result, each ending in '\n': one per live beam
+// (`step 2 sequence 0 beam 1: parent 0 token 17 score -3.2100`), then, when the search is over,
+// one per hypothesis (`sequence 0 hypothesis 0: 12 7 1 score=-0.8300 finish=EOS`).
+std::string FormatBeamResult(int step, const v1::SequenceResult& result);
+
+// The beam-search flags (--beam_width, --length_penalty, --early_stopping true|heuristic|never,
+// --num_return_sequences, --num_beam_groups, --diversity_penalty, --do_sample) as
+// BeamSearchParams; nullopt without --beam_width; INVALID_ARGUMENT for a bad --early_stopping or
+// another beam flag without --beam_width.
+absl::StatusOr<std::optional<v1::BeamSearchParams>> BeamParamsFromFlags();
+
 // FormatResult of every result, one per line, each ending in '\n'.
 std::string FormatResponseText(const v1::SampleResponse& response, bool with_logprobs);
 
@@ -182,7 +193,10 @@ int RunSample(std::ostream& out, std::ostream& err);
 // masses when --temperature=0), sends k + 1 target rows per sequence with Step.drafts, prints
 // `step 2 sequence 0: accepted 3/4 tokens 5 9 13 2 finish=none` and at the end
 // `acceptance rate: 0.578 (370 of 640 drafts accepted; 3.31 tokens per verification)`.
-// Returns 0, or 1 after printing FormatError to `err` (bad flags, or the server's error, e.g.
+// With --beam_width each sequence is a beam search instead: the loop keeps one history per live
+// beam, reordered by parent_beam each step, and prints FormatBeamResult per step. The two do
+// not combine (drafts are for plain sequences). Returns 0, or 1 after printing FormatError to
+// `err` (bad flags, or the server's error, e.g.
 // `add[0].params.top_p must be in (0, 1], got 0`).
 int RunDecode(std::ostream& out, std::ostream& err);
 

@@ -6,7 +6,9 @@
 //
 // Exit codes: 0 success (health: SERVING); 1 an error, printed as "error: CODE: message" (health:
 // also NOT_SERVING); 2 a usage error (no or unknown subcommand).
+#include <algorithm>
 #include <iostream>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -28,9 +30,12 @@ constexpr absl::string_view kUsage =
     "          model (--vocab V, --seed) for --steps steps with sampling-parameter flags;\n"
     "          prints one line per sequence per step, then each sequence;\n"
     "          --speculative K: K drafts per step from a weaker toy draft model, verified\n"
-    "          by the server; prints the acceptance rate\n"
+    "          by the server; prints the acceptance rate;\n"
+    "          --beam-width N: each sequence is a beam search; prints the beams and the\n"
+    "          hypotheses (not with --speculative)\n"
     "  health  print SERVING (exit 0) or NOT_SERVING (exit 1)\n"
     "\n"
+    "Flag names take '-' or '_' alike (--beam-width = --beam_width).\n"
     "Run `tokensampler --helpfull` for every flag.";
 
 }  // namespace
@@ -43,7 +48,18 @@ int main(int argc, char** argv) {
     return absl::StrContains(path, "client/cli/");
   };
   absl::SetFlagsUsageConfig(usage_config);
-  const std::vector<char*> args = absl::ParseCommandLine(argc, argv);
+  // Abseil flag names use '_'; accept '-' too (`--beam-width 4`), in the name part only.
+  std::vector<std::string> spelled(argv, argv + argc);
+  std::vector<char*> normalized;
+  for (std::string& arg : spelled) {
+    if (arg.size() > 2 && arg.compare(0, 2, "--") == 0) {
+      const size_t end = std::min(arg.find('='), arg.size());
+      std::replace(arg.begin() + 2, arg.begin() + static_cast<std::ptrdiff_t>(end), '-', '_');
+    }
+    normalized.push_back(arg.data());
+  }
+  const std::vector<char*> args =
+      absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
   const std::string_view command = args.size() == 2 ? args[1] : "";
   if (command == "sample") return tokensampler::cli::RunSample(std::cout, std::cerr);
   if (command == "decode") return tokensampler::cli::RunDecode(std::cout, std::cerr);

@@ -112,7 +112,7 @@ TEST(SequenceTableTest, EquivalentToSampleWithFullHistories) {
     ASSERT_TRUE(got.ok()) << got.status();
     for (size_t i = 0; i < ids.size(); ++i) {
       const SampledToken& w = (*want)[i];
-      const SampledToken& g = (*got)[i];
+      const SampledToken& g = (*got)[i].token;
       ASSERT_EQ(g.token_id, w.token_id) << "sequence " << ids[i] << " step " << step;
       ASSERT_EQ(g.logprob, w.logprob);
       ASSERT_EQ(g.finish_reason, w.finish_reason);
@@ -154,7 +154,7 @@ TEST(SequenceTableTest, ForkedChildrenAreTheNSamplesOfSample) {
   const std::vector<int32_t> prompt = {3, 4};
   auto want = testing::SampleRow(std::vector<float>(kVocab, 0.0f), n4, prompt, {});
   ASSERT_TRUE(want.ok());
-  for (size_t i = 0; i < 4; ++i) EXPECT_EQ((*got)[i].token_id, (*want)[i].token_id) << i;
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ((*got)[i].token.token_id, (*want)[i].token_id) << i;
 }
 
 TEST(SequenceTableTest, ErrorsChangeNothing) {
@@ -238,7 +238,7 @@ TEST(SequenceTableTest, CancelledStepChangesNothing) {
   const std::atomic<bool> go(false);
   auto again = table.Step(sampler, *view, std::vector<uint64_t>{1}, &go);
   ASSERT_TRUE(again.ok()) << again.status();
-  EXPECT_EQ((*again)[0].finish_reason, FinishReason::kLength);
+  EXPECT_EQ((*again)[0].token.finish_reason, FinishReason::kLength);
   EXPECT_FALSE(table.contains(1));
 }
 
@@ -347,7 +347,10 @@ TEST(SequenceTableDraftsTest, EquivalentToVerifyWithFullHistories) {
     ASSERT_TRUE(got.ok()) << got.status();
     for (size_t i = 0; i < ids.size(); ++i) {
       const VerifyResult& w = (*want)[i];
-      const VerifyResult& g = (*got)[i];
+      ASSERT_EQ((*got)[i].sequence_id, ids[i]);
+      ASSERT_TRUE((*got)[i].verify.has_value());
+      const VerifyResult& g = *(*got)[i].verify;
+      EXPECT_EQ((*got)[i].token.token_id, w.tokens.back().token_id);
       ASSERT_EQ(g.tokens.size(), w.tokens.size()) << "sequence " << ids[i] << " step " << step;
       EXPECT_EQ(g.accepted_nodes, w.accepted_nodes);
       Ref& ref = refs[ids[i]];

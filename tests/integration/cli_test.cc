@@ -19,6 +19,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -30,6 +31,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/integration/daemon_process.h"
+#include "tests/testing/beam_testing.h"
 #include "tests/testing/operations_testing.h"
 
 #ifndef TOKENSAMPLERD_PATH
@@ -456,7 +458,108 @@ TEST_F(CliTest, DecodeErrorsPrintTheServerMessageAndExitOne) {
   EXPECT_EQ(too_many.exit_code, 1);
   EXPECT_EQ(too_many.err,
             "error: RESOURCE_EXHAUSTED: add[2]: the session would hold 3 sequences; the limit "
-            "is 2\n");
+            "is 2 (a beam search counts as beam_width sequences)\n");
+}
+
+// --- decode --beam-width: beam search through the Session stream ---
+
+// cli::ToyModelLogits as a model of the reference beam search (tests/testing/beam_testing.h).
+struct CliToyModel {
+  uint64_t seed;
+  uint32_t vocab;
+  int32_t eos;
+  std::vector<float> Logits(const std::vector<int32_t>& prompt,
+                            const std::vector<int32_t>& output) const {
+    std::vector<int32_t> history = prompt;
+    history.insert(history.end(), output.begin(), output.end());
+    const size_t size = history.size();
+    return cli::ToyModelLogits(seed, size >= 2 ? history[size - 2] : -1, history[size - 1], vocab);
+  }
+};
+
+TEST_F(CliTest, DecodeBeamWidthPrintsTheReferenceBeamsAndHypotheses) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon());
+  for (const char* stopping : {"heuristic", "never"}) {
+    const CliResult r =
+        RunCli({"decode", "--target=" + unix_socket(), "--vocab=64", "--sequences=2", "--steps=20",
+                "--seed=5", "--beam-width", "4", "--max-tokens=8", "--eos-token-ids=1",
+                "--num-return-sequences=3", "--length-penalty=1.5",
+                std::string("--early-stopping=") + stopping});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    for (int seq = 0; seq < 2; ++seq) {
+      testing::RefConfig c;
+      c.width = 4;
+      c.max_tokens = 8;
+      c.num_return = 3;
+      c.length_penalty = 1.5;
+      c.stopping = std::string(stopping) == "never" ? testing::RefStopping::kNever
+                                                    : testing::RefStopping::kHeuristic;
+      const CliToyModel model{5, 64, 1};
+      const testing::RefResult want = testing::ReferenceBeamSearch(model, {seq}, c);
+      ASSERT_GE(want.min_margin, 1e-5);
+      // What the CLI must print for this sequence, in order, with each score cut out (the
+      // scores are compared within 1e-3: the printed ones are rounded to 4 decimals).
+      std::vector<std::string> expected;
+      std::vector<double> expected_scores;
+      for (size_t step = 0; step < want.steps.size(); ++step) {
+        for (size_t i = 0; i < want.steps[step].size(); ++i) {
+          const auto& slot = want.steps[step][i];
+          expected.push_back(absl::StrCat("step ", step, " sequence ", seq, " beam ", i,
+                                          ": parent ", slot.parent, " token ", slot.token,
+                                          " score #"));
+          expected_scores.push_back(slot.score);
+        }
+      }
+      for (size_t i = 0; i < want.hypotheses.size(); ++i) {
+        const auto& h = want.hypotheses[i];
+        expected.push_back(absl::StrCat("sequence ", seq, " hypothesis ", i, ": ",
+                                        absl::StrJoin(h.tokens, " "),
+                                        " score=# finish=", h.eos ? "EOS" : "LENGTH"));
+        expected_scores.push_back(h.score);
+      }
+      std::vector<std::string> printed;
+      std::vector<double> printed_scores;
+      for (const std::string& line : Lines(r.out)) {
+        if (!absl::StrContains(line, absl::StrCat("sequence ", seq, " "))) continue;
+        // Cut the number after "score " / "score=" out.
+        const size_t at = line.find("score") + 6;
+        const size_t end = std::min(line.find(' ', at), line.size());
+        double score = 0;
+        EXPECT_TRUE(absl::SimpleAtod(line.substr(at, end - at), &score)) << line;
+        printed.push_back(line.substr(0, at) + "#" + line.substr(end));
+        printed_scores.push_back(score);
+      }
+      ASSERT_EQ(printed_scores.size(), expected_scores.size()) << r.out;
+      for (size_t i = 0; i < printed_scores.size(); ++i) {
+        EXPECT_NEAR(printed_scores[i], expected_scores[i], 1e-3) << printed[i];
+      }
+      EXPECT_EQ(printed, expected) << stopping << "\n" << r.out;
+    }
+  }
+}
+
+TEST_F(CliTest, DecodeBeamErrors) {
+  ASSERT_NO_FATAL_FAILURE(StartDaemon({"--max_beam_width=2"}));
+  const CliResult wide = RunCli({"decode", "--target=" + tcp(), "--vocab=8", "--beam-width=4"});
+  EXPECT_EQ(wide.exit_code, 1);
+  EXPECT_EQ(wide.err,
+            "error: INVALID_ARGUMENT: add[0].beam.beam_width must be in [1, 2] (the server's "
+            "--max_beam_width), got 4\n");
+  const CliResult bad_mode = RunCli(
+      {"decode", "--target=" + tcp(), "--vocab=8", "--beam-width=2", "--early-stopping=soon"});
+  EXPECT_EQ(bad_mode.exit_code, 1);
+  EXPECT_THAT(bad_mode.err, HasSubstr("early_stopping"));
+  EXPECT_THAT(bad_mode.err, HasSubstr("soon"));
+  const CliResult no_width =
+      RunCli({"decode", "--target=" + tcp(), "--vocab=8", "--num-return-sequences=2"});
+  EXPECT_EQ(no_width.exit_code, 1);
+  EXPECT_THAT(no_width.err, HasSubstr("need --beam_width"));
+  const CliResult with_drafts =
+      RunCli({"decode", "--target=" + tcp(), "--vocab=8", "--beam-width=2", "--speculative=3"});
+  EXPECT_EQ(with_drafts.exit_code, 1);
+  EXPECT_EQ(with_drafts.err,
+            "error: INVALID_ARGUMENT: --speculative cannot be combined with --beam_width (drafts "
+            "are verified for plain sequences only)\n");
 }
 
 // --- the C++ client library ---

@@ -32,6 +32,7 @@
 #include "gtest/gtest.h"
 #include "service/server.h"
 #include "tests/integration/daemon_process.h"
+#include "tests/testing/beam_testing.h"
 #include "tests/testing/service_testing.h"
 #include "tests/testing/session_testing.h"
 
@@ -187,7 +188,9 @@ TEST_F(SessionDaemonTest, LimitFlagsGiveResourceExhaustedInTheResponse) {
   for (uint64_t id = 1; id <= 4; ++id) AddSequence(four, id, Seeded(id));
   const v1::SessionResponse over = session.Call(four);
   EXPECT_EQ(over.error().code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_EQ(over.error().message(), "add[3]: the session would hold 4 sequences; the limit is 3");
+  EXPECT_EQ(over.error().message(),
+            "add[3]: the session would hold 4 sequences; the limit is 3 (a beam search counts as "
+            "beam_width sequences)");
   v1::SessionRequest long_prompt;
   long_prompt.add_release(3);
   AddSequence(long_prompt, 9, Seeded(9), std::vector<int32_t>(11, 1));
@@ -325,6 +328,95 @@ TEST_F(SessionDaemonTest, SessionClientAddForkStepReleaseMatchSample) {
   EXPECT_TRUE(session->Close().ok());
   // After Close every call fails at once.
   EXPECT_EQ(session->Add(7, Seeded(7)).get().code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_F(SessionDaemonTest, SessionClientBeamSearchMatchesTheReference) {
+  StartDaemon();
+  absl::StatusOr<Client> client = Client::Create(daemon_->addresses()[1]);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::unique_ptr<SessionClient> session = SessionClient::Open(*client);
+  testing::ToyBeamModel model;
+  model.seed = 21;
+  model.vocab = 40;
+  model.eos = 2;
+  testing::RefConfig c;
+  c.width = 3;
+  c.num_return = 3;
+  c.max_tokens = 9;
+  c.length_penalty = 0.0;
+  const std::vector<int32_t> prompt = {8, 9};
+  const testing::RefResult want = testing::ReferenceBeamSearch(model, prompt, c);
+  ASSERT_GE(want.min_margin, 1e-5);
+  v1::SamplingParams params;
+  params.add_eos_token_ids(2);
+  params.set_max_tokens(9);
+  v1::BeamSearchParams beam;
+  beam.set_beam_width(3);
+  beam.set_num_return_sequences(3);
+  beam.set_length_penalty(0.0f);
+  ASSERT_TRUE(session->AddBeamSearch(5, params, beam, prompt).get().ok());
+  // Pipelined with a plain sequence in the same steps (rows: its row first, then the beams').
+  ASSERT_TRUE(session->Add(6, Seeded(3), {1}).get().ok());
+  std::vector<std::vector<int32_t>> histories = {{}};
+  for (size_t step = 0;; ++step) {
+    ASSERT_LT(step, want.steps.size());
+    std::vector<float> rows = Peaked(1, 40);
+    for (const auto& h : histories) {
+      const std::vector<float> row = model.Logits(prompt, h);
+      rows.insert(rows.end(), row.begin(), row.end());
+    }
+    absl::StatusOr<std::vector<v1::SequenceResult>> results =
+        session->Step(*MakeLogits(rows, 40, v1::DTYPE_FLOAT32), std::vector<uint64_t>{6, 5}).get();
+    ASSERT_TRUE(results.ok()) << results.status();
+    ASSERT_THAT(*results, SizeIs(2));
+    const v1::SequenceResult& r = (*results)[1];
+    ASSERT_EQ(r.sequence_id(), 5u);
+    ASSERT_EQ(r.beams_size(), static_cast<int>(want.steps[step].size()));
+    std::vector<std::vector<int32_t>> next;
+    for (int i = 0; i < r.beams_size(); ++i) {
+      EXPECT_EQ(r.beams(i).parent_beam(), want.steps[step][static_cast<size_t>(i)].parent);
+      EXPECT_EQ(r.beams(i).token_id(), want.steps[step][static_cast<size_t>(i)].token);
+      next.push_back(histories.at(r.beams(i).parent_beam()));
+      next.back().push_back(r.beams(i).token_id());
+    }
+    histories = std::move(next);
+    if (r.finish_reason() != v1::FINISH_REASON_UNSPECIFIED) {
+      ASSERT_EQ(r.hypotheses_size(), static_cast<int>(want.hypotheses.size()));
+      for (int i = 0; i < r.hypotheses_size(); ++i) {
+        EXPECT_EQ(std::vector<int32_t>(r.hypotheses(i).token_ids().begin(),
+                                       r.hypotheses(i).token_ids().end()),
+                  want.hypotheses[static_cast<size_t>(i)].tokens);
+      }
+      break;
+    }
+  }
+  EXPECT_TRUE(session->Close().ok());
+}
+
+TEST_F(SessionDaemonTest, MaxBeamWidthComesFromFlagOrEnvironment) {
+  socket_path_ = UniqueTempPath("session.sock");
+  absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon =
+      DaemonProcess::Start(TOKENSAMPLERD_PATH, {"--listen=127.0.0.1:0"}, absl::Seconds(30),
+                           {"TOKENSAMPLER_MAX_BEAM_WIDTH=2"});
+  ASSERT_TRUE(daemon.ok()) << daemon.status();
+  absl::StatusOr<Client> client = Client::Create((*daemon)->addresses()[0]);
+  ASSERT_TRUE(client.ok()) << client.status();
+  std::unique_ptr<SessionClient> session = SessionClient::Open(*client);
+  v1::BeamSearchParams beam;
+  beam.set_beam_width(3);
+  const absl::Status wide = session->AddBeamSearch(1, v1::SamplingParams(), beam).get();
+  EXPECT_EQ(wide.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(wide.message(),
+            "add[0].beam.beam_width must be in [1, 2] (the server's --max_beam_width), got 3");
+  beam.set_beam_width(2);
+  EXPECT_TRUE(session->AddBeamSearch(1, v1::SamplingParams(), beam).get().ok());
+  EXPECT_TRUE(session->Close().ok());
+  // A bad value stops the daemon naming the flag.
+  EXPECT_THAT(
+      DaemonProcess::Start(TOKENSAMPLERD_PATH, {"--listen=127.0.0.1:0", "--max_beam_width=0"})
+          .status()
+          .message(),
+      HasSubstr("--max_beam_width must be >= 1, got 0"));
 }
 
 TEST_F(SessionDaemonTest, SessionClientPipelinesAndEachFutureGetsItsOwnAnswer) {
@@ -471,11 +563,12 @@ TEST(SessionDaemonStartupTest, SessionFlagsAreLoggedAtStart) {
   absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon = DaemonProcess::Start(
       TOKENSAMPLERD_PATH,
       {"--listen=127.0.0.1:0", "--session_max_sequences=10", "--session_max_history_tokens=100",
-       "--session_idle_timeout_seconds=0", "--keepalive_time_seconds=5"});
+       "--session_idle_timeout_seconds=0", "--keepalive_time_seconds=5", "--max_beam_width=3"});
   ASSERT_TRUE(daemon.ok()) << daemon.status();
   EXPECT_THAT((*daemon)->Stderr(),
               HasSubstr("session_max_sequences=10 session_max_history_tokens=100 "
-                        "session_idle_timeout_seconds=0 keepalive_time_seconds=5"));
+                        "session_idle_timeout_seconds=0 keepalive_time_seconds=5 "
+                        "max_beam_width=3"));
   absl::StatusOr<int> stopped = (*daemon)->Stop();
   ASSERT_TRUE(stopped.ok()) << stopped.status();
   EXPECT_EQ(*stopped, 0);

@@ -380,6 +380,119 @@ class SessionTest(unittest.TestCase):
             with self.assertRaises(ValueError):
                 session.add([3, 4], [{}, {}, {}])
 
+    @staticmethod
+    def toy_beam_logits(prefix, vocab):
+        """A toy model: float32 logits seeded by the whole prefix (deterministic)."""
+        rng = np.random.default_rng([7] + [int(t) for t in prefix])
+        row = rng.uniform(-4.0, 4.0, vocab).astype(np.float32)
+        row[0] += np.float32(0.6 * (len(prefix) - 2))  # token 0 = EOS grows likelier
+        return row
+
+    @classmethod
+    def reference_beam_search(cls, prompt, vocab, width, max_tokens, length_penalty):
+        """HF beam search (EARLY_STOPPING_HEURISTIC, EOS = 0), written plainly with numpy in
+        float64: K = 2·width continuations, only the `width` best may finish, hypothesis score
+        = sum / (generated length incl. EOS)^length_penalty."""
+        running = [([], 0.0)]
+        finished = []  # (score, tokens)
+        steps = []
+        for step in range(max_tokens):
+            cands = []
+            for b, (out, score) in enumerate(running):
+                x = cls.toy_beam_logits(prompt + out, vocab).astype(np.float64)
+                logp = x - x.max() - np.log(np.exp(x - x.max()).sum())
+                cands += [(score + logp[v], b, v) for v in range(vocab)]
+            cands.sort(key=lambda c: (-c[0], c[1], c[2]))
+            nxt, slots = [], []
+            for rank, (score, b, v) in enumerate(cands[:2 * width]):
+                out = running[b][0] + [v]
+                if v == 0 or len(out) == max_tokens:
+                    if rank < width:
+                        finished.append((score / len(out) ** length_penalty, out))
+                        finished.sort(key=lambda h: -h[0])
+                        del finished[width:]
+                    continue
+                nxt.append((out, score))
+                slots.append((b, v))
+                if len(nxt) == width:
+                    break
+            steps.append(slots)
+            done = not nxt or (len(finished) == width and
+                               finished[-1][0] >= nxt[0][1] / (step + 1) ** length_penalty)
+            if done:
+                return steps, finished
+            running = nxt
+        raise AssertionError("max_tokens ends every search")
+
+    def test_beam_search_follows_parent_beams_and_matches_a_reference(self):
+        vocab, width, max_tokens, prompt = 30, 3, 8, [5, 6]
+        want_steps, want_hyps = self.reference_beam_search(prompt, vocab, width, max_tokens, 1.0)
+        with self.client.session() as session:
+            session.add_beam_search(4, {"eos_token_ids": [0], "max_tokens": max_tokens},
+                                    beam_width=width, num_return_sequences=width,
+                                    early_stopping="heuristic", prompt_token_ids=prompt)
+            session.add(1, {"temperature": 0})  # a plain sequence in the same steps
+            beams = [[]]  # the worker's per-beam state: here, the generated tokens
+            for want in want_steps:
+                rows = [self.toy_beam_logits(prompt + b, vocab) for b in beams]
+                result = session.step(np.stack([rows[0]] + rows), [1, 4])
+                self.assertIsNone(result.beams[0])
+                self.assertEqual(result.token_ids[0], rows[0].argmax())
+                beam = result.beams[1]
+                self.assertEqual(list(zip(beam.parent_beams.tolist(), beam.token_ids.tolist())),
+                                 want)
+                beams = [beams[p] + [t] for p, t in zip(beam.parent_beams, beam.token_ids)]
+            self.assertTrue(beam.finished)
+            self.assertEqual([h.token_ids for h in beam.hypotheses], [h[1] for h in want_hyps])
+            np.testing.assert_allclose([h.score for h in beam.hypotheses],
+                                       [h[0] for h in want_hyps], rtol=1e-5)
+            self.assertEqual(beam.finish_reason, beam.hypotheses[0].finish_reason)
+            with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                session.add_beam_search(5, beam_width=0)
+            self.assertEqual(caught.exception.details,
+                             "add[0].beam.beam_width must be in [1, 16] (the server's "
+                             "--max_beam_width), got 0")
+            with self.assertRaises(ValueError):
+                session.add_beam_search(5, beam_width=2, early_stopping="soon")
+
+    def test_beam_search_next_to_a_drafted_sequence(self):
+        """A step with drafts for a plain sequence also advances a beam search (as without
+        drafts); drafts for the beam search itself are refused."""
+        vocab, width, max_tokens, prompt = 30, 2, 6, [5, 6]
+        want_steps, _ = self.reference_beam_search(prompt, vocab, width, max_tokens, 1.0)
+        with self.client.session() as session:
+            session.add_beam_search(4, {"eos_token_ids": [0], "max_tokens": max_tokens},
+                                    beam_width=width, prompt_token_ids=prompt)
+            session.add(1, {"temperature": 0}, prompt_token_ids=[[3]])
+            beams, plain = [[]], [3]
+            for step, want in enumerate(want_steps):
+                # Greedy drafts: the first is the target's argmax (accepted), the second not.
+                row0 = self.toy_beam_logits(plain, vocab)
+                d0 = int(row0.argmax())
+                row1 = self.toy_beam_logits(plain + [d0], vocab)
+                d1 = (int(row1.argmax()) + 1) % vocab
+                row2 = self.toy_beam_logits(plain + [d0, d1], vocab)
+                beam_rows = [self.toy_beam_logits(prompt + b, vocab) for b in beams]
+                logits = np.stack([row0, row1, row2] + beam_rows)
+                if step == 1:
+                    with self.assertRaises(tokensampler.TokenSamplerError) as caught:
+                        session.step(logits, [1, 4], drafts={4: [d0, d1]})
+                    self.assertEqual(caught.exception.code, grpc.StatusCode.INVALID_ARGUMENT)
+                    self.assertEqual(caught.exception.details,
+                                     "step: drafts[0]: sequence 4 is a beam search; drafts "
+                                     "apply to plain sequences only")
+                result = session.step(logits, [1, 4], drafts={1: [d0, d1]})
+                self.assertIsNone(result.beams[0])
+                self.assertEqual(result.emitted[0].tolist(), [d0, int(row1.argmax())])
+                self.assertEqual(result.num_accepted[0], 1)
+                self.assertEqual(len(result.emitted[1]), 0)
+                beam = result.beams[1]
+                self.assertEqual(list(zip(beam.parent_beams.tolist(), beam.token_ids.tolist())),
+                                 want)
+                beams = [beams[p] + [t] for p, t in zip(beam.parent_beams, beam.token_ids)]
+                plain += result.emitted[0].tolist()
+            self.assertTrue(beam.finished)
+
     def test_limits_and_the_end_of_the_stream(self):
         with tokensampler.Daemon(os.environ["TOKENSAMPLERD"],
                                  args=["--threads=1", "--session_max_sequences=2"]) as daemon:
@@ -389,7 +502,8 @@ class SessionTest(unittest.TestCase):
                     session.add([1, 2, 3])
                 self.assertEqual(caught.exception.code, grpc.StatusCode.RESOURCE_EXHAUSTED)
                 self.assertEqual(caught.exception.details,
-                                 "add[2]: the session would hold 3 sequences; the limit is 2")
+                                 "add[2]: the session would hold 3 sequences; the limit is 2 "
+                                 "(a beam search counts as beam_width sequences)")
                 self.assertEqual(daemon.stop(), 0)  # SIGTERM ends the stream: UNAVAILABLE
                 with self.assertRaises(tokensampler.TokenSamplerError) as caught:
                     session.add(5)

@@ -167,6 +167,33 @@ TEST_F(SessionOperationsTest, StreamNeedsTheBearerTokenWhenAuthIsOn) {
   EXPECT_THAT(log(), ::testing::Not(HasSubstr(kToken)));
 }
 
+// The rows metric counts a step's logits rows: one per live beam of a beam search and k + 1 for
+// a sequence with k drafts, not one per stepped sequence.
+TEST_F(SessionOperationsTest, RowsMetricCountsLogitsRowsOfBeamsAndDrafts) {
+  StartServer();
+  TestSession session(*stub_);
+  v1::SessionRequest add = AddRequest({1, 2});
+  add.mutable_add(0)->mutable_beam()->set_beam_width(3);
+  session.CallOk(add);
+  // Step 1: the beam search's prompt row + sequence 2's row.
+  v1::SessionRequest first = StepRequest({1, 2});
+  ASSERT_EQ(session.CallOk(first).results(0).beams_size(), 3);
+  // Step 2: 3 live beams + sequence 2 with 2 drafts (3 rows).
+  std::vector<std::vector<float>> rows(6, std::vector<float>(16, 0.0f));
+  v1::SessionRequest second;
+  SetStep(second, rows, {1, 2});
+  v1::SequenceDrafts& drafts = *second.mutable_step()->add_drafts();
+  drafts.set_sequence_id(2);
+  drafts.add_draft_token_ids(3);
+  drafts.add_draft_token_ids(4);
+  EXPECT_TRUE(session.CallOk(second).results(1).has_verify());
+  EXPECT_TRUE(session.Close().ok());
+  const std::map<std::string, double> samples = Scrape();
+  EXPECT_THAT(
+      MetricSample(samples, "tokensampler_rows_total", {{"rpc", "Session"}, {"code", "OK"}}),
+      Optional(8.0));
+}
+
 TEST_F(SessionOperationsTest, SessionMetricsAndGaugesMoveWithTheStreams) {
   StartServer();
   std::map<std::string, double> samples = Scrape();

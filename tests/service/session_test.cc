@@ -25,6 +25,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "service/server.h"
+#include "tests/testing/in_process_server.h"
 #include "tests/testing/service_testing.h"
 #include "tests/testing/session_testing.h"
 #include "tokensampler/v1/sampler.grpc.pb.h"
@@ -48,34 +49,8 @@ using ::tokensampler::testing::WaitUntil;
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-class SessionServiceTest : public ::testing::Test {
+class SessionServiceTest : public ::tokensampler::testing::InProcessServerTest {
  protected:
-  void SetUp() override { StartServer(ServerOptions{}); }
-
-  void StartServer(ServerOptions options) {
-    if (server_ != nullptr) server_->Shutdown(absl::Now() + absl::Seconds(5));
-    options.threads = 2;
-    absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(options);
-    ASSERT_TRUE(server.ok()) << server.status();
-    server_ = *std::move(server);
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    stub_ = v1::Sampler::NewStub(server_->InProcessChannel(args));
-  }
-
-  void TearDown() override {
-    if (server_ != nullptr) server_->Shutdown(absl::Now() + absl::Seconds(5));
-  }
-
-  v1::SampleResponse SampleOk(const v1::SampleRequest& request) {
-    grpc::ClientContext context;
-    SetDeadline(context);
-    v1::SampleResponse response;
-    const grpc::Status status = stub_->Sample(&context, request, &response);
-    EXPECT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
-    return response;
-  }
-
   int64_t live_sessions() const { return server_->service().live_sessions(); }
   int64_t live_sequences() const { return server_->service().live_sequences(); }
 
@@ -84,9 +59,6 @@ class SessionServiceTest : public ::testing::Test {
     EXPECT_TRUE(WaitUntil([this] { return live_sessions() == 0 && live_sequences() == 0; }))
         << live_sessions() << " sessions, " << live_sequences() << " sequences still live";
   }
-
-  std::unique_ptr<Server> server_;
-  std::unique_ptr<v1::Sampler::Stub> stub_;
 };
 
 // What the test knows of a sequence: enough to ask Sample for its next token.

@@ -17,6 +17,7 @@
 #include "gtest/gtest.h"
 #include "service/server.h"
 #include "tests/testing/core_testing.h"
+#include "tests/testing/in_process_server.h"
 #include "tests/testing/service_testing.h"
 #include "tests/testing/session_testing.h"
 #include "tokensampler/v1/sampler.grpc.pb.h"
@@ -31,21 +32,12 @@ using ::tokensampler::testing::MakeLogits;
 using ::tokensampler::testing::SetDeadline;
 using ::tokensampler::testing::TestSession;
 
-class VerifyServiceTest : public ::testing::Test {
+class VerifyServiceTest : public ::tokensampler::testing::InProcessServerTest {
  protected:
   void SetUp() override {
     ServerOptions options;
-    options.threads = 2;
     options.max_message_bytes = 256 * 1024 * 1024;
-    absl::StatusOr<std::unique_ptr<Server>> server = Server::Start(options);
-    ASSERT_TRUE(server.ok()) << server.status();
-    server_ = *std::move(server);
-    grpc::ChannelArguments args;
-    args.SetMaxReceiveMessageSize(-1);
-    stub_ = v1::Sampler::NewStub(server_->InProcessChannel(args));
-  }
-  void TearDown() override {
-    if (server_ != nullptr) server_->Shutdown(absl::Now() + absl::Seconds(5));
+    StartServer(options);
   }
 
   grpc::Status Verify(const v1::VerifyRequest& request, v1::VerifyResponse* response) {
@@ -59,17 +51,6 @@ class VerifyServiceTest : public ::testing::Test {
     EXPECT_TRUE(status.ok()) << status.error_code() << ": " << status.error_message();
     return response;
   }
-  v1::SampleResponse SampleOk(const v1::SampleRequest& request) {
-    grpc::ClientContext context;
-    SetDeadline(context);
-    v1::SampleResponse response;
-    const grpc::Status status = stub_->Sample(&context, request, &response);
-    EXPECT_TRUE(status.ok()) << status.error_message();
-    return response;
-  }
-
-  std::unique_ptr<Server> server_;
-  std::unique_ptr<v1::Sampler::Stub> stub_;
 };
 
 std::vector<double> Softmax(const std::vector<float>& l, double t = 1.0) {

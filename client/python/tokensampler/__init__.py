@@ -32,7 +32,7 @@ from tokensampler.errors import TokenSamplerError
 from tokensampler.daemon import Daemon
 from tokensampler.logits import encode_logits
 from tokensampler.params import make_params
-from tokensampler.session import Session, StepResult
+from tokensampler.session import BeamResult, Hypothesis, Session, StepResult
 
 SamplingParams = sampler_pb2.SamplingParams
 FinishReason = sampler_pb2.FinishReason
@@ -40,8 +40,9 @@ LogprobsMode = sampler_pb2.LogprobsMode
 SamplerStage = sampler_pb2.SamplerStage
 
 __all__ = [
-    "Client", "Daemon", "FinishReason", "LogprobsMode", "SampleResult", "SamplerStage",
-    "SamplingParams", "Session", "StepResult", "TokenSamplerError", "VerifyResult",
-    "encode_logits", "make_params", "make_request", "make_verify_request", "sampler_pb2",
+    "BeamResult", "Client", "Daemon", "FinishReason", "Hypothesis", "LogprobsMode",
+    "SampleResult", "SamplerStage", "SamplingParams", "Session", "StepResult",
+    "TokenSamplerError", "VerifyResult", "encode_logits", "make_params", "make_request",
+    "make_verify_request", "sampler_pb2",
 ]
 __version__ = "0.1.0"

@@ -10,6 +10,20 @@ the sequences they belong to:
         result.token_ids, result.finished            # numpy arrays, one entry per row
         session.fork(7, [8]); session.release([9])
 
+Beam search keeps the beams in the server; the worker sends one row per live beam and reorders
+its KV cache by each new beam's parent:
+
+        session.add_beam_search(3, {"eos_token_ids": [2], "max_tokens": 64}, beam_width=4,
+                                prompt_token_ids=prompt)
+        rows = 1                                        # the prompt row at the first step
+        while True:
+            result = session.step(logits_for_live_beams, [3])
+            beam = result.beams[0]                      # BeamResult of sequence 3
+            kv_cache = kv_cache[beam.parent_beams]      # reorder, then append beam.token_ids
+            if beam.finished:
+                best = beam.hypotheses[0]               # Hypothesis(token_ids, score, ...)
+                break
+
 Each call sends one request and waits for its answer. A request's own error (NOT_FOUND for an
 unknown or finished id, ALREADY_EXISTS, INVALID_ARGUMENT, RESOURCE_EXHAUSTED over a session
 limit) raises TokenSamplerError and the stream goes on. When the stream itself ends (the server's
@@ -50,11 +64,64 @@ def _ids(name, values):
     return ids
 
 
+_EARLY_STOPPING = {
+    "true": sampler_pb2.EARLY_STOPPING_TRUE,
+    "heuristic": sampler_pb2.EARLY_STOPPING_HEURISTIC,
+    "never": sampler_pb2.EARLY_STOPPING_NEVER,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Hypothesis:
+    """A finished hypothesis of a beam search."""
+
+    token_ids: list       # the generated tokens, the final EOS / stop token included
+    score: float          # sum_logprobs / length^length_penalty
+    sum_logprobs: float
+    finish_reason: int    # sampler_pb2.FinishReason value
+
+
+@dataclasses.dataclass(frozen=True)
+class BeamResult:
+    """One step of a beam search: the live beams after it, in slot order (the rows of the next
+    step), and, once the search is over, its hypotheses, best first."""
+
+    parent_beams: np.ndarray  # uint32 [beams]: the input row (of this sequence) each continues
+    token_ids: np.ndarray     # int32 [beams]: each beam's new token
+    logprobs: np.ndarray      # float32 [beams]: that token's score
+    scores: np.ndarray        # float64 [beams]: cumulative scores
+    hypotheses: list          # [Hypothesis], empty until the search is over
+    finish_reason: int        # set (the best hypothesis's) when the search is over
+
+    @property
+    def finished(self):
+        return self.finish_reason != 0
+
+    @classmethod
+    def from_result(cls, r):
+        n = len(r.beams)
+        return cls(
+            parent_beams=np.fromiter((b.parent_beam for b in r.beams), np.uint32, n),
+            token_ids=np.fromiter((b.token_id for b in r.beams), np.int32, n),
+            logprobs=np.fromiter((b.logprob for b in r.beams), np.float32, n),
+            scores=np.fromiter((b.cumulative_score for b in r.beams), np.float64, n),
+            hypotheses=[Hypothesis(list(h.token_ids), h.score, h.sum_logprobs, h.finish_reason)
+                        for h in r.hypotheses],
+            finish_reason=r.finish_reason)
+
+
+def _is_beam(result):
+    """Whether a SequenceResult is a beam search's."""
+    return bool(result.beams or result.hypotheses)
+
+
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """The outcome of one `Session.step`, one entry per logits row (in the order of the ids).
+    """The outcome of one `Session.step`, one entry per stepped sequence (in the order of the
+    ids). For a beam search, `beams[i]` is its BeamResult (token_ids[i] and logprobs[i] are 0,
+    emitted[i] is empty); for a plain sequence `beams[i]` is None.
 
-    A row whose finish reason is set ended its sequence; the server has released it.
+    An entry whose finish reason is set ended its sequence; the server has released it.
     """
 
     sequence_ids: np.ndarray    # uint64 [rows]
@@ -63,11 +130,12 @@ class StepResult:
     finish_reasons: np.ndarray  # int32 [rows], sampler_pb2.FinishReason values (0 = going on)
     top_logprobs: list          # [row] → {token_id: logprob}, by descending value
     response: sampler_pb2.SessionResponse
-    # Every token each row's sequence emitted this step: [token_id] for a plain row; for a row
-    # stepped with drafts the accepted drafts then the recovered / bonus token (token_ids[row]
-    # is the last of them). The server has appended all of them.
+    # Every token each plain sequence emitted this step: [token_id] without drafts; with drafts
+    # the accepted drafts then the recovered / bonus token (token_ids[i] is the last of them).
+    # The server has appended all of them. Empty for a beam search.
     emitted: list = dataclasses.field(default_factory=list)  # [row] → int32 array
     num_accepted: np.ndarray = None                          # int32 [rows]; 0 without drafts
+    beams: list = dataclasses.field(default_factory=list)    # [row] → BeamResult or None
 
     @property
     def finished(self):
@@ -85,10 +153,12 @@ class StepResult:
                                        len(results)),
             top_logprobs=[{t.token_id: t.logprob for t in r.top_logprobs} for r in results],
             response=response,
-            emitted=[np.array(r.verify.token_ids if r.HasField("verify") else [r.token_id],
-                              np.int32) for r in results],
+            emitted=[np.array(r.verify.token_ids if r.HasField("verify")
+                              else [] if _is_beam(r) else [r.token_id], np.int32)
+                     for r in results],
             num_accepted=np.fromiter((r.verify.num_accepted for r in results), np.int32,
-                                     len(results)))
+                                     len(results)),
+            beams=[BeamResult.from_result(r) if _is_beam(r) else None for r in results])
 
 
 class Session:
@@ -126,17 +196,50 @@ class Session:
                 add.prompt_token_ids.extend(int(t) for t in np.asarray(prompt).ravel())
         self.send(request)
 
+    def add_beam_search(self, sequence_id, params=None, *, beam_width, length_penalty=None,
+                        early_stopping=None, num_return_sequences=None, num_beam_groups=None,
+                        diversity_penalty=None, do_sample=False, prompt_token_ids=None):
+        """Starts a beam search (BeamSearchParams in the proto; HF semantics). `early_stopping`:
+        None (= "heuristic"), "true", "heuristic", "never" or a sampler_pb2.EarlyStopping value.
+        Each step then takes one logits row per live beam (1 at the first step)."""
+        beam = sampler_pb2.BeamSearchParams(beam_width=operator.index(beam_width),
+                                            do_sample=bool(do_sample))
+        if length_penalty is not None:
+            beam.length_penalty = float(length_penalty)
+        if early_stopping is not None:
+            if isinstance(early_stopping, str):
+                if early_stopping.lower() not in _EARLY_STOPPING:
+                    raise ValueError(f"early_stopping must be one of {sorted(_EARLY_STOPPING)}, "
+                                     f"got {early_stopping!r}")
+                early_stopping = _EARLY_STOPPING[early_stopping.lower()]
+            beam.early_stopping = early_stopping
+        if num_return_sequences is not None:
+            beam.num_return_sequences = operator.index(num_return_sequences)
+        if num_beam_groups is not None:
+            beam.num_beam_groups = operator.index(num_beam_groups)
+        if diversity_penalty is not None:
+            beam.diversity_penalty = float(diversity_penalty)
+        request = sampler_pb2.SessionRequest()
+        add = request.add.add(sequence_id=_ids("sequence_id", sequence_id)[0])
+        add.params.CopyFrom(make_params(params))
+        add.beam.CopyFrom(beam)
+        if prompt_token_ids is not None:
+            add.prompt_token_ids.extend(int(t) for t in np.asarray(prompt_token_ids).ravel())
+        self.send(request)
+
     def step(self, logits, sequence_ids, *, dtype=None, drafts=None, draft_probs=None,
              draft_parents=None, draft_dtype=None):
-        """Samples one token for each row of `logits` ([rows, vocab] numpy array or torch
-        tensor, sent as raw bytes as in Client.sample): row i belongs to sequence_ids[i].
-        Returns a StepResult.
+        """One step for each of `sequence_ids`. The rows of `logits` ([rows, vocab] numpy array
+        or torch tensor, sent as raw bytes as in Client.sample) are consumed in the order of the
+        ids: one per plain sequence, one per live beam of a beam search. Returns a StepResult
+        (one entry per id).
 
-        Speculative decoding: `drafts` maps sequence ids to their draft token ids (k ≥ 1); such a
-        sequence takes k + 1 consecutive logits rows (the current position, then one after each
-        draft) instead of one, and is verified as by Client.verify (StepResult.emitted has every
-        token it emitted). `draft_probs` / `draft_parents` map the same ids to the [k, vocab]
-        draft probabilities (absent = point masses) and the tree's parent indices."""
+        Speculative decoding: `drafts` maps sequence ids of plain sequences to their draft token
+        ids (k ≥ 1); such a sequence takes k + 1 consecutive logits rows (the current position,
+        then one after each draft) instead of one, and is verified as by Client.verify
+        (StepResult.emitted has every token it emitted). `draft_probs` / `draft_parents` map the
+        same ids to the [k, vocab] draft probabilities (absent = point masses) and the tree's
+        parent indices."""
         request = sampler_pb2.SessionRequest()
         request.step.logits.CopyFrom(encode_logits(logits, dtype))
         request.step.sequence_ids.extend(_ids("sequence_ids", sequence_ids))
