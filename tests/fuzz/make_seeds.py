@@ -123,3 +123,4 @@ if __name__ == "__main__":
     session_seeds()
     program_seeds("pipeline", 24)
     program_seeds("session", 24)
+    program_seeds("beam", 30)
