@@ -181,3 +181,4 @@ if __name__ == "__main__":
     program_seeds("session", 24)
     verify_seeds()
     program_seeds("verify", 30)
+    program_seeds("beam", 30)
