@@ -216,6 +216,14 @@ absl::StatusOr<DType> DTypeFromProto(v1::DType dtype) {
 }
 
 absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits) {
+  if (logits.source_case() == v1::Logits::kSharedMemory) {
+    return absl::InvalidArgumentError(
+        "logits.shared_memory is not accepted here; send the logits as bytes (data)");
+  }
+  if (logits.source_case() == v1::Logits::kSparse) {
+    return absl::InvalidArgumentError(
+        "logits.sparse is not accepted here; send dense logits (data)");
+  }
   ASSIGN_OR_RETURN(const DType dtype, DTypeFromProto(logits.dtype()));
   const std::string& data = logits.data();
   return LogitsView::Create(
@@ -240,8 +248,13 @@ absl::StatusOr<SamplingParams> ParamsFromProto(const v1::SamplingParams& proto,
 }
 
 absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request) {
+  ASSIGN_OR_RETURN(const LogitsView logits, LogitsFromProto(request.logits()));
+  return BatchFromProto(request, logits);
+}
+
+absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request, const LogitsView& logits) {
   Batch batch;
-  ASSIGN_OR_RETURN(batch.logits, LogitsFromProto(request.logits()));
+  batch.logits = logits;
   const size_t num_rows = static_cast<size_t>(request.rows_size());
   if (num_rows != request.logits().rows()) {
     return absl::InvalidArgumentError(

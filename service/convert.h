@@ -23,7 +23,8 @@ namespace tokensampler::service {
 absl::StatusOr<DType> DTypeFromProto(v1::DType dtype);
 
 // Returns a view over `logits.data()` (no copy), or INVALID_ARGUMENT naming the `logits.` field
-// and value: dtype unset, vocab_size 0, data size != rows × vocab_size × dtype size.
+// and value: dtype unset, vocab_size 0, data size != rows × vocab_size × dtype size, or a
+// shared_memory / sparse source (RequestLogits resolves those, service/request_logits.h).
 // Ownership: the view borrows `logits.data()`; `logits` must outlive it and stay unmodified.
 absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits);
 
@@ -65,6 +66,11 @@ struct Batch {
 // "rows[3].params.top_p must be in (0, 1], got 1.5".
 // Ownership: the batch borrows from `request` (see Batch).
 absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request);
+
+// The same with the logits already resolved to `logits` (a shared-memory region or densified
+// sparse candidates, service/request_logits.h); `request.logits()` gives only the row count.
+// Ownership: the batch borrows `logits`' bytes and the rows' histories.
+absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request, const LogitsView& logits);
 
 // Returns the response holding `tokens` in order (Σ n results, row-major as Sampler::Run returns
 // them).

@@ -3,30 +3,120 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "core/status_macros.h"
 #include "service/convert.h"
 #include "service/status.h"
 #include "service/unary_call.h"
 
 namespace tokensampler::service {
+namespace {
+
+// The bearer token a call carries ("" without one): its shared-memory namespace. When the
+// server checks tokens, the CallGuard has verified it before any handler's work runs.
+std::string BearerToken(const grpc::CallbackServerContext& context) {
+  const auto& metadata = context.client_metadata();
+  const auto it = metadata.find("authorization");
+  if (it == metadata.end()) return "";
+  absl::string_view value(it->second.data(), it->second.size());
+  constexpr absl::string_view kPrefix = "bearer ";
+  if (value.size() <= kPrefix.size() ||
+      !absl::EqualsIgnoreCase(value.substr(0, kPrefix.size()), kPrefix)) {
+    return "";
+  }
+  return std::string(value.substr(kPrefix.size()));
+}
+
+}  // namespace
 
 SamplerService::SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics& metrics,
-                               SessionOptions session_options)
+                               SessionOptions session_options, SharedMemoryRegistry* shared_memory)
     : arena_(arena),
       guard_(guard),
       sample_metrics_(metrics.ForRpc("Sample")),
       session_metrics_(metrics.ForRpc("Session")),
+      register_metrics_(metrics.ForRpc("RegisterSharedMemory")),
+      unregister_metrics_(metrics.ForRpc("UnregisterSharedMemory")),
+      list_metrics_(metrics.ForRpc("ListSharedMemory")),
+      shared_memory_(shared_memory),
       session_options_(std::move(session_options)),
       sessions_(session_options_, guard, metrics) {}
+
+SharedMemoryAccess SamplerService::AccessOf(const grpc::CallbackServerContext& context) const {
+  return SharedMemoryAccess{shared_memory_,
+                            SharedMemoryCaller{context.peer(), BearerToken(context)}};
+}
 
 grpc::ServerUnaryReactor* SamplerService::Sample(grpc::CallbackServerContext* context,
                                                  const v1::SampleRequest* request,
                                                  v1::SampleResponse* response) {
-  return StartUnaryCall(context, guard_, arena_, sample_metrics_,
-                        static_cast<int64_t>(request->ByteSizeLong()), request->rows_size(),
-                        [this, request, response](const std::atomic<bool>& cancelled) {
-                          return SampleInArena(*request, *response, cancelled);
-                        });
+  // Only a shared-memory reference needs to know who is asking.
+  SharedMemoryAccess access = request->logits().has_shared_memory()
+                                  ? AccessOf(*context)
+                                  : SharedMemoryAccess{shared_memory_, {}};
+  return StartUnaryCall(
+      context, guard_, arena_, sample_metrics_, static_cast<int64_t>(request->ByteSizeLong()),
+      request->rows_size(),
+      [this, request, response, access = std::move(access)](const std::atomic<bool>& cancelled) {
+        return SampleInArena(*request, *response, access, cancelled);
+      });
+}
+
+grpc::ServerUnaryReactor* SamplerService::RegisterSharedMemory(
+    grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request,
+    v1::RegisterSharedMemoryResponse* response) {
+  return StartUnaryCall(
+      context, guard_, arena_, register_metrics_, static_cast<int64_t>(request->ByteSizeLong()), 0,
+      [this, request, response, access = AccessOf(*context)](const std::atomic<bool>&) {
+        if (access.registry == nullptr) {
+          return absl::FailedPreconditionError("this server has no shared memory");
+        }
+        ASSIGN_OR_RETURN(std::string handle,
+                         shared_memory_->Register(access.caller, request->name(), request->key(),
+                                                  request->offset(), request->byte_size()));
+        response->set_region(std::move(handle));
+        return absl::OkStatus();
+      });
+}
+
+grpc::ServerUnaryReactor* SamplerService::UnregisterSharedMemory(
+    grpc::CallbackServerContext* context, const v1::UnregisterSharedMemoryRequest* request,
+    v1::UnregisterSharedMemoryResponse* /*response*/) {
+  return StartUnaryCall(
+      context, guard_, arena_, unregister_metrics_, static_cast<int64_t>(request->ByteSizeLong()),
+      0, [this, request, access = AccessOf(*context)](const std::atomic<bool>&) {
+        if (access.registry == nullptr) {
+          return absl::FailedPreconditionError("this server has no shared memory");
+        }
+        return shared_memory_->Unregister(access.caller, request->region());
+      });
+}
+
+grpc::ServerUnaryReactor* SamplerService::ListSharedMemory(
+    grpc::CallbackServerContext* context, const v1::ListSharedMemoryRequest* request,
+    v1::ListSharedMemoryResponse* response) {
+  return StartUnaryCall(
+      context, guard_, arena_, list_metrics_, static_cast<int64_t>(request->ByteSizeLong()), 0,
+      [this, request, response, access = AccessOf(*context)](const std::atomic<bool>&) {
+        if (access.registry == nullptr) {
+          return absl::FailedPreconditionError("this server has no shared memory");
+        }
+        const std::vector<std::string> handles(request->regions().begin(),
+                                               request->regions().end());
+        ASSIGN_OR_RETURN(const std::vector<SharedMemoryRegionInfo> regions,
+                         shared_memory_->List(access.caller, handles));
+        for (const SharedMemoryRegionInfo& info : regions) {
+          v1::SharedMemoryRegionStatus& out = *response->add_regions();
+          out.set_region(info.handle);
+          out.set_name(info.name);
+          out.set_key(info.key);
+          out.set_offset(info.offset);
+          out.set_byte_size(info.byte_size);
+          out.set_faulted(info.faulted);
+        }
+        return absl::OkStatus();
+      });
 }
 
 grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SamplerService::Session(
@@ -39,15 +129,31 @@ grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SamplerService
                               SessionStream::Env{.arena = &arena_,
                                                  .sampler = &sampler_,
                                                  .options = &session_options_,
-                                                 .registry = &sessions_});
+                                                 .registry = &sessions_,
+                                                 .shared_memory = AccessOf(*context)});
 }
 
 absl::Status SamplerService::SampleInArena(const v1::SampleRequest& request,
                                            v1::SampleResponse& response,
+                                           const SharedMemoryAccess& access,
                                            const std::atomic<bool>& cancelled) const {
-  ASSIGN_OR_RETURN(const Batch batch, BatchFromProto(request));
-  ASSIGN_OR_RETURN(const std::vector<SampledToken> tokens,
+  ASSIGN_OR_RETURN(const RequestLogits logits,
+                   RequestLogits::Resolve(request.logits(), access, /*allow_sparse=*/true));
+  ASSIGN_OR_RETURN(Batch batch, BatchFromProto(request, logits.view()));
+  const SparseBatch* sparse = logits.sparse();
+  if (sparse != nullptr) {
+    for (size_t i = 0; i < batch.rows.size(); ++i) {
+      RETURN_IF_ERROR(sparse->Prepare(static_cast<int>(i), batch.params[i],
+                                      batch.rows[i].prompt_token_ids,
+                                      batch.rows[i].output_token_ids));
+    }
+  }
+  ASSIGN_OR_RETURN(std::vector<SampledToken> tokens,
                    sampler_.Run(batch.logits, batch.rows, &cancelled));
+  RETURN_IF_ERROR(logits.CheckAfterRead());
+  if (sparse != nullptr) {
+    for (SampledToken& token : tokens) sparse->FixLogprobs(batch.params[token.row_index], token);
+  }
   response = ResponseToProto(tokens);
   return absl::OkStatus();
 }

@@ -19,7 +19,9 @@
 #include "oneapi/tbb/task_arena.h"
 #include "service/call_guard.h"
 #include "service/metrics.h"
+#include "service/request_logits.h"
 #include "service/session_stream.h"
+#include "service/shared_memory.h"
 #include "tokensampler/v1/sampler.grpc.pb.h"
 
 namespace tokensampler::service {
@@ -27,11 +29,13 @@ namespace tokensampler::service {
 class SamplerService final : public v1::Sampler::CallbackService {
  public:
   // `arena` runs every call's work; `guard` admits and accounts every call (and waits for the
-  // tasks it enqueued); `metrics` holds the per-RPC metrics and the session gauges. All
-  // borrowed: they must outlive the service, and the service must outlive the grpc::Server it is
-  // registered with (grpc::Server::Shutdown waits for every call to be finished).
+  // tasks it enqueued); `metrics` holds the per-RPC metrics and the session gauges;
+  // `shared_memory` (nullable: none) holds the registered regions. All borrowed: they must
+  // outlive the service, and the service must outlive the grpc::Server it is registered with
+  // (grpc::Server::Shutdown waits for every call to be finished).
   SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics& metrics,
-                 SessionOptions session_options = {});
+                 SessionOptions session_options = {},
+                 SharedMemoryRegistry* shared_memory = nullptr);
   ~SamplerService() override = default;
 
   SamplerService(const SamplerService&) = delete;
@@ -41,6 +45,17 @@ class SamplerService final : public v1::Sampler::CallbackService {
   grpc::ServerUnaryReactor* Sample(grpc::CallbackServerContext* context,
                                    const v1::SampleRequest* request,
                                    v1::SampleResponse* response) override;
+
+  // RegisterSharedMemory, UnregisterSharedMemory, ListSharedMemory (see sampler.proto).
+  grpc::ServerUnaryReactor* RegisterSharedMemory(
+      grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request,
+      v1::RegisterSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* UnregisterSharedMemory(
+      grpc::CallbackServerContext* context, const v1::UnregisterSharedMemoryRequest* request,
+      v1::UnregisterSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* ListSharedMemory(grpc::CallbackServerContext* context,
+                                             const v1::ListSharedMemoryRequest* request,
+                                             v1::ListSharedMemoryResponse* response) override;
 
   // Session (see sampler.proto): one SessionStream per stream.
   grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* Session(
@@ -56,12 +71,19 @@ class SamplerService final : public v1::Sampler::CallbackService {
   // The body of Sample; runs in the arena. Returns OK with `response` filled, or the error
   // (CANCELLED once `cancelled` is set).
   absl::Status SampleInArena(const v1::SampleRequest& request, v1::SampleResponse& response,
+                             const SharedMemoryAccess& access,
                              const std::atomic<bool>& cancelled) const;
+  // What a call may reach of the shared-memory registry.
+  SharedMemoryAccess AccessOf(const grpc::CallbackServerContext& context) const;
 
   tbb::task_arena& arena_;
   CallGuard& guard_;
   RpcMetrics& sample_metrics_;
   RpcMetrics& session_metrics_;
+  RpcMetrics& register_metrics_;
+  RpcMetrics& unregister_metrics_;
+  RpcMetrics& list_metrics_;
+  SharedMemoryRegistry* const shared_memory_;
   const Sampler sampler_;
   const SessionOptions session_options_;
 

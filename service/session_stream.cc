@@ -370,13 +370,18 @@ absl::Status SessionStream::Apply(const v1::SessionRequest& request,
   if (!request.has_step()) return absl::OkStatus();
 
   const v1::Step& step = request.step();
-  absl::StatusOr<LogitsView> logits = LogitsFromProto(step.logits());
+  // Bytes or a shared-memory region (sparse candidates are for Sample only).
+  absl::StatusOr<RequestLogits> logits =
+      RequestLogits::Resolve(step.logits(), env_.shared_memory, /*allow_sparse=*/false);
   if (!logits.ok()) return Prefixed("step.", logits.status());
   const absl::Span<const uint64_t> ids = SpanOf(step.sequence_ids());
   if (env_.options->before_step_for_testing) env_.options->before_step_for_testing(cancelled_);
   absl::StatusOr<std::vector<SampledToken>> tokens =
-      table_.Step(*env_.sampler, *logits, ids, &cancelled_);
+      table_.Step(*env_.sampler, logits->view(), ids, &cancelled_);
   if (!tokens.ok()) return Prefixed("step: ", tokens.status());
+  // A region truncated during the read: the tokens came from zeros. (The sequences have
+  // advanced; the error tells the worker its step's logits were lost.)
+  RETURN_IF_ERROR(Prefixed("step.", logits->CheckAfterRead()));
   SessionResultsToProto(*tokens, ids, response);
   return absl::OkStatus();
 }

@@ -44,6 +44,7 @@
 #include "oneapi/tbb/task_arena.h"
 #include "service/call_guard.h"
 #include "service/metrics.h"
+#include "service/request_logits.h"
 #include "tokensampler/v1/sampler.grpc.pb.h"
 
 namespace tokensampler::service {
@@ -132,6 +133,8 @@ class SessionStream final
     const Sampler* sampler = nullptr;
     const SessionOptions* options = nullptr;
     SessionRegistry* registry = nullptr;
+    // The stream's caller, for shared-memory step logits (the registry itself is borrowed).
+    SharedMemoryAccess shared_memory;
   };
 
   // Starts serving the stream of `context`, the open `call` of the CallGuard, and returns its

@@ -18,6 +18,7 @@ from tokensampler.errors import TokenSamplerError
 from tokensampler.logits import encode_logits
 from tokensampler.params import make_params
 from tokensampler.session import Session
+from tokensampler.transport import SharedMemoryLogits
 from tokensampler.v1 import sampler_pb2, sampler_pb2_grpc
 
 _CLIENT_DEFAULT = object()  # per-call timeout: use the Client's
@@ -79,7 +80,13 @@ def _token_ids(name, values):
 def make_request(logits, params=None, *, dtype=None, prompt_token_ids=None,
                  output_token_ids=None, mirostat_mu=None):
     """Returns the `SampleRequest` that `Client.sample` sends; see there for the arguments."""
-    request = sampler_pb2.SampleRequest(logits=encode_logits(logits, dtype))
+    if isinstance(logits, sampler_pb2.Logits):  # e.g. sparse_logits(...)
+        encoded = logits
+    elif isinstance(logits, SharedMemoryLogits):
+        encoded = logits.message()
+    else:
+        encoded = encode_logits(logits, dtype)
+    request = sampler_pb2.SampleRequest(logits=encoded)
     rows = request.logits.rows
     if params is None or isinstance(params, (Mapping, sampler_pb2.SamplingParams)):
         params = [make_params(params)] * rows  # one conversion, copied into every row
@@ -134,6 +141,11 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_http_proxy", 0),
+            # Large requests: large fixed HTTP/2 windows and frames (docs/performance.md).
+            ("grpc.http2.lookahead_bytes", 64 << 20),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.max_frame_size", (1 << 24) - 1),
+            ("grpc.http2.write_buffer_size", 64 << 20),
         ]
         if tls or root_certificates is not None or certificate_chain is not None:
             credentials = grpc.ssl_channel_credentials(
@@ -170,7 +182,8 @@ class Client:
 
         logits: [rows, vocab_size] numpy array (float32, float16; bfloat16 bit patterns as
             int16/uint16 with dtype="bfloat16") or torch tensor (float32, float16, bfloat16),
-            sent as raw bytes.
+            sent as raw bytes; or a SharedMemoryLogits (sent as a reference, no copy); or a
+            ready `Logits` message (e.g. sparse_logits / sparse_from_dense).
         params: one dict / SamplingParams for every row, or a sequence of them, one per row.
             Dict keys are the proto's SamplingParams field names.
         prompt_token_ids, output_token_ids: None, or one token-id sequence per row (the history;
@@ -186,6 +199,31 @@ class Client:
                                output_token_ids=output_token_ids, mirostat_mu=mirostat_mu)
         response = self._call(self._stub.Sample, request, timeout)
         return SampleResult.from_response(response, request.logits.rows)
+
+    def register_shared_memory(self, name, key, offset, byte_size, *, timeout=_CLIENT_DEFAULT):
+        """Maps [offset, offset + byte_size) of the shared-memory object `key` ("/name" or a path
+        under /dev/shm) in the server; returns the region's handle (for SharedMemoryRef.region).
+        Raises TokenSamplerError: FAILED_PRECONDITION when the server does not serve shared
+        memory on this connection (by default: Unix sockets only), NOT_FOUND, OUT_OF_RANGE, ..."""
+        request = sampler_pb2.RegisterSharedMemoryRequest(
+            name=name, key=key, offset=offset, byte_size=byte_size)
+        return self._call(self._stub.RegisterSharedMemory, request, timeout).region
+
+    def unregister_shared_memory(self, region, *, timeout=_CLIENT_DEFAULT):
+        """Unmaps the region `region` (a handle) in the server."""
+        request = sampler_pb2.UnregisterSharedMemoryRequest(region=region)
+        self._call(self._stub.UnregisterSharedMemory, request, timeout)
+
+    def list_shared_memory(self, regions=(), *, timeout=_CLIENT_DEFAULT):
+        """The regions of this client's token (or those named by handle in `regions`), as
+        SharedMemoryRegionStatus messages."""
+        request = sampler_pb2.ListSharedMemoryRequest(regions=list(regions))
+        return list(self._call(self._stub.ListSharedMemory, request, timeout).regions)
+
+    def shared_memory_logits(self, rows, vocab_size, dtype="bfloat16", *, name=None):
+        """Creates a [rows, vocab_size] logits buffer in POSIX shared memory and registers it:
+        a SharedMemoryLogits to fill (`.array`) and pass to `sample`. Close it when done."""
+        return SharedMemoryLogits(self, rows, vocab_size, dtype, name=name)
 
     def session(self, *, timeout=None):
         """Opens a Session stream (tokensampler.Session): the server keeps each sequence's state,
