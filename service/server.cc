@@ -5,6 +5,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/impl/server_builder_option.h>
 #include <grpcpp/security/server_credentials.h>
+#include <malloc.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -257,6 +258,11 @@ Server::Server(int threads, const ServerOptions& options)
       service_(std::make_unique<SamplerService>(arena_, *guard_, *metrics_, options.session,
                                                 shared_memory_.get())) {
   metrics_->ObserveArena(arena_);
+}
+
+void TuneMallocForLargeMessages() {
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {

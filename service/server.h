@@ -84,6 +84,14 @@ struct TransportOptions {
   int max_read_chunk_bytes = 16 << 20;
 };
 
+// Process-wide: makes glibc malloc keep large freed blocks for reuse instead of returning them
+// to the kernel. By default a block above its mmap threshold (dynamic, at most 32 MiB) is
+// mmap'ed for each request and unmapped after it, so every large request — a 64 × 128256 fp32
+// batch is 31 MiB — pays its page faults again (≈ 8000 faults). With both thresholds at 1 GiB the
+// same heap memory serves request after request. Call once at start, before threads allocate
+// (tokensamplerd does when --large_message_tuning is on).
+void TuneMallocForLargeMessages();
+
 struct ServerOptions {
   // Addresses to listen on: "host:port" (port 0 = a free port chosen by the OS) or
   // "unix:/path/to/socket". May be empty: the server is then reachable only through
