@@ -15,8 +15,8 @@
 //    "ratio_to_core":…,"chain":…}
 // effective_gbps = the dense tensor's bytes / p50 (what the worker would otherwise have sent);
 // core_ms = the median of Sampler::Run on the same dense batch in an arena of --threads threads,
-// timed in the same run. The worker's own work (filling the region, computing top-k on its GPU)
-// is not timed. Load mode prints one line:
+// one run right before each RPC step (so that both see the same machine). The worker's own work
+// (filling the region, computing top-k on its GPU) is not timed. Load mode prints one line:
 //   {"bench":"load","rpc":"sample"|"session","path":…,"concurrency":…,"duration_s":…,
 //    "requests":…,"ok":…,"throughput_rps":…,"rows_per_s":…,"p50_ms":…,"p99_ms":…,
 //    "p999_ms":…,"errors":{CODE:count,…}}
@@ -245,31 +245,46 @@ v1::SampleRequest Request(const v1::Logits& logits, const v1::SamplingParams& pa
   return request;
 }
 
-// Median Sampler::Run time of the dense batch, in an arena of --threads threads.
-double CoreMillis(const Batch& batch, const std::string& chain_spec, int steps) {
-  absl::StatusOr<Chain> chain = ParseChain(chain_spec);
-  if (!chain.ok()) return -1.0;
-  const std::string& data = batch.dense.data();
-  absl::StatusOr<LogitsView> view = LogitsView::Create(
-      CoreDType(batch.dtype), batch.rows, batch.vocab,
-      absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(data.data()), data.size()));
-  if (!view.ok()) return -1.0;
-  std::vector<SamplingParams> params(batch.rows, chain->params);
-  std::vector<RowRequest> rows(batch.rows);
-  for (uint32_t r = 0; r < batch.rows; ++r) {
-    params[r].seed = r + 1;
-    rows[r].params = &params[r];
+// Sampler::Run on the dense batch, in an arena of --threads threads: the core-only reference.
+// The matrix times one core step before every RPC step, so both see the same machine.
+class CoreRunner {
+ public:
+  static absl::StatusOr<std::unique_ptr<CoreRunner>> Create(const Batch& batch,
+                                                            const std::string& chain_spec) {
+    absl::StatusOr<Chain> chain = ParseChain(chain_spec);
+    if (!chain.ok()) return chain.status();
+    auto runner = std::unique_ptr<CoreRunner>(new CoreRunner());
+    const std::string& data = batch.dense.data();
+    absl::StatusOr<LogitsView> view = LogitsView::Create(
+        CoreDType(batch.dtype), batch.rows, batch.vocab,
+        absl::Span<const uint8_t>(reinterpret_cast<const uint8_t*>(data.data()), data.size()));
+    if (!view.ok()) return view.status();
+    runner->view_ = *view;
+    runner->params_.assign(batch.rows, chain->params);
+    runner->rows_.resize(batch.rows);
+    for (uint32_t r = 0; r < batch.rows; ++r) {
+      runner->params_[r].seed = r + 1;
+      runner->rows_[r].params = &runner->params_[r];
+    }
+    return runner;
   }
-  tbb::task_arena arena(std::max(1, absl::GetFlag(FLAGS_threads)));
-  Sampler sampler;
-  std::vector<double> times;
-  for (int i = -3; i < steps; ++i) {
+
+  // One timed run, in milliseconds.
+  double Step() {
     const auto t0 = Clock::now();
-    arena.execute([&] { (void)sampler.Run(*view, rows); });
-    if (i >= 0) times.push_back(Millis(Clock::now() - t0));
+    arena_.execute([&] { (void)sampler_.Run(view_, rows_); });
+    return Millis(Clock::now() - t0);
   }
-  return Percentile(times, 0.5);
-}
+
+ private:
+  CoreRunner() : arena_(std::max(1, absl::GetFlag(FLAGS_threads))) {}
+
+  LogitsView view_;
+  std::vector<SamplingParams> params_;
+  std::vector<RowRequest> rows_;
+  tbb::task_arena arena_;
+  Sampler sampler_;
+};
 
 int RunMatrix(Targets& targets) {
   absl::StatusOr<std::vector<int>> batches = Ints(absl::GetFlag(FLAGS_batches), "batches");
@@ -305,7 +320,12 @@ int RunMatrix(Targets& targets) {
           std::fprintf(stderr, "error: %s\n", std::string(batch.status().message()).c_str());
           return 2;
         }
-        const double core_ms = CoreMillis(*batch, absl::GetFlag(FLAGS_rpc_chain), steps);
+        absl::StatusOr<std::unique_ptr<CoreRunner>> core =
+            CoreRunner::Create(*batch, absl::GetFlag(FLAGS_rpc_chain));
+        if (!core.ok()) {
+          std::fprintf(stderr, "error: %s\n", core.status().ToString().c_str());
+          return 2;
+        }
         const uint64_t dense_bytes = batch->dense.data().size();
         for (const std::string& path : paths) {
           const Client* client = path == "tcp" ? &*tcp : &*uds;
@@ -339,7 +359,10 @@ int RunMatrix(Targets& targets) {
             return 2;
           }
           std::vector<double> times;
+          std::vector<double> core_times;
           for (int i = -3; i < steps; ++i) {
+            const double core_step = (*core)->Step();
+            if (i >= 0) core_times.push_back(core_step);
             const auto t0 = Clock::now();
             absl::StatusOr<v1::SampleResponse> response =
                 client->Sample(request, absl::Seconds(60));
@@ -353,6 +376,7 @@ int RunMatrix(Targets& targets) {
           }
           if (!region.empty()) (void)client->UnregisterSharedMemory(region, absl::Seconds(10));
           const double p50 = Percentile(times, 0.5);
+          const double core_ms = Percentile(core_times, 0.5);
           std::printf(
               "{\"bench\":\"rpc\",\"path\":\"%s\",\"rows\":%d,\"vocab\":%d,\"dtype\":\"%s\","
               "\"dense_bytes\":%llu,\"request_bytes\":%zu,\"steps\":%d,\"p50_ms\":%.3f,"
