@@ -379,9 +379,13 @@ absl::Status SessionStream::Apply(const v1::SessionRequest& request,
   absl::StatusOr<std::vector<SampledToken>> tokens =
       table_.Step(*env_.sampler, logits->view(), ids, &cancelled_);
   if (!tokens.ok()) return Prefixed("step: ", tokens.status());
-  // A region truncated during the read: the tokens came from zeros. (The sequences have
-  // advanced; the error tells the worker its step's logits were lost.)
-  RETURN_IF_ERROR(Prefixed("step.", logits->CheckAfterRead()));
+  // A region truncated during the read: the tokens came from zeros and the sequences have
+  // advanced with them. Release them rather than keep a corrupt state; the error says so.
+  if (absl::Status read = logits->CheckAfterRead(); !read.ok()) {
+    for (const uint64_t id : ids) (void)table_.Release(id);  // finished ones are gone already
+    return absl::Status(
+        read.code(), absl::StrCat("step.", read.message(), "; the step's sequences were released"));
+  }
   SessionResultsToProto(*tokens, ids, response);
   return absl::OkStatus();
 }

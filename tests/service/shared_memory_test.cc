@@ -7,6 +7,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -549,6 +550,55 @@ TEST_F(SharedMemoryTest, SessionStepsReadSharedMemory) {
   ASSERT_TRUE(stream->Read(&response));
   EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
   EXPECT_THAT(response.error().message(), HasSubstr("step.logits.shared_memory.region"));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST_F(SharedMemoryTest, SessionStepWhoseRegionFaultsDuringTheReadReleasesItsSequences) {
+  // The object is truncated after the step's size check, right before the sampler reads it (the
+  // session's test seam runs there); the read faults, the step fails and releases its sequences.
+  const std::string key = UniqueKey("session_fault");
+  std::string handle;
+  ServerOptions options;
+  options.session.before_step_for_testing = [&](const std::atomic<bool>&) {
+    const int fd = shm_open(key.c_str(), O_RDWR, 0);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(ftruncate(fd, 0), 0);
+    close(fd);
+  };
+  StartServer(options);
+  const v1::Logits logits = MakeLogits(Rows(6), v1::DTYPE_FLOAT32);
+  absl::StatusOr<SharedMemoryBuffer> buffer = SharedMemoryBuffer::Create(key, logits.data().size());
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  std::memcpy(buffer->data(), logits.data().data(), logits.data().size());
+  ASSERT_TRUE(Register(key, 0, buffer->size(), &handle).ok());
+  grpc::ClientContext context;
+  SetDeadline(context);
+  auto stream = stub_->Session(&context);
+  v1::SessionRequest request;
+  request.set_request_id(1);
+  for (uint32_t r = 0; r < kRows; ++r) {
+    v1::AddSequence& add = *request.add_add();
+    add.set_sequence_id(r);
+    add.mutable_params()->set_temperature(0);
+    request.mutable_step()->add_sequence_ids(r);
+  }
+  *request.mutable_step()->mutable_logits() =
+      SharedMemoryLogits(handle, 0, kRows, kVocab, v1::DTYPE_FLOAT32);
+  ASSERT_TRUE(stream->Write(request));
+  v1::SessionResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::FAILED_PRECONDITION));
+  EXPECT_THAT(response.error().message(),
+              AllOf(HasSubstr("step.logits.shared_memory"), HasSubstr("could not be read"),
+                    HasSubstr("the step's sequences were released")));
+  // The sequences are gone; the stream and the server go on.
+  v1::SessionRequest release;
+  release.set_request_id(2);
+  release.add_release(0);
+  ASSERT_TRUE(stream->Write(release));
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.error().code(), static_cast<int>(grpc::StatusCode::NOT_FOUND));
   stream->WritesDone();
   EXPECT_TRUE(stream->Finish().ok());
 }
