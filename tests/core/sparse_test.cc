@@ -46,9 +46,8 @@ TEST(SparseBatchTest, DensifiesWithNegativeInfinity) {
     EXPECT_EQ(view.At(1, t), row1[static_cast<size_t>(t)]) << t;
   }
   // Mass of the candidates: (e^2 + e^1) / (e^2 + e^1 + e^0); no rest in row 1.
-  EXPECT_NEAR(batch->CandidateMass(0), (std::exp(2.0) + std::exp(1.0)) /
-                                           (std::exp(2.0) + std::exp(1.0) + 1.0),
-              1e-12);
+  EXPECT_NEAR(batch->CandidateMass(0),
+              (std::exp(2.0) + std::exp(1.0)) / (std::exp(2.0) + std::exp(1.0) + 1.0), 1e-12);
   EXPECT_EQ(batch->CandidateMass(1), 1.0);
 }
 
