@@ -11,8 +11,21 @@ namespace tokensampler::service {
 
 absl::StatusOr<RequestLogits> RequestLogits::Resolve(const v1::Logits& logits,
                                                      const SharedMemoryAccess& access,
-                                                     bool allow_sparse) {
+                                                     bool allow_sparse, int64_t max_tensor_bytes) {
   RequestLogits out;
+  if (logits.source_case() == v1::Logits::kSharedMemory ||
+      logits.source_case() == v1::Logits::kSparse) {
+    ASSIGN_OR_RETURN(const DType dtype, DTypeFromProto(logits.dtype()));
+    // rows and vocab_size are 32-bit: the product fits in 64 bits.
+    const uint64_t dense = uint64_t{logits.rows()} * logits.vocab_size() * DTypeSize(dtype);
+    if (dense > static_cast<uint64_t>(max_tensor_bytes)) {
+      return absl::ResourceExhaustedError(
+          absl::StrCat("logits: rows × vocab_size × ", DTypeSize(dtype), " = ", logits.rows(),
+                       " × ", logits.vocab_size(), " × ", DTypeSize(dtype), " = ", dense,
+                       " bytes is above the largest tensor this server samples (", max_tensor_bytes,
+                       " bytes, its --max_message_bytes)"));
+    }
+  }
   switch (logits.source_case()) {
     case v1::Logits::kData:
     case v1::Logits::SOURCE_NOT_SET: {

@@ -6,6 +6,7 @@
 #ifndef TOKENSAMPLER_SERVICE_REQUEST_LOGITS_H_
 #define TOKENSAMPLER_SERVICE_REQUEST_LOGITS_H_
 
+#include <cstdint>
 #include <memory>
 #include <optional>
 #include <string>
@@ -32,11 +33,15 @@ class RequestLogits {
   // shared-memory byte_size other than rows × vocab_size × dtype size, or sparse logits when
   // `allow_sparse` is false (and SparseBatch::Create's errors); OUT_OF_RANGE for a reference
   // beyond its region (offset + byte_size, overflow included); NOT_FOUND for an unknown region;
-  // FAILED_PRECONDITION when shared memory is off for the caller or the region is unreadable.
+  // FAILED_PRECONDITION when shared memory is off for the caller or the region is unreadable;
+  // RESOURCE_EXHAUSTED when a shared-memory or sparse tensor's dense size (rows × vocab_size ×
+  // dtype size) is above `max_tensor_bytes` — the bound a dense request has from the message
+  // size limit, which keeps a small request from making the server allocate without limit.
   // Ownership: borrows `logits` (must outlive this) for `data`; holds the region for
   // `shared_memory`; owns the dense copy for `sparse`.
   static absl::StatusOr<RequestLogits> Resolve(const v1::Logits& logits,
-                                               const SharedMemoryAccess& access, bool allow_sparse);
+                                               const SharedMemoryAccess& access, bool allow_sparse,
+                                               int64_t max_tensor_bytes);
 
   RequestLogits(RequestLogits&&) = default;
   RequestLogits& operator=(RequestLogits&&) = default;

@@ -31,7 +31,8 @@ std::string BearerToken(const grpc::CallbackServerContext& context) {
 }  // namespace
 
 SamplerService::SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics& metrics,
-                               SessionOptions session_options, SharedMemoryRegistry* shared_memory)
+                               SessionOptions session_options, SharedMemoryRegistry* shared_memory,
+                               int64_t max_tensor_bytes)
     : arena_(arena),
       guard_(guard),
       sample_metrics_(metrics.ForRpc("Sample")),
@@ -40,6 +41,7 @@ SamplerService::SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics
       unregister_metrics_(metrics.ForRpc("UnregisterSharedMemory")),
       list_metrics_(metrics.ForRpc("ListSharedMemory")),
       shared_memory_(shared_memory),
+      max_tensor_bytes_(max_tensor_bytes),
       session_options_(std::move(session_options)),
       sessions_(session_options_, guard, metrics) {}
 
@@ -130,15 +132,17 @@ grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SamplerService
                                                  .sampler = &sampler_,
                                                  .options = &session_options_,
                                                  .registry = &sessions_,
-                                                 .shared_memory = AccessOf(*context)});
+                                                 .shared_memory = AccessOf(*context),
+                                                 .max_tensor_bytes = max_tensor_bytes_});
 }
 
 absl::Status SamplerService::SampleInArena(const v1::SampleRequest& request,
                                            v1::SampleResponse& response,
                                            const SharedMemoryAccess& access,
                                            const std::atomic<bool>& cancelled) const {
-  ASSIGN_OR_RETURN(const RequestLogits logits,
-                   RequestLogits::Resolve(request.logits(), access, /*allow_sparse=*/true));
+  ASSIGN_OR_RETURN(
+      const RequestLogits logits,
+      RequestLogits::Resolve(request.logits(), access, /*allow_sparse=*/true, max_tensor_bytes_));
   ASSIGN_OR_RETURN(Batch batch, BatchFromProto(request, logits.view()));
   const SparseBatch* sparse = logits.sparse();
   if (sparse != nullptr) {

@@ -30,12 +30,13 @@ class SamplerService final : public v1::Sampler::CallbackService {
  public:
   // `arena` runs every call's work; `guard` admits and accounts every call (and waits for the
   // tasks it enqueued); `metrics` holds the per-RPC metrics and the session gauges;
-  // `shared_memory` (nullable: none) holds the registered regions. All borrowed: they must
-  // outlive the service, and the service must outlive the grpc::Server it is registered with
+  // `shared_memory` (nullable: none) holds the registered regions; `max_tensor_bytes` bounds the
+  // dense size of shared-memory and sparse tensors (RequestLogits::Resolve). All borrowed: they
+  // must outlive the service, and the service must outlive the grpc::Server it is registered with
   // (grpc::Server::Shutdown waits for every call to be finished).
   SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics& metrics,
-                 SessionOptions session_options = {},
-                 SharedMemoryRegistry* shared_memory = nullptr);
+                 SessionOptions session_options = {}, SharedMemoryRegistry* shared_memory = nullptr,
+                 int64_t max_tensor_bytes = int64_t{256} << 20);
   ~SamplerService() override = default;
 
   SamplerService(const SamplerService&) = delete;
@@ -84,6 +85,8 @@ class SamplerService final : public v1::Sampler::CallbackService {
   RpcMetrics& unregister_metrics_;
   RpcMetrics& list_metrics_;
   SharedMemoryRegistry* const shared_memory_;
+  // Largest dense size of a shared-memory or sparse tensor (the server's max_message_bytes).
+  const int64_t max_tensor_bytes_;
   const Sampler sampler_;
   const SessionOptions session_options_;
 

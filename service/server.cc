@@ -256,7 +256,7 @@ Server::Server(int threads, const ServerOptions& options)
       shared_memory_(
           std::make_unique<SharedMemoryRegistry>(options.shared_memory, &metrics_->shm_regions())),
       service_(std::make_unique<SamplerService>(arena_, *guard_, *metrics_, options.session,
-                                                shared_memory_.get())) {
+                                                shared_memory_.get(), options.max_message_bytes)) {
   metrics_->ObserveArena(arena_);
 }
 

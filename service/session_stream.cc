@@ -371,8 +371,8 @@ absl::Status SessionStream::Apply(const v1::SessionRequest& request,
 
   const v1::Step& step = request.step();
   // Bytes or a shared-memory region (sparse candidates are for Sample only).
-  absl::StatusOr<RequestLogits> logits =
-      RequestLogits::Resolve(step.logits(), env_.shared_memory, /*allow_sparse=*/false);
+  absl::StatusOr<RequestLogits> logits = RequestLogits::Resolve(
+      step.logits(), env_.shared_memory, /*allow_sparse=*/false, env_.max_tensor_bytes);
   if (!logits.ok()) return Prefixed("step.", logits.status());
   const absl::Span<const uint64_t> ids = SpanOf(step.sequence_ids());
   if (env_.options->before_step_for_testing) env_.options->before_step_for_testing(cancelled_);

@@ -135,6 +135,8 @@ class SessionStream final
     SessionRegistry* registry = nullptr;
     // The stream's caller, for shared-memory step logits (the registry itself is borrowed).
     SharedMemoryAccess shared_memory;
+    // Largest dense size of a shared-memory step tensor (see RequestLogits::Resolve).
+    int64_t max_tensor_bytes = int64_t{256} << 20;
   };
 
   // Starts serving the stream of `context`, the open `call` of the CallGuard, and returns its

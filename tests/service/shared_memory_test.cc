@@ -345,6 +345,13 @@ TEST_F(SharedMemoryTest, OutOfBoundsReferencesAndRegistrations) {
   EXPECT_THAT(status.error_message(),
               HasSubstr("logits.shared_memory.byte_size is 100, expected rows × vocab_size × 2"));
 
+  // A reference's dense size is bounded like a dense request's (--max_message_bytes).
+  request = ShmRequest(handle, 0, v1::DTYPE_BFLOAT16);
+  request.mutable_logits()->set_vocab_size(2000000000u);
+  status = Sample(request, &response);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(status.error_message(), HasSubstr("above the largest tensor this server samples"));
+
   request = ShmRequest(handle, 0, v1::DTYPE_BFLOAT16);
   request.mutable_logits()->set_dtype(v1::DTYPE_UNSPECIFIED);
   EXPECT_EQ(Sample(request, &response).error_code(), grpc::StatusCode::INVALID_ARGUMENT);

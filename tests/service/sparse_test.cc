@@ -322,6 +322,20 @@ TEST_F(SparseTest, MalformedCandidatesAreRejected) {
   bad = *SparseLogits({1, 2}, {1.0f, 2.0f}, {0.0f}, 2, 10, v1::DTYPE_FLOAT32);
   bad.mutable_sparse()->add_rest_logsumexp(1.0f);
   expect(bad, "logits.sparse.rest_logsumexp has 2 entries, expected one per row (1)");
+  // A few bytes may not make the server build a huge dense tensor: the dense size is bounded by
+  // the server's --max_message_bytes, like a dense request's.
+  {
+    std::vector<int32_t> ids(1000, 5);
+    std::vector<float> values(1000, 1.0f), rest(1000, 0.0f);
+    v1::SampleRequest huge;
+    *huge.mutable_logits() = *SparseLogits(ids, values, rest, 1, 2000000000u, v1::DTYPE_FLOAT32);
+    for (int i = 0; i < 1000; ++i) huge.add_rows()->mutable_params()->set_temperature(0);
+    v1::SampleResponse response;
+    const grpc::Status status = Sample(huge, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+    EXPECT_THAT(status.error_message(),
+                HasSubstr("= 8000000000000 bytes is above the largest tensor this server samples"));
+  }
   // A well-formed one works, and its raw logprob includes the rest's mass: log(e^2 / (e^1 +
   // e^2 + e^0)).
   *request.mutable_logits() = *SparseLogits({4, 7}, {1.0f, 2.0f}, {0.0f}, 2, 10, v1::DTYPE_FLOAT32);
