@@ -45,59 +45,67 @@ def main():
     parser.add_argument("--steps", default="30")
     parser.add_argument("--threads", default="2")
     parser.add_argument("--load-duration", default="10")
+    parser.add_argument("--from-jsonl", help="rebuild the tables and plot from a saved rpc.jsonl")
     opts = parser.parse_args()
     common = ["--steps", opts.steps, "--threads", opts.threads]
 
     lines = []
-    tuned = {}
-    for i in range(opts.runs):
-        for line in run(opts.bench, common):
-            line["run"] = i
+    if opts.from_jsonl:
+        with open(opts.from_jsonl) as f:
+            lines = [json.loads(line) for line in f if line.strip()]
+    else:
+        for i in range(opts.runs):
+            for line in run(opts.bench, common):
+                line["run"] = i
+                lines.append(line)
+        for line in run(opts.bench, common + ["--tuned=false", "--paths", "tcp,uds"]):
+            line["run"] = "untuned"
             lines.append(line)
-            tuned.setdefault(key(line), []).append(line)
-    untuned = {}
-    for line in run(opts.bench, common + ["--tuned=false", "--paths", "tcp,uds"]):
-        line["run"] = "untuned"
-        lines.append(line)
-        untuned[key(line)] = line
-    loads = []
-    for args in (["--paths", "uds", "--concurrency", "1"], ["--paths", "uds", "--concurrency", "8"],
-                 ["--paths", "shm", "--concurrency", "8"], ["--paths", "tcp", "--concurrency", "8"],
-                 ["--paths", "shm", "--concurrency", "8", "--load_rpc", "session"]):
-        for line in run(opts.bench, ["--load", "--rows", "32", "--vocab", "128256", "--dtype",
-                                     "bf16", "--duration", opts.load_duration,
-                                     "--threads", opts.threads] + args):
+        for args in (["--paths", "uds", "--concurrency", "1"],
+                     ["--paths", "uds", "--concurrency", "8"],
+                     ["--paths", "shm", "--concurrency", "8"],
+                     ["--paths", "tcp", "--concurrency", "8"],
+                     ["--paths", "shm", "--concurrency", "8", "--load_rpc", "session"]):
+            lines += run(opts.bench, ["--load", "--rows", "32", "--vocab", "128256", "--dtype",
+                                      "bf16", "--duration", opts.load_duration,
+                                      "--threads", opts.threads] + args)
+        os.makedirs(os.path.join(opts.out, "bench"), exist_ok=True)
+        with open(os.path.join(opts.out, "bench", "rpc.jsonl"), "w") as f:
+            for line in lines:
+                f.write(json.dumps(line) + "\n")
+    tuned, untuned, loads = {}, {}, []
+    for line in lines:
+        if line["bench"] == "load":
             loads.append(line)
-            lines.append(line)
-
-    os.makedirs(os.path.join(opts.out, "bench"), exist_ok=True)
-    with open(os.path.join(opts.out, "bench", "rpc.jsonl"), "w") as f:
-        for line in lines:
-            f.write(json.dumps(line) + "\n")
+        elif line.get("run") == "untuned":
+            untuned[key(line)] = line
+        else:
+            tuned.setdefault(key(line), []).append(line)
 
     def med(entries, field):
         return statistics.median(e[field] for e in entries)
 
-    print(f"Median over {opts.runs} runs (each run: p50 / p99 of {opts.steps} steps); core = "
-          "Sampler::Run alone on the same batch in the same run; GB/s = dense bytes / p50.\n")
+    print("Medians over the runs (each run: p50 / p99 of its steps); core = Sampler::Run alone on "
+          "the same batch, timed before each step (median over every path's steps); × core = "
+          "the median over the runs of each run's p50 / its own core p50; GB/s = dense bytes / "
+          "p50.\n")
     print("| batch × V | dtype | MiB | core ms | " +
           " | ".join(f"{PATH_LABELS[p]} p50 / p99 ms (GB/s, × core)" for p in PATHS) + " |")
     print("|---|---|---|---|" + "---|" * len(PATHS))
     configs = sorted({k[:3] for k in tuned}, key=lambda c: (c[2], c[0], c[1]))
     for rows, vocab, dtype in configs:
         cells = []
-        core = None
-        mib = None
+        every = [e for p in PATHS for e in tuned.get((rows, vocab, dtype, p), [])]
+        core = med(every, "core_ms")
+        mib = every[0]["dense_bytes"] / 2**20
         for path in PATHS:
             entries = tuned.get((rows, vocab, dtype, path))
             if not entries:
                 cells.append("–")
                 continue
-            core = med(entries, "core_ms")
-            mib = entries[0]["dense_bytes"] / 2**20
             p50, p99 = med(entries, "p50_ms"), med(entries, "p99_ms")
             cells.append(f"{p50:.2f} / {p99:.2f} ({entries[0]['dense_bytes'] / p50 / 1e6:.2f}, "
-                         f"{p50 / core:.2f}×)")
+                         f"{med(entries, 'ratio_to_core'):.2f}×)")
         print(f"| {rows} × {vocab} | {dtype} | {mib:.1f} | {core:.2f} | " + " | ".join(cells) + " |")
 
     print("\ngRPC's default settings (--tuned=false, one run), p50 ms (GB/s):\n")
@@ -127,8 +135,7 @@ def main():
         labels.append(f"{rows}×{vocab}\n{dtype}")
         for j, path in enumerate(["core"] + PATHS):
             if path == "core":
-                entries = tuned.get((rows, vocab, dtype, "uds")) or tuned.get(
-                    (rows, vocab, dtype, "shm"))
+                entries = [e for p in PATHS for e in tuned.get((rows, vocab, dtype, p), [])]
                 value = med(entries, "core_ms") if entries else 0
             else:
                 entries = tuned.get((rows, vocab, dtype, path))
