@@ -29,6 +29,7 @@ import numpy as np
 
 from tokensampler.errors import TokenSamplerError
 from tokensampler.logits import encode_logits
+from tokensampler.transport import logits_message
 from tokensampler.params import make_params
 from tokensampler.v1 import sampler_pb2
 
@@ -129,7 +130,8 @@ class Session:
     def step(self, logits, sequence_ids, *, dtype=None, drafts=None, draft_probs=None,
              draft_parents=None, draft_dtype=None):
         """Samples one token for each row of `logits` ([rows, vocab] numpy array or torch
-        tensor, sent as raw bytes as in Client.sample): row i belongs to sequence_ids[i].
+        tensor, sent as raw bytes as in Client.sample, or a SharedMemoryLogits): row i belongs to
+        sequence_ids[i].
         Returns a StepResult.
 
         Speculative decoding: `drafts` maps sequence ids to their draft token ids (k ≥ 1); such a
@@ -138,7 +140,7 @@ class Session:
         token it emitted). `draft_probs` / `draft_parents` map the same ids to the [k, vocab]
         draft probabilities (absent = point masses) and the tree's parent indices."""
         request = sampler_pb2.SessionRequest()
-        request.step.logits.CopyFrom(encode_logits(logits, dtype))
+        request.step.logits.CopyFrom(logits_message(logits, dtype))
         request.step.sequence_ids.extend(_ids("sequence_ids", sequence_ids))
         for sequence_id, tokens in (drafts or {}).items():
             entry = request.step.drafts.add(sequence_id=int(sequence_id))
