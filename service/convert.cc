@@ -201,6 +201,19 @@ v1::FinishReason FinishReasonToProto(FinishReason reason) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
+// Fills the finish fields that v1::SampledToken, v1::SequenceResult and v1::VerifyResult share
+// (same names): the finish reason, the matched stop and mirostat's μ.
+template <typename Proto>
+void SetFinishFields(const SampledToken& token, Proto& out) {
+  out.set_finish_reason(FinishReasonToProto(token.finish_reason));
+  if (token.stop_token_id.has_value()) {
+    out.set_stop_token_id(*token.stop_token_id);
+  } else if (token.stop_sequence_index.has_value()) {
+    out.set_stop_sequence_index(*token.stop_sequence_index);
+  }
+  if (token.mirostat_mu.has_value()) out.set_mirostat_mu(*token.mirostat_mu);
+}
+
 // Fills the fields that v1::SampledToken and v1::SequenceResult share (same names).
 template <typename Proto>
 void SetTokenFields(const SampledToken& token, Proto& out) {
@@ -212,13 +225,7 @@ void SetTokenFields(const SampledToken& token, Proto& out) {
     top_out.set_token_id(top.token_id);
     top_out.set_logprob(top.logprob);
   }
-  out.set_finish_reason(FinishReasonToProto(token.finish_reason));
-  if (token.stop_token_id.has_value()) {
-    out.set_stop_token_id(*token.stop_token_id);
-  } else if (token.stop_sequence_index.has_value()) {
-    out.set_stop_sequence_index(*token.stop_sequence_index);
-  }
-  if (token.mirostat_mu.has_value()) out.set_mirostat_mu(*token.mirostat_mu);
+  SetFinishFields(token, out);
 }
 
 }  // namespace
@@ -378,15 +385,7 @@ void VerifyResultToProto(const VerifyResult& result, v1::VerifyResult& out) {
     }
   }
   for (int32_t node : result.accepted_nodes) out.add_accepted_draft_indices(node);
-  if (result.tokens.empty()) return;
-  const SampledToken& last = result.tokens.back();
-  out.set_finish_reason(FinishReasonToProto(last.finish_reason));
-  if (last.stop_token_id.has_value()) {
-    out.set_stop_token_id(*last.stop_token_id);
-  } else if (last.stop_sequence_index.has_value()) {
-    out.set_stop_sequence_index(*last.stop_sequence_index);
-  }
-  if (last.mirostat_mu.has_value()) out.set_mirostat_mu(*last.mirostat_mu);
+  if (!result.tokens.empty()) SetFinishFields(result.tokens.back(), out);
 }
 
 v1::VerifyResponse VerifyResponseToProto(absl::Span<const VerifyResult> results) {
