@@ -80,6 +80,17 @@ absl::StatusOr<Client> Client::Create(absl::string_view target, const ClientOpti
   args.SetMaxReceiveMessageSize(options.max_message_bytes);
   args.SetMaxSendMessageSize(options.max_message_bytes);
   args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, options.use_http_proxy ? 1 : 0);
+  if (options.large_message_tuning) {
+    // The same settings as the server's (TransportOptions): large fixed windows and frames,
+    // large socket reads and writes.
+    args.SetInt(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, 64 << 20);
+    args.SetInt(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+    args.SetInt(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, (1 << 24) - 1);
+    args.SetInt(GRPC_ARG_HTTP2_WRITE_BUFFER_SIZE, 64 << 20);
+    args.SetInt(GRPC_ARG_TCP_READ_CHUNK_SIZE, 4 << 20);
+    args.SetInt(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, 4 << 20);
+    args.SetInt(GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, 16 << 20);
+  }
   std::shared_ptr<grpc::Channel> channel =
       grpc::CreateCustomChannel(std::string(target), Credentials(options), args);
   if (channel == nullptr) {
@@ -111,6 +122,45 @@ absl::StatusOr<v1::VerifyResponse> Client::Verify(const v1::VerifyRequest& reque
   Configure(context, timeout, options_);
   v1::VerifyResponse response;
   const grpc::Status status = stub_->Verify(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response;
+}
+
+absl::StatusOr<std::string> Client::RegisterSharedMemory(const std::string& name,
+                                                         const std::string& key, uint64_t offset,
+                                                         uint64_t byte_size,
+                                                         absl::Duration timeout) const {
+  grpc::ClientContext context;
+  Configure(context, timeout, options_);
+  v1::RegisterSharedMemoryRequest request;
+  request.set_name(name);
+  request.set_key(key);
+  request.set_offset(offset);
+  request.set_byte_size(byte_size);
+  v1::RegisterSharedMemoryResponse response;
+  const grpc::Status status = stub_->RegisterSharedMemory(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status);
+  return response.region();
+}
+
+absl::Status Client::UnregisterSharedMemory(const std::string& region,
+                                            absl::Duration timeout) const {
+  grpc::ClientContext context;
+  Configure(context, timeout, options_);
+  v1::UnregisterSharedMemoryRequest request;
+  request.set_region(region);
+  v1::UnregisterSharedMemoryResponse response;
+  return FromGrpcStatus(stub_->UnregisterSharedMemory(&context, request, &response));
+}
+
+absl::StatusOr<v1::ListSharedMemoryResponse> Client::ListSharedMemory(
+    const std::vector<std::string>& regions, absl::Duration timeout) const {
+  grpc::ClientContext context;
+  Configure(context, timeout, options_);
+  v1::ListSharedMemoryRequest request;
+  for (const std::string& region : regions) request.add_regions(region);
+  v1::ListSharedMemoryResponse response;
+  const grpc::Status status = stub_->ListSharedMemory(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status);
   return response;
 }

@@ -18,6 +18,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -58,8 +59,13 @@ struct ClientOptions {
   std::optional<ClientTlsOptions> tls;
 
   // Non-empty = sent with every call as "authorization: Bearer <token>" (a server started with
-  // --auth_token_file answers UNAUTHENTICATED without it).
+  // --auth_token_file answers UNAUTHENTICATED without it). It is also the namespace of the
+  // shared-memory regions this client registers.
   std::string bearer_token;
+
+  // HTTP/2 settings for large messages on the client side of the channel (large windows and
+  // frames, large socket reads; see docs/performance.md "Transport"). false = gRPC's defaults.
+  bool large_message_tuning = true;
 };
 
 // Returns the absl::Status with the same code and message as `status` (gRPC and Abseil share the
@@ -95,6 +101,19 @@ class Client {
   // INVALID_ARGUMENT `rows[0].draft_probs row 1 sums to 4; it must sum to 1 within 0.001 …`.
   absl::StatusOr<v1::VerifyResponse> Verify(const v1::VerifyRequest& request,
                                             absl::Duration timeout) const;
+  // Shared memory (client/shared_memory.h has the buffer and Logits helpers). Register maps
+  // [offset, offset + byte_size) of the object `key` ("/name" or a path under /dev/shm) in the
+  // server and returns the region's handle, to put in SharedMemoryRef.region; the server's
+  // status otherwise (FAILED_PRECONDITION when shared memory is off for this connection — by
+  // default the server serves it on Unix sockets only; NOT_FOUND, OUT_OF_RANGE, ...).
+  absl::StatusOr<std::string> RegisterSharedMemory(const std::string& name, const std::string& key,
+                                                   uint64_t offset, uint64_t byte_size,
+                                                   absl::Duration timeout) const;
+  // Unmaps the region `region` (a handle) in the server.
+  absl::Status UnregisterSharedMemory(const std::string& region, absl::Duration timeout) const;
+  // The regions of this client's bearer token, or those named by `regions` (handles).
+  absl::StatusOr<v1::ListSharedMemoryResponse> ListSharedMemory(
+      const std::vector<std::string>& regions, absl::Duration timeout) const;
 
   // Asks the server's grpc.health.v1 health service (Health.Check) about `service`: "" for the
   // server as a whole, or a service name such as "tokensampler.v1.Sampler".

@@ -163,6 +163,31 @@ absl::Status MergeExplicitFields(const v1::SamplingParams& proto, SamplingParams
   return absl::OkStatus();
 }
 
+// The validated parameters of each row (SampleRow or VerifyRow) into `params`; errors are
+// prefixed "rows[i].params.". Shared by Sample and Verify so both check rows alike.
+template <typename Row>
+absl::Status RowParamsFromProto(const google::protobuf::RepeatedPtrField<Row>& rows,
+                                int32_t vocab_size, std::vector<SamplingParams>& params) {
+  params.reserve(static_cast<size_t>(rows.size()));
+  for (int i = 0; i < rows.size(); ++i) {
+    absl::StatusOr<SamplingParams> row_params = ParamsFromProto(rows.Get(i).params(), vocab_size);
+    if (!row_params.ok()) {
+      return Prefixed(absl::StrCat("rows[", i, "].params."), row_params.status());
+    }
+    params.push_back(*std::move(row_params));
+  }
+  return absl::OkStatus();
+}
+
+// The history fields a SampleRow and a VerifyRow share; `params` must stay where it is.
+template <typename Row>
+void RowFromProto(const Row& row, const SamplingParams& params, RowRequest& out) {
+  out.params = &params;
+  out.prompt_token_ids = SpanOf(row.prompt_token_ids());
+  out.output_token_ids = SpanOf(row.output_token_ids());
+  if (row.has_mirostat_mu()) out.mirostat_mu = row.mirostat_mu();
+}
+
 v1::FinishReason FinishReasonToProto(FinishReason reason) {
   switch (reason) {
     case FinishReason::kNone:
@@ -177,6 +202,19 @@ v1::FinishReason FinishReasonToProto(FinishReason reason) {
   return v1::FINISH_REASON_UNSPECIFIED;
 }
 
+// Fills the finish fields that v1::SampledToken, v1::SequenceResult and v1::VerifyResult share
+// (same names): the finish reason, the matched stop and mirostat's μ.
+template <typename Proto>
+void SetFinishFields(const SampledToken& token, Proto& out) {
+  out.set_finish_reason(FinishReasonToProto(token.finish_reason));
+  if (token.stop_token_id.has_value()) {
+    out.set_stop_token_id(*token.stop_token_id);
+  } else if (token.stop_sequence_index.has_value()) {
+    out.set_stop_sequence_index(*token.stop_sequence_index);
+  }
+  if (token.mirostat_mu.has_value()) out.set_mirostat_mu(*token.mirostat_mu);
+}
+
 // Fills the fields that v1::SampledToken and v1::SequenceResult share (same names).
 template <typename Proto>
 void SetTokenFields(const SampledToken& token, Proto& out) {
@@ -188,13 +226,7 @@ void SetTokenFields(const SampledToken& token, Proto& out) {
     top_out.set_token_id(top.token_id);
     top_out.set_logprob(top.logprob);
   }
-  out.set_finish_reason(FinishReasonToProto(token.finish_reason));
-  if (token.stop_token_id.has_value()) {
-    out.set_stop_token_id(*token.stop_token_id);
-  } else if (token.stop_sequence_index.has_value()) {
-    out.set_stop_sequence_index(*token.stop_sequence_index);
-  }
-  if (token.mirostat_mu.has_value()) out.set_mirostat_mu(*token.mirostat_mu);
+  SetFinishFields(token, out);
 }
 
 }  // namespace
@@ -218,6 +250,14 @@ absl::StatusOr<DType> DTypeFromProto(v1::DType dtype) {
 }
 
 absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits) {
+  if (logits.source_case() == v1::Logits::kSharedMemory) {
+    return absl::InvalidArgumentError(
+        "logits.shared_memory is not accepted here; send the logits as bytes (data)");
+  }
+  if (logits.source_case() == v1::Logits::kSparse) {
+    return absl::InvalidArgumentError(
+        "logits.sparse is not accepted here; send dense logits (data)");
+  }
   ASSIGN_OR_RETURN(const DType dtype, DTypeFromProto(logits.dtype()));
   const std::string& data = logits.data();
   return LogitsView::Create(
@@ -242,30 +282,24 @@ absl::StatusOr<SamplingParams> ParamsFromProto(const v1::SamplingParams& proto,
 }
 
 absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request) {
+  ASSIGN_OR_RETURN(const LogitsView logits, LogitsFromProto(request.logits()));
+  return BatchFromProto(request, logits);
+}
+
+absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request, const LogitsView& logits) {
   Batch batch;
-  ASSIGN_OR_RETURN(batch.logits, LogitsFromProto(request.logits()));
+  batch.logits = logits;
   const size_t num_rows = static_cast<size_t>(request.rows_size());
   if (num_rows != request.logits().rows()) {
     return absl::InvalidArgumentError(
         absl::StrCat("rows has ", num_rows, " entries but logits.rows is ", request.logits().rows(),
                      "; they must be equal"));
   }
-  batch.params.reserve(num_rows);
-  for (int i = 0; i < request.rows_size(); ++i) {
-    absl::StatusOr<SamplingParams> params =
-        ParamsFromProto(request.rows(i).params(), batch.logits.vocab_size());
-    if (!params.ok()) return Prefixed(absl::StrCat("rows[", i, "].params."), params.status());
-    batch.params.push_back(*std::move(params));
-  }
+  RETURN_IF_ERROR(RowParamsFromProto(request.rows(), logits.vocab_size(), batch.params));
   // Only now that `params` has its final size are pointers into it stable.
   batch.rows.reserve(num_rows);
   for (int i = 0; i < request.rows_size(); ++i) {
-    const v1::SampleRow& row = request.rows(i);
-    RowRequest& out = batch.rows.emplace_back();
-    out.params = &batch.params[static_cast<size_t>(i)];
-    out.prompt_token_ids = SpanOf(row.prompt_token_ids());
-    out.output_token_ids = SpanOf(row.output_token_ids());
-    if (row.has_mirostat_mu()) out.mirostat_mu = row.mirostat_mu();
+    RowFromProto(request.rows(i), batch.params[static_cast<size_t>(i)], batch.rows.emplace_back());
   }
   return batch;
 }
@@ -381,24 +415,20 @@ absl::StatusOr<Drafts> DraftsFromProto(const google::protobuf::RepeatedField<int
 }
 
 absl::StatusOr<VerifyBatch> VerifyBatchFromProto(const v1::VerifyRequest& request) {
+  ASSIGN_OR_RETURN(const LogitsView logits, LogitsFromProto(request.logits()));
+  return VerifyBatchFromProto(request, logits);
+}
+
+absl::StatusOr<VerifyBatch> VerifyBatchFromProto(const v1::VerifyRequest& request,
+                                                 const LogitsView& logits) {
   VerifyBatch batch;
-  ASSIGN_OR_RETURN(batch.logits, LogitsFromProto(request.logits()));
-  const size_t num_rows = static_cast<size_t>(request.rows_size());
-  batch.params.reserve(num_rows);
-  for (int i = 0; i < request.rows_size(); ++i) {
-    absl::StatusOr<SamplingParams> params =
-        ParamsFromProto(request.rows(i).params(), batch.logits.vocab_size());
-    if (!params.ok()) return Prefixed(absl::StrCat("rows[", i, "].params."), params.status());
-    batch.params.push_back(*std::move(params));
-  }
-  batch.rows.reserve(num_rows);
+  batch.logits = logits;
+  RETURN_IF_ERROR(RowParamsFromProto(request.rows(), logits.vocab_size(), batch.params));
+  batch.rows.reserve(static_cast<size_t>(request.rows_size()));
   for (int i = 0; i < request.rows_size(); ++i) {
     const v1::VerifyRow& row = request.rows(i);
     VerifyRowRequest& out = batch.rows.emplace_back();
-    out.row.params = &batch.params[static_cast<size_t>(i)];
-    out.row.prompt_token_ids = SpanOf(row.prompt_token_ids());
-    out.row.output_token_ids = SpanOf(row.output_token_ids());
-    if (row.has_mirostat_mu()) out.row.mirostat_mu = row.mirostat_mu();
+    RowFromProto(row, batch.params[static_cast<size_t>(i)], out.row);
     absl::StatusOr<Drafts> drafts = DraftsFromProto(row.draft_token_ids(), row.draft_probs(),
                                                     row.has_draft_probs(), row.draft_parents());
     if (!drafts.ok()) return Prefixed(absl::StrCat("rows[", i, "]."), drafts.status());
@@ -422,15 +452,7 @@ void VerifyResultToProto(const VerifyResult& result, v1::VerifyResult& out) {
     }
   }
   for (int32_t node : result.accepted_nodes) out.add_accepted_draft_indices(node);
-  if (result.tokens.empty()) return;
-  const SampledToken& last = result.tokens.back();
-  out.set_finish_reason(FinishReasonToProto(last.finish_reason));
-  if (last.stop_token_id.has_value()) {
-    out.set_stop_token_id(*last.stop_token_id);
-  } else if (last.stop_sequence_index.has_value()) {
-    out.set_stop_sequence_index(*last.stop_sequence_index);
-  }
-  if (last.mirostat_mu.has_value()) out.set_mirostat_mu(*last.mirostat_mu);
+  if (!result.tokens.empty()) SetFinishFields(result.tokens.back(), out);
 }
 
 v1::VerifyResponse VerifyResponseToProto(absl::Span<const VerifyResult> results) {

@@ -26,7 +26,8 @@ namespace tokensampler::service {
 absl::StatusOr<DType> DTypeFromProto(v1::DType dtype);
 
 // Returns a view over `logits.data()` (no copy), or INVALID_ARGUMENT naming the `logits.` field
-// and value: dtype unset, vocab_size 0, data size != rows × vocab_size × dtype size.
+// and value: dtype unset, vocab_size 0, data size != rows × vocab_size × dtype size, or a
+// shared_memory / sparse source (RequestLogits resolves those, service/request_logits.h).
 // Ownership: the view borrows `logits.data()`; `logits` must outlive it and stay unmodified.
 absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits);
 
@@ -69,6 +70,11 @@ struct Batch {
 // Ownership: the batch borrows from `request` (see Batch).
 absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request);
 
+// The same with the logits already resolved to `logits` (a shared-memory region or densified
+// sparse candidates, service/request_logits.h); `request.logits()` gives only the row count.
+// Ownership: the batch borrows `logits`' bytes and the rows' histories.
+absl::StatusOr<Batch> BatchFromProto(const v1::SampleRequest& request, const LogitsView& logits);
+
 // Returns the response holding `tokens` in order (Σ n results, row-major as Sampler::Run returns
 // them).
 v1::SampleResponse ResponseToProto(absl::Span<const SampledToken> tokens);
@@ -110,6 +116,12 @@ struct VerifyBatch {
 // naming the field path and value ("rows[1].params.top_p …", "rows[0].draft_probs.dtype …");
 // row counts, token ids, drafts and NaN are checked by Verifier::Run.
 absl::StatusOr<VerifyBatch> VerifyBatchFromProto(const v1::VerifyRequest& request);
+
+// The same with the target logits already resolved to `logits` (a shared-memory region,
+// service/request_logits.h); `draft_probs` are converted from their bytes as above.
+// Ownership: the batch borrows `logits`' bytes and the rows' fields.
+absl::StatusOr<VerifyBatch> VerifyBatchFromProto(const v1::VerifyRequest& request,
+                                                 const LogitsView& logits);
 
 // Fills `out` with one verified sequence's result.
 void VerifyResultToProto(const VerifyResult& result, v1::VerifyResult& out);

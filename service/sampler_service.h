@@ -20,7 +20,9 @@
 #include "oneapi/tbb/task_arena.h"
 #include "service/call_guard.h"
 #include "service/metrics.h"
+#include "service/request_logits.h"
 #include "service/session_stream.h"
+#include "service/shared_memory.h"
 #include "tokensampler/v1/sampler.grpc.pb.h"
 
 namespace tokensampler::service {
@@ -28,11 +30,14 @@ namespace tokensampler::service {
 class SamplerService final : public v1::Sampler::CallbackService {
  public:
   // `arena` runs every call's work; `guard` admits and accounts every call (and waits for the
-  // tasks it enqueued); `metrics` holds the per-RPC metrics and the session gauges. All
-  // borrowed: they must outlive the service, and the service must outlive the grpc::Server it is
-  // registered with (grpc::Server::Shutdown waits for every call to be finished).
+  // tasks it enqueued); `metrics` holds the per-RPC metrics and the session gauges;
+  // `shared_memory` (nullable: none) holds the registered regions; `max_tensor_bytes` bounds the
+  // dense size of shared-memory and sparse tensors (RequestLogits::Resolve). All borrowed: they
+  // must outlive the service, and the service must outlive the grpc::Server it is registered with
+  // (grpc::Server::Shutdown waits for every call to be finished).
   SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics& metrics,
-                 SessionOptions session_options = {});
+                 SessionOptions session_options = {}, SharedMemoryRegistry* shared_memory = nullptr,
+                 int64_t max_tensor_bytes = int64_t{256} << 20);
   ~SamplerService() override = default;
 
   SamplerService(const SamplerService&) = delete;
@@ -47,6 +52,16 @@ class SamplerService final : public v1::Sampler::CallbackService {
   grpc::ServerUnaryReactor* Verify(grpc::CallbackServerContext* context,
                                    const v1::VerifyRequest* request,
                                    v1::VerifyResponse* response) override;
+  // RegisterSharedMemory, UnregisterSharedMemory, ListSharedMemory (see sampler.proto).
+  grpc::ServerUnaryReactor* RegisterSharedMemory(
+      grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request,
+      v1::RegisterSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* UnregisterSharedMemory(
+      grpc::CallbackServerContext* context, const v1::UnregisterSharedMemoryRequest* request,
+      v1::UnregisterSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* ListSharedMemory(grpc::CallbackServerContext* context,
+                                             const v1::ListSharedMemoryRequest* request,
+                                             v1::ListSharedMemoryResponse* response) override;
 
   // Session (see sampler.proto): one SessionStream per stream.
   grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* Session(
@@ -62,10 +77,17 @@ class SamplerService final : public v1::Sampler::CallbackService {
   // The body of Sample; runs in the arena. Returns OK with `response` filled, or the error
   // (CANCELLED once `cancelled` is set).
   absl::Status SampleInArena(const v1::SampleRequest& request, v1::SampleResponse& response,
+                             const SharedMemoryAccess& access,
                              const std::atomic<bool>& cancelled) const;
+  // What a call may reach of the shared-memory registry.
+  SharedMemoryAccess AccessOf(const grpc::CallbackServerContext& context) const;
+  // AccessOf for a request whose tensor is `logits` (the caller only for a shared-memory one).
+  SharedMemoryAccess AccessFor(const grpc::CallbackServerContext& context,
+                               const v1::Logits& logits) const;
 
   // The body of Verify; runs in the arena (as SampleInArena).
   absl::Status VerifyInArena(const v1::VerifyRequest& request, v1::VerifyResponse& response,
+                             const SharedMemoryAccess& access,
                              const std::atomic<bool>& cancelled) const;
 
   tbb::task_arena& arena_;
@@ -73,6 +95,12 @@ class SamplerService final : public v1::Sampler::CallbackService {
   RpcMetrics& sample_metrics_;
   RpcMetrics& session_metrics_;
   RpcMetrics& verify_metrics_;
+  RpcMetrics& register_metrics_;
+  RpcMetrics& unregister_metrics_;
+  RpcMetrics& list_metrics_;
+  SharedMemoryRegistry* const shared_memory_;
+  // Largest dense size of a shared-memory or sparse tensor (the server's max_message_bytes).
+  const int64_t max_tensor_bytes_;
   const Sampler sampler_;
   const Verifier verifier_{sampler_};
   const SessionOptions session_options_;

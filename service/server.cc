@@ -5,6 +5,7 @@
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/impl/server_builder_option.h>
 #include <grpcpp/security/server_credentials.h>
+#include <malloc.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -87,6 +88,19 @@ class HealthOnlyFallback final : public grpc::CallbackGenericService {
 
 int64_t Millis(absl::Duration d) { return absl::ToInt64Milliseconds(d); }
 
+// Large-message settings (see TransportOptions).
+void ApplyTransportOptions(const TransportOptions& transport, grpc::ServerBuilder& builder) {
+  if (!transport.tuned) return;
+  // A large fixed window: a whole request flows without waiting for window updates, and BDP
+  // probing (which would only grow it from 64 KiB) is off.
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_STREAM_LOOKAHEAD_BYTES, transport.window_bytes);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_BDP_PROBE, 0);
+  builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_FRAME_SIZE, transport.max_frame_bytes);
+  builder.AddChannelArgument(GRPC_ARG_TCP_READ_CHUNK_SIZE, transport.read_chunk_bytes);
+  builder.AddChannelArgument(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, transport.read_chunk_bytes);
+  builder.AddChannelArgument(GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, transport.max_read_chunk_bytes);
+}
+
 absl::Status ValidateOptions(const ServerOptions& options) {
   if (options.threads < 0) {
     return absl::InvalidArgumentError(
@@ -121,6 +135,20 @@ absl::Status ValidateOptions(const ServerOptions& options) {
   if (options.max_inflight_bytes < 0) {
     return absl::InvalidArgumentError(absl::StrCat(
         "max_inflight_bytes must be >= 0 (0 = no limit), got ", options.max_inflight_bytes));
+  }
+  if (options.shared_memory.max_regions <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("shared_memory max_regions must be > 0, got ",
+                                                   options.shared_memory.max_regions));
+  }
+  const TransportOptions& transport = options.transport;
+  if (transport.window_bytes <= 0 || transport.read_chunk_bytes <= 0 ||
+      transport.max_read_chunk_bytes < transport.read_chunk_bytes ||
+      transport.max_frame_bytes < 16384 || transport.max_frame_bytes > (1 << 24) - 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "transport: window_bytes (", transport.window_bytes, ") and read_chunk_bytes (",
+        transport.read_chunk_bytes, ") must be > 0, max_read_chunk_bytes (",
+        transport.max_read_chunk_bytes, ") ≥ read_chunk_bytes, max_frame_bytes (",
+        transport.max_frame_bytes, ") in [16384, 16777215]"));
   }
   if (options.request_log_every < 0) {
     return absl::InvalidArgumentError(
@@ -229,8 +257,16 @@ Server::Server(int threads, const ServerOptions& options)
                            .auth_tokens = options.auth_tokens,
                            .request_log_every = options.request_log_every},
           *metrics_, options.logger)),
-      service_(std::make_unique<SamplerService>(arena_, *guard_, *metrics_, options.session)) {
+      shared_memory_(
+          std::make_unique<SharedMemoryRegistry>(options.shared_memory, &metrics_->shm_regions())),
+      service_(std::make_unique<SamplerService>(arena_, *guard_, *metrics_, options.session,
+                                                shared_memory_.get(), options.max_message_bytes)) {
   metrics_->ObserveArena(arena_);
+}
+
+void TuneMallocForLargeMessages() {
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
 }
 
 absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& options) {
@@ -258,6 +294,7 @@ absl::StatusOr<std::unique_ptr<Server>> Server::Start(const ServerOptions& optio
   // requests): the pings find clients that vanished without closing their connection, so that
   // their streams end and free their session state.
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
+  ApplyTransportOptions(options.transport, builder);
   if (!options.reflection || !options.auth_tokens.empty()) {
     builder.SetOption(std::make_unique<NoReflectionOption>());
   }

@@ -33,6 +33,7 @@
 #include "service/log.h"
 #include "service/metrics.h"
 #include "service/sampler_service.h"
+#include "service/shared_memory.h"
 
 namespace prometheus {
 class Exposer;
@@ -67,6 +68,30 @@ struct KeepaliveOptions {
   bool permit_without_calls = false;
 };
 
+// HTTP/2 and socket settings for large messages (docs/performance.md "Transport" has the
+// measurements behind the values). gRPC's defaults suit small messages: a 64 KiB initial stream
+// window grown by BDP probes, 16 KiB frames, 8 KiB socket reads growing slowly — a 16 MiB
+// request then takes hundreds of window updates and read calls.
+struct TransportOptions {
+  // Apply the settings below (false = gRPC's defaults).
+  bool tuned = true;
+  // Initial HTTP/2 stream and connection window the server advertises (lookahead), bytes.
+  int window_bytes = 64 << 20;
+  // Largest HTTP/2 frame the server accepts (at most 2^24 - 1).
+  int max_frame_bytes = (1 << 24) - 1;
+  // Socket reads: first and largest chunk, bytes.
+  int read_chunk_bytes = 4 << 20;
+  int max_read_chunk_bytes = 16 << 20;
+};
+
+// Process-wide: makes glibc malloc keep large freed blocks for reuse instead of returning them
+// to the kernel. By default a block above its mmap threshold (dynamic, at most 32 MiB) is
+// mmap'ed for each request and unmapped after it, so every large request — a 64 × 128256 fp32
+// batch is 31 MiB — pays its page faults again (≈ 8000 faults). With both thresholds at 1 GiB the
+// same heap memory serves request after request. Call once at start, before threads allocate
+// (tokensamplerd does when --large_message_tuning is on).
+void TuneMallocForLargeMessages();
+
 struct ServerOptions {
   // Addresses to listen on: "host:port" (port 0 = a free port chosen by the OS) or
   // "unix:/path/to/socket". May be empty: the server is then reachable only through
@@ -98,6 +123,10 @@ struct ServerOptions {
   KeepaliveOptions keepalive;
   // Log every Nth request (event=request); 0 = none.
   int request_log_every = 0;
+  // Shared-memory logits: where they are served and how many regions (see shared_memory.h).
+  SharedMemoryOptions shared_memory;
+  // Large-message settings of every listener.
+  TransportOptions transport;
   // Serve grpc.reflection.v1alpha (ignored when auth_tokens is set).
   bool reflection = true;
   // Where lifecycle events and failed calls are logged; null = nowhere. Borrowed: must outlive
@@ -141,6 +170,9 @@ class Server {
   // The server's metrics (for components that own gauges: sessions, shared memory).
   Metrics& metrics() { return *metrics_; }
 
+  // The registered shared-memory regions.
+  SharedMemoryRegistry& shared_memory() { return *shared_memory_; }
+
   // The sampling arena. Work enqueued here competes with the calls for its threads (an
   // embedding application may share it; tests use it to keep the threads busy).
   tbb::task_arena& arena() { return arena_; }
@@ -174,6 +206,8 @@ class Server {
   tbb::task_arena arena_;
   std::unique_ptr<Metrics> metrics_;
   std::unique_ptr<CallGuard> guard_;
+  // Outlives the service: requests hold its regions until they finish.
+  std::unique_ptr<SharedMemoryRegistry> shared_memory_;
   std::unique_ptr<SamplerService> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<grpc::CallbackGenericService> health_fallback_;

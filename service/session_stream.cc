@@ -381,19 +381,31 @@ absl::Status SessionStream::Apply(const v1::SessionRequest& request,
   if (!request.has_step()) return absl::OkStatus();
 
   const v1::Step& step = request.step();
-  absl::StatusOr<LogitsView> logits = LogitsFromProto(step.logits());
+  // Bytes or a shared-memory region (sparse candidates are for Sample only).
+  absl::StatusOr<RequestLogits> logits = RequestLogits::Resolve(
+      step.logits(), env_.shared_memory, /*allow_sparse=*/false, env_.max_tensor_bytes);
   if (!logits.ok()) return Prefixed("step.", logits.status());
   const absl::Span<const uint64_t> ids = SpanOf(step.sequence_ids());
   if (env_.options->before_step_for_testing) env_.options->before_step_for_testing(cancelled_);
+  // A region truncated during the read: the tokens came from zeros and the sequences have
+  // advanced with them. Release them rather than keep a corrupt state; the error says so.
+  const auto check_read = [&]() -> absl::Status {
+    absl::Status read = logits->CheckAfterRead();
+    if (read.ok()) return read;
+    for (const uint64_t id : ids) (void)table_.Release(id);  // finished ones are gone already
+    return absl::Status(
+        read.code(), absl::StrCat("step.", read.message(), "; the step's sequences were released"));
+  };
   absl::StatusOr<std::vector<SequenceStep>> steps;
   if (step.drafts_size() > 0) {
     absl::StatusOr<std::vector<SequenceDrafts>> drafts = StepDraftsFromProto(step);
     if (!drafts.ok()) return Prefixed("step.", drafts.status());
-    steps = table_.StepWithDrafts(*env_.verifier, *logits, ids, *drafts, &cancelled_);
+    steps = table_.StepWithDrafts(*env_.verifier, logits->view(), ids, *drafts, &cancelled_);
   } else {
-    steps = table_.Step(*env_.sampler, *logits, ids, &cancelled_);
+    steps = table_.Step(*env_.sampler, logits->view(), ids, &cancelled_);
   }
   if (!steps.ok()) return Prefixed("step: ", steps.status());
+  RETURN_IF_ERROR(check_read());
   SessionResultsToProto(*steps, response);
   return absl::OkStatus();
 }

@@ -45,6 +45,7 @@
 #include "oneapi/tbb/task_arena.h"
 #include "service/call_guard.h"
 #include "service/metrics.h"
+#include "service/request_logits.h"
 #include "tokensampler/v1/sampler.grpc.pb.h"
 
 namespace tokensampler::service {
@@ -134,6 +135,10 @@ class SessionStream final
     const Verifier* verifier = nullptr;  // steps with drafts
     const SessionOptions* options = nullptr;
     SessionRegistry* registry = nullptr;
+    // The stream's caller, for shared-memory step logits (the registry itself is borrowed).
+    SharedMemoryAccess shared_memory;
+    // Largest dense size of a shared-memory step tensor (see RequestLogits::Resolve).
+    int64_t max_tensor_bytes = int64_t{256} << 20;
   };
 
   // Starts serving the stream of `context`, the open `call` of the CallGuard, and returns its

@@ -117,6 +117,17 @@ ABSL_FLAG(std::string, auth_token_file, "",
           "File of accepted bearer tokens, one per line: every Sampler call must send "
           "\"authorization: Bearer <token>\" (UNAUTHENTICATED otherwise; health is exempt, "
           "reflection is then off).");
+// --- transport ---
+ABSL_FLAG(std::string, shared_memory, "unix",
+          "Where shared-memory logits (RegisterSharedMemory, Logits.shared_memory) are served: "
+          "off; unix = Unix-socket listeners only (the client is on this host); all = TCP "
+          "listeners too (only when every TCP client runs on this host).");
+ABSL_FLAG(int32_t, shared_memory_max_regions, 256,
+          "Shared-memory regions registered at a time (all clients); RESOURCE_EXHAUSTED beyond.");
+ABSL_FLAG(bool, large_message_tuning, true,
+          "HTTP/2 and socket settings for large requests (64 MiB windows, 16 MiB frames, 4-16 "
+          "MiB socket reads) and malloc thresholds that keep large request buffers for reuse; "
+          "false = gRPC's and glibc's defaults.");
 // --- logs ---
 ABSL_FLAG(std::string, log_level, "info",
           "Least severe level logged: debug, info, warning, error.");
@@ -356,6 +367,18 @@ absl::StatusOr<tokensampler::service::ServerOptions> OptionsFromFlags(Logger* lo
     options.auth_tokens = *std::move(tokens);
   }
 
+  absl::StatusOr<tokensampler::service::SharedMemoryMode> shm_mode =
+      tokensampler::service::ParseSharedMemoryMode(absl::GetFlag(FLAGS_shared_memory));
+  if (!shm_mode.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--", shm_mode.status().message()));
+  options.shared_memory.mode = *shm_mode;
+  options.shared_memory.max_regions = absl::GetFlag(FLAGS_shared_memory_max_regions);
+  if (options.shared_memory.max_regions <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--shared_memory_max_regions must be > 0, got ",
+                                                   options.shared_memory.max_regions));
+  }
+  options.transport.tuned = absl::GetFlag(FLAGS_large_message_tuning);
+
   absl::StatusOr<std::optional<uint32_t>> mode =
       ParseSocketMode(absl::GetFlag(FLAGS_unix_socket_mode));
   if (!mode.ok()) return mode.status();
@@ -442,6 +465,7 @@ int main(int argc, char** argv) {
   absl::StatusOr<tokensampler::service::ServerOptions> options = OptionsFromFlags(logger.get());
   if (!options.ok()) return Fail(*logger, options.status().message());
 
+  if (options->transport.tuned) tokensampler::service::TuneMallocForLargeMessages();
   absl::StatusOr<std::unique_ptr<tokensampler::service::Server>> server =
       tokensampler::service::Server::Start(*options);
   if (!server.ok()) return Fail(*logger, server.status().ToString());
@@ -458,7 +482,8 @@ int main(int argc, char** argv) {
                {"session_max_history_tokens", options->session.limits.max_history_tokens},
                {"session_idle_timeout_seconds", absl::GetFlag(FLAGS_session_idle_timeout_seconds)},
                {"keepalive_time_seconds", absl::GetFlag(FLAGS_keepalive_time_seconds)},
-               {"max_beam_width", options->session.limits.max_beam_width}});
+               {"max_beam_width", options->session.limits.max_beam_width},
+               {"shared_memory", absl::GetFlag(FLAGS_shared_memory)}});
   for (const std::string& address : (*server)->bound_addresses()) {
     const bool unix_socket = absl::StartsWith(address, "unix");
     logger->Log(LogLevel::kInfo, "listen",

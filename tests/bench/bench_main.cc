@@ -27,6 +27,7 @@
 #include "core/tensor.h"
 #include "tbb/task_arena.h"
 #include "tests/bench/chain.h"
+#include "tests/bench/rpc_bench.h"
 
 ABSL_FLAG(std::string, logits, "",
           "raw logits file (row-major); rows = size / (vocab · dtype size)");
@@ -228,9 +229,16 @@ int Main() {
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage(
       "tokensampler-bench (--generate --rows 64 --vocab V --seed S | --logits FILE --vocab V "
-      "--dtype f32|bf16|f16) [--chain SPEC]... [--threads N]");
+      "--dtype f32|bf16|f16) [--chain SPEC]... [--threads N]\n"
+      "tokensampler-bench rpc [--paths tcp,uds,shm,sparse] [--batches 32,64] "
+      "[--vocabs 128256,151936] [--dtypes f32,bf16] [--steps N] [--threads N]\n"
+      "tokensampler-bench rpc --load [--load_rpc sample|session] [--concurrency N] "
+      "[--duration S] [--paths P] [--rows R --vocab V --dtype D]");
+  // `tokensampler-bench rpc ...`: the service through its transports (rpc_bench.cc).
+  const bool rpc = argc > 1 && std::string(argv[1]) == "rpc";
   std::vector<char*> rest;
   for (int i = 0; i < argc; ++i) {
+    if (rpc && i == 1) continue;
     const std::string arg = argv[i];
     if (arg == "--chain" && i + 1 < argc) {
       tokensampler::bench::Chains().push_back(argv[++i]);
@@ -241,5 +249,5 @@ int main(int argc, char** argv) {
     }
   }
   absl::ParseCommandLine(static_cast<int>(rest.size()), rest.data());
-  return tokensampler::bench::Main();
+  return rpc ? tokensampler::bench::RpcMain() : tokensampler::bench::Main();
 }

@@ -17,7 +17,8 @@ Then: the startup, readiness and liveness probes (grpc.health.v1 Check with the 
 are SERVING; the socket has the mode of TOKENSAMPLER_UNIX_SOCKET_MODE; the metrics port serves;
 a worker process (the tokensampler CLI's `decode`, the worker container's environment) decodes
 through the socket and exits; a second worker (the Python client) decodes greedily through a
-Session and keeps it open; SIGTERM (what the kubelet sends the sidecar once the worker is done)
+Session and keeps it open, and samples once from logits it wrote to the memory volume (shared
+memory: registered by the sidecar's path to the same object); SIGTERM (what the kubelet sends the sidecar once the worker is done)
 → health NOT_SERVING (seen on a Watch), the open stream ends UNAVAILABLE, exit 0 within the grace
 period.
 
@@ -192,8 +193,15 @@ class SidecarPodTest(unittest.TestCase):
             self.assertIn(
                 "emptyDir", volume, f"volume {volume['name']}: the pod test can only make emptyDirs"
             )
-            directory = os.path.join(self.dir, "volumes", volume["name"])
-            os.makedirs(directory)
+            if volume["emptyDir"].get("medium") == "Memory":
+                # A memory-backed emptyDir is a tmpfs; here a directory on the host's /dev/shm
+                # tmpfs, so that the daemon accepts keys in it (it maps only under /dev/shm).
+                directory = tempfile.mkdtemp(prefix=f"tokensampler-pod-{volume['name']}-",
+                                             dir="/dev/shm")
+                self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+            else:
+                directory = os.path.join(self.dir, "volumes", volume["name"])
+                os.makedirs(directory)
             self.volume_dirs[volume["name"]] = directory
         self.process = None
         self.addCleanup(self._kill)
@@ -367,6 +375,28 @@ class SidecarPodTest(unittest.TestCase):
             logits = rng.standard_normal((2, 4096)).astype(np.float32)
             step = session.step(logits, [0, 1])
             np.testing.assert_array_equal(np.asarray(step.token_ids).ravel(), logits.argmax(axis=1))
+
+        # Shared memory as the manifest wires it: the worker writes logits to an object in its
+        # memory volume (/dev/shm), registers it by the sidecar's path to the same object and
+        # samples from a reference; tokensamplerd reads the object in place.
+        shm_volumes = [v for v in self.pod.get("volumes", [])
+                       if v["emptyDir"].get("medium") == "Memory"]
+        self.assertEqual(len(shm_volumes), 1, "the sidecar overlay should have one memory volume")
+        shm_mount = next(m["mountPath"] for m in self.worker["volumeMounts"]
+                         if m["name"] == shm_volumes[0]["name"])
+        object_path = shm_mount.rstrip("/") + "/worker-logits"
+        logits = rng.standard_normal((2, 4096)).astype(np.float32)
+        with open(worker_paths.path(object_path), "wb") as f:
+            f.write(logits.tobytes())
+        key = PathMap(self.sidecar, self.volume_dirs).path(object_path)
+        region = client.register_shared_memory("logits", key, 0, logits.nbytes)
+        reference = tokensampler.sampler_pb2.Logits(
+            dtype=tokensampler.sampler_pb2.DTYPE_FLOAT32, rows=2, vocab_size=4096,
+            shared_memory=tokensampler.sampler_pb2.SharedMemoryRef(
+                region=region, offset=0, byte_size=logits.nbytes))
+        results = client.sample(reference, {"temperature": 0.0})
+        np.testing.assert_array_equal(results.token_ids[:, 0], logits.argmax(axis=1))
+        client.unregister_shared_memory(region)
 
         # A Watch on the health port, as a load balancer would keep: SERVING now, NOT_SERVING once
         # the drain begins.

@@ -33,6 +33,7 @@ from tokensampler.daemon import Daemon
 from tokensampler.logits import encode_logits
 from tokensampler.params import make_params
 from tokensampler.session import BeamResult, Hypothesis, Session, StepResult
+from tokensampler.transport import SharedMemoryLogits, sparse_from_dense, sparse_logits
 
 SamplingParams = sampler_pb2.SamplingParams
 FinishReason = sampler_pb2.FinishReason
@@ -41,8 +42,8 @@ SamplerStage = sampler_pb2.SamplerStage
 
 __all__ = [
     "BeamResult", "Client", "Daemon", "FinishReason", "Hypothesis", "LogprobsMode",
-    "SampleResult", "SamplerStage", "SamplingParams", "Session", "StepResult",
-    "TokenSamplerError", "VerifyResult", "encode_logits", "make_params", "make_request",
-    "make_verify_request", "sampler_pb2",
+    "SampleResult", "SamplerStage", "SamplingParams", "Session", "SharedMemoryLogits",
+    "StepResult", "TokenSamplerError", "VerifyResult", "encode_logits", "make_params",
+    "make_request", "make_verify_request", "sampler_pb2", "sparse_from_dense", "sparse_logits",
 ]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ from tokensampler.errors import TokenSamplerError
 from tokensampler.logits import encode_logits
 from tokensampler.params import make_params
 from tokensampler.session import Session
+from tokensampler.transport import SharedMemoryLogits, logits_message
 from tokensampler.v1 import sampler_pb2, sampler_pb2_grpc
 
 _CLIENT_DEFAULT = object()  # per-call timeout: use the Client's
@@ -80,7 +81,7 @@ def _token_ids(name, values):
 def make_request(logits, params=None, *, dtype=None, prompt_token_ids=None,
                  output_token_ids=None, mirostat_mu=None):
     """Returns the `SampleRequest` that `Client.sample` sends; see there for the arguments."""
-    request = sampler_pb2.SampleRequest(logits=encode_logits(logits, dtype))
+    request = sampler_pb2.SampleRequest(logits=logits_message(logits, dtype))
     rows = request.logits.rows
     if params is None or isinstance(params, (Mapping, sampler_pb2.SamplingParams)):
         params = [make_params(params)] * rows  # one conversion, copied into every row
@@ -144,7 +145,7 @@ def make_verify_request(logits, draft_token_ids, params=None, *, draft_probs=Non
     """Returns the `VerifyRequest` that `Client.verify` sends; see there for the arguments."""
     drafts = [_token_ids(f"draft_token_ids[{i}]", d) for i, d in enumerate(draft_token_ids)]
     rows = len(drafts)
-    request = sampler_pb2.VerifyRequest(logits=encode_logits(logits, dtype))
+    request = sampler_pb2.VerifyRequest(logits=logits_message(logits, dtype))
     needed = sum(len(d) + 1 for d in drafts)
     if request.logits.rows != needed:
         raise ValueError(f"logits has {request.logits.rows} rows but the drafts need {needed} "
@@ -211,6 +212,11 @@ class Client:
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.enable_http_proxy", 0),
+            # Large requests: large fixed HTTP/2 windows and frames (docs/performance.md).
+            ("grpc.http2.lookahead_bytes", 64 << 20),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.http2.max_frame_size", (1 << 24) - 1),
+            ("grpc.http2.write_buffer_size", 64 << 20),
         ]
         if tls or root_certificates is not None or certificate_chain is not None:
             credentials = grpc.ssl_channel_credentials(
@@ -247,7 +253,8 @@ class Client:
 
         logits: [rows, vocab_size] numpy array (float32, float16; bfloat16 bit patterns as
             int16/uint16 with dtype="bfloat16") or torch tensor (float32, float16, bfloat16),
-            sent as raw bytes.
+            sent as raw bytes; or a SharedMemoryLogits (sent as a reference, no copy); or a
+            ready `Logits` message (e.g. sparse_logits / sparse_from_dense).
         params: one dict / SamplingParams for every row, or a sequence of them, one per row.
             Dict keys are the proto's SamplingParams field names.
         prompt_token_ids, output_token_ids: None, or one token-id sequence per row (the history;
@@ -272,7 +279,9 @@ class Client:
 
         draft_token_ids: one token-id sequence per sequence (k_i ≥ 0 drafts; a tree's nodes).
         logits: the target logits, [Σ (k_i + 1), vocab_size], sequence by sequence: the row
-            after the current history, then one row after each draft (after its path in a tree).
+            after the current history, then one row after each draft (after its path in a tree);
+            as for `sample`, an array, a SharedMemoryLogits (a reference, no copy) or a `Logits`
+            message (not sparse: Verify refuses sparse candidates).
         params, prompt_token_ids, output_token_ids, mirostat_mu: as for `sample`, per sequence.
         draft_probs: None (point masses: n-gram or greedy drafters), or one entry per sequence:
             None or the [k_i, vocab_size] probabilities each draft was drawn from (`draft_dtype`
@@ -290,6 +299,31 @@ class Client:
             output_token_ids=output_token_ids, mirostat_mu=mirostat_mu)
         response = self._call(self._stub.Verify, request, timeout)
         return [VerifyResult.from_proto(r) for r in response.results]
+
+    def register_shared_memory(self, name, key, offset, byte_size, *, timeout=_CLIENT_DEFAULT):
+        """Maps [offset, offset + byte_size) of the shared-memory object `key` ("/name" or a path
+        under /dev/shm) in the server; returns the region's handle (for SharedMemoryRef.region).
+        Raises TokenSamplerError: FAILED_PRECONDITION when the server does not serve shared
+        memory on this connection (by default: Unix sockets only), NOT_FOUND, OUT_OF_RANGE, ..."""
+        request = sampler_pb2.RegisterSharedMemoryRequest(
+            name=name, key=key, offset=offset, byte_size=byte_size)
+        return self._call(self._stub.RegisterSharedMemory, request, timeout).region
+
+    def unregister_shared_memory(self, region, *, timeout=_CLIENT_DEFAULT):
+        """Unmaps the region `region` (a handle) in the server."""
+        request = sampler_pb2.UnregisterSharedMemoryRequest(region=region)
+        self._call(self._stub.UnregisterSharedMemory, request, timeout)
+
+    def list_shared_memory(self, regions=(), *, timeout=_CLIENT_DEFAULT):
+        """The regions of this client's token (or those named by handle in `regions`), as
+        SharedMemoryRegionStatus messages."""
+        request = sampler_pb2.ListSharedMemoryRequest(regions=list(regions))
+        return list(self._call(self._stub.ListSharedMemory, request, timeout).regions)
+
+    def shared_memory_logits(self, rows, vocab_size, dtype="bfloat16", *, name=None):
+        """Creates a [rows, vocab_size] logits buffer in POSIX shared memory and registers it:
+        a SharedMemoryLogits to fill (`.array`) and pass to `sample`. Close it when done."""
+        return SharedMemoryLogits(self, rows, vocab_size, dtype, name=name)
 
     def session(self, *, timeout=None):
         """Opens a Session stream (tokensampler.Session): the server keeps each sequence's state,

@@ -43,6 +43,7 @@ import numpy as np
 
 from tokensampler.errors import TokenSamplerError
 from tokensampler.logits import encode_logits
+from tokensampler.transport import logits_message
 from tokensampler.params import make_params
 from tokensampler.v1 import sampler_pb2
 
@@ -230,9 +231,9 @@ class Session:
     def step(self, logits, sequence_ids, *, dtype=None, drafts=None, draft_probs=None,
              draft_parents=None, draft_dtype=None):
         """One step for each of `sequence_ids`. The rows of `logits` ([rows, vocab] numpy array
-        or torch tensor, sent as raw bytes as in Client.sample) are consumed in the order of the
-        ids: one per plain sequence, one per live beam of a beam search. Returns a StepResult
-        (one entry per id).
+        or torch tensor, sent as raw bytes as in Client.sample, or a SharedMemoryLogits) are
+        consumed in the order of the ids: one per plain sequence, one per live beam of a beam
+        search. Returns a StepResult (one entry per id).
 
         Speculative decoding: `drafts` maps sequence ids of plain sequences to their draft token
         ids (k ≥ 1); such a sequence takes k + 1 consecutive logits rows (the current position,
@@ -241,7 +242,7 @@ class Session:
         same ids to the [k, vocab] draft probabilities (absent = point masses) and the tree's
         parent indices."""
         request = sampler_pb2.SessionRequest()
-        request.step.logits.CopyFrom(encode_logits(logits, dtype))
+        request.step.logits.CopyFrom(logits_message(logits, dtype))
         request.step.sequence_ids.extend(_ids("sequence_ids", sequence_ids))
         for sequence_id, tokens in (drafts or {}).items():
             entry = request.step.drafts.add(sequence_id=int(sequence_id))

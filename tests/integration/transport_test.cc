@@ -1,0 +1,164 @@
+// Integration: shared-memory logits and sparse candidates against the real tokensamplerd binary,
+// over its Unix socket (shared memory on by default) and TCP (off by default), through the C++
+// client library.
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "client/cli/random_logits.h"
+#include "client/client.h"
+#include "client/logits.h"
+#include "client/shared_memory.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/integration/daemon_process.h"
+#include "tests/testing/service_testing.h"
+
+#ifndef TOKENSAMPLERD_PATH
+#error "TOKENSAMPLERD_PATH must name the tokensamplerd binary"
+#endif
+
+namespace tokensampler {
+namespace {
+
+using ::testing::HasSubstr;
+using ::tokensampler::testing::DaemonProcess;
+using ::tokensampler::testing::UniqueTempPath;
+
+constexpr uint32_t kRows = 4;
+constexpr uint32_t kVocab = 32000;
+
+class TransportDaemonTest : public ::testing::Test {
+ protected:
+  void Start(std::vector<std::string> extra = {}) {
+    socket_path_ = UniqueTempPath("t.sock");
+    std::vector<std::string> args = {"--listen=127.0.0.1:0",
+                                     absl::StrCat("--listen=unix:", socket_path_), "--threads=2"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    absl::StatusOr<std::unique_ptr<DaemonProcess>> daemon =
+        DaemonProcess::Start(TOKENSAMPLERD_PATH, args);
+    ASSERT_TRUE(daemon.ok()) << daemon.status();
+    daemon_ = *std::move(daemon);
+  }
+
+  void TearDown() override {
+    if (daemon_ != nullptr) {
+      absl::StatusOr<int> exit = daemon_->Stop(SIGTERM);
+      ASSERT_TRUE(exit.ok()) << exit.status();
+      EXPECT_EQ(*exit, 0) << daemon_->Stderr();
+    }
+    std::remove(socket_path_.c_str());
+  }
+
+  Client Connect(int listener) {
+    absl::StatusOr<Client> client = Client::Create(daemon_->addresses()[listener]);
+    EXPECT_TRUE(client.ok());
+    return *std::move(client);
+  }
+
+  static v1::SampleRequest Request(v1::Logits logits) {
+    v1::SampleRequest request;
+    *request.mutable_logits() = std::move(logits);
+    for (uint32_t r = 0; r < kRows; ++r) {
+      v1::SamplingParams& p = *request.add_rows()->mutable_params();
+      p.set_top_k(40);
+      p.set_temperature(0.8f);
+      p.set_seed(r);
+      p.set_logprobs(2);
+    }
+    return request;
+  }
+
+  std::string socket_path_;
+  std::unique_ptr<DaemonProcess> daemon_;
+};
+
+TEST_F(TransportDaemonTest, SharedMemoryOverTheUnixSocketAndNotOverTcp) {
+  Start();
+  const Client uds = Connect(1);
+  const Client tcp = Connect(0);
+  const std::vector<float> values = cli::RandomLogits(kRows, kVocab, 3);
+  const v1::Logits bytes = *MakeLogits(values, kVocab, v1::DTYPE_BFLOAT16);
+  absl::StatusOr<SharedMemoryBuffer> buffer =
+      SharedMemoryBuffer::Create(absl::StrCat("/ts_it_", getpid()), bytes.data().size());
+  ASSERT_TRUE(buffer.ok()) << buffer.status();
+  std::memcpy(buffer->data(), bytes.data().data(), bytes.data().size());
+
+  absl::StatusOr<std::string> refused =
+      tcp.RegisterSharedMemory("logits", buffer->key(), 0, buffer->size(), absl::Seconds(10));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(refused.status().message(), HasSubstr("--shared_memory=unix"));
+
+  absl::StatusOr<std::string> region =
+      uds.RegisterSharedMemory("logits", buffer->key(), 0, buffer->size(), absl::Seconds(10));
+  ASSERT_TRUE(region.ok()) << region.status();
+  absl::StatusOr<v1::SampleResponse> expected = tcp.Sample(Request(bytes), absl::Seconds(10));
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  absl::StatusOr<v1::SampleResponse> actual =
+      uds.Sample(Request(SharedMemoryLogits(*region, 0, kRows, kVocab, v1::DTYPE_BFLOAT16)),
+                 absl::Seconds(10));
+  ASSERT_TRUE(actual.ok()) << actual.status();
+  ASSERT_EQ(actual->results_size(), expected->results_size());
+  for (int i = 0; i < actual->results_size(); ++i) {
+    EXPECT_EQ(actual->results(i).token_id(), expected->results(i).token_id());
+    EXPECT_EQ(actual->results(i).logprob(), expected->results(i).logprob());
+  }
+  absl::StatusOr<v1::ListSharedMemoryResponse> list =
+      uds.ListSharedMemory({*region}, absl::Seconds(10));
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->regions_size(), 1);
+  EXPECT_EQ(list->regions(0).key(), buffer->key());
+
+  // Truncated under the daemon: an error naming the region, and the daemon keeps serving.
+  const int fd = shm_open(buffer->key().c_str(), O_RDWR, 0);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, 0), 0);
+  close(fd);
+  actual = uds.Sample(Request(SharedMemoryLogits(*region, 0, kRows, kVocab, v1::DTYPE_BFLOAT16)),
+                      absl::Seconds(10));
+  EXPECT_EQ(actual.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(actual.status().message(), HasSubstr("region \"logits\""));
+  EXPECT_TRUE(tcp.Sample(Request(bytes), absl::Seconds(10)).ok());
+  EXPECT_TRUE(uds.UnregisterSharedMemory(*region, absl::Seconds(10)).ok());
+  EXPECT_THAT(daemon_->Stderr(), HasSubstr("shared_memory=unix"));
+}
+
+TEST_F(TransportDaemonTest, SparseCandidatesOverTcp) {
+  Start();
+  const Client tcp = Connect(0);
+  const std::vector<float> values = cli::RandomLogits(kRows, kVocab, 4);
+  absl::StatusOr<v1::SampleResponse> dense =
+      tcp.Sample(Request(*MakeLogits(values, kVocab, v1::DTYPE_FLOAT32)), absl::Seconds(10));
+  absl::StatusOr<v1::SampleResponse> sparse = tcp.Sample(
+      Request(*SparseLogitsFromDense(values, kVocab, 1024, v1::DTYPE_FLOAT32)), absl::Seconds(10));
+  ASSERT_TRUE(dense.ok()) << dense.status();
+  ASSERT_TRUE(sparse.ok()) << sparse.status();
+  for (int i = 0; i < dense->results_size(); ++i) {
+    EXPECT_EQ(dense->results(i).token_id(), sparse->results(i).token_id());
+    EXPECT_NEAR(dense->results(i).logprob(), sparse->results(i).logprob(), 2e-4);
+  }
+}
+
+TEST_F(TransportDaemonTest, SharedMemoryFlag) {
+  std::string stderr_text;
+  absl::StatusOr<int> exit = DaemonProcess::RunToExit(
+      TOKENSAMPLERD_PATH, {"--listen=127.0.0.1:0", "--shared_memory=sometimes"}, &stderr_text);
+  ASSERT_TRUE(exit.ok());
+  EXPECT_EQ(*exit, 1);
+  EXPECT_THAT(stderr_text, HasSubstr("--shared_memory must be off, unix or all, got"));
+  // --shared_memory=all serves it over TCP too.
+  Start({"--shared_memory=all"});
+  absl::StatusOr<SharedMemoryBuffer> buffer =
+      SharedMemoryBuffer::Create(absl::StrCat("/ts_it_all_", getpid()), 4096);
+  ASSERT_TRUE(buffer.ok());
+  EXPECT_TRUE(Connect(0).RegisterSharedMemory("x", buffer->key(), 0, 4096, absl::Seconds(10)).ok());
+}
+
+}  // namespace
+}  // namespace tokensampler
