@@ -145,11 +145,15 @@ absl::Status ApplySession(const v1::SessionRequest& request, const Sampler& samp
   if (!logits.ok()) return logits.status();
   const absl::Span<const uint64_t> ids(request.step().sequence_ids().data(),
                                        static_cast<size_t>(request.step().sequence_ids_size()));
-  absl::StatusOr<std::vector<SampledToken>> tokens = table.Step(sampler, *logits, ids);
-  if (!tokens.ok()) return tokens.status();
-  FUZZ_CHECK(tokens->size() == ids.size(), "%zu results for %zu ids", tokens->size(), ids.size());
-  CheckResultInvariants(*tokens, logits->vocab_size());
-  service::SessionResultsToProto(*tokens, ids, response);
+  // Beam searches and drafts are not added here (beam_fuzzer.cc, verify_fuzzer.cc): every
+  // sequence is plain, one token per id.
+  absl::StatusOr<std::vector<SequenceStep>> steps = table.Step(sampler, *logits, ids);
+  if (!steps.ok()) return steps.status();
+  FUZZ_CHECK(steps->size() == ids.size(), "%zu results for %zu ids", steps->size(), ids.size());
+  std::vector<SampledToken> tokens;
+  for (const SequenceStep& step : *steps) tokens.push_back(step.token);
+  CheckResultInvariants(tokens, logits->vocab_size());
+  service::SessionResultsToProto(*steps, response);
   return absl::OkStatus();
 }
 

@@ -199,10 +199,19 @@ class Harness {
     }
 
     const std::atomic<bool> cancelled{cancel};
-    const absl::StatusOr<std::vector<SampledToken>> got =
+    const absl::StatusOr<std::vector<SequenceStep>> steps =
         table_.Step(sampler_, *view, ids, &cancelled);
-    CheckCode(got.status(), want, "Step");
+    CheckCode(steps.status(), want, "Step");
     if (want != absl::StatusCode::kOk) return;  // and nothing changed (checked by the next step)
+    // Plain sequences only here (beam searches: beam_fuzzer.cc): one token per id, in order.
+    std::vector<SampledToken> got;
+    for (size_t i = 0; i < steps->size(); ++i) {
+      const SequenceStep& step = (*steps)[i];
+      FUZZ_CHECK(step.sequence_id == ids[i] && !step.beam.has_value() && !step.verify.has_value(),
+                 "Step: result %zu is not the plain token of id %llu", i,
+                 static_cast<unsigned long long>(ids[i]));
+      got.push_back(step.token);
+    }
     CheckSameResults(got, expected);
     for (size_t i = 0; i < ids.size(); ++i) {
       ModelSequence& seq = model_[ids[i]];
