@@ -173,14 +173,18 @@ class Harness {
     absl::StatusCode want = absl::StatusCode::kOk;
     std::vector<RowRequest> requests;
     absl::flat_hash_set<uint64_t> seen;
+    // The table checks: every id once and the row count (INVALID_ARGUMENT), then that every id is
+    // live (NOT_FOUND), then each sequence's params and history in order.
     if (ids.size() != static_cast<size_t>(rows)) want = absl::StatusCode::kInvalidArgument;
+    for (const uint64_t id : ids) {
+      if (!seen.insert(id).second) want = absl::StatusCode::kInvalidArgument;
+    }
+    for (size_t i = 0; want == absl::StatusCode::kOk && i < ids.size(); ++i) {
+      if (!model_.contains(ids[i])) want = absl::StatusCode::kNotFound;
+    }
     for (size_t i = 0; want == absl::StatusCode::kOk && i < ids.size(); ++i) {
       const auto it = model_.find(ids[i]);
-      if (!seen.insert(ids[i]).second) {
-        want = absl::StatusCode::kInvalidArgument;
-      } else if (it == model_.end()) {
-        want = absl::StatusCode::kNotFound;
-      } else if (!ValidateParams(it->second.params, vocab).ok()) {
+      if (!ValidateParams(it->second.params, vocab).ok()) {
         want = absl::StatusCode::kInvalidArgument;
       } else if (static_cast<int64_t>(it->second.prompt.size() + it->second.output.size()) + 1 >
                  limits_.max_history_tokens) {
