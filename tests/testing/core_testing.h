@@ -20,7 +20,8 @@ namespace tokensampler::testing {
 
 inline std::vector<uint8_t> F32Bytes(const std::vector<float>& values) {
   std::vector<uint8_t> bytes(values.size() * 4);
-  std::memcpy(bytes.data(), values.data(), bytes.size());
+  // An empty vector's data() may be null, and memcpy from null is undefined even for 0 bytes.
+  if (!bytes.empty()) std::memcpy(bytes.data(), values.data(), bytes.size());
   return bytes;
 }
 
