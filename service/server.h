@@ -88,8 +88,12 @@ struct TransportOptions {
 // to the kernel. By default a block above its mmap threshold (dynamic, at most 32 MiB) is
 // mmap'ed for each request and unmapped after it, so every large request — a 64 × 128256 fp32
 // batch is 31 MiB — pays its page faults again (≈ 8000 faults). With both thresholds at 1 GiB the
-// same heap memory serves request after request. Call once at start, before threads allocate
-// (tokensamplerd does when --large_message_tuning is on).
+// same heap memory serves request after request. Kept memory is only reused by the arena that
+// freed it, so the number of malloc arenas is capped at 2 (glibc's default is 8 per core, one per
+// thread in practice): otherwise every gRPC and sampling thread's arena holds its own copy of the
+// largest request it has seen, and RSS creeps up for minutes (the 60 s soak: 82 → 92 MiB and
+// rising with 16+ arenas; 50 → 51 MiB, flat within 3 %, with 2). Call once at start, before
+// threads allocate (tokensamplerd does when --large_message_tuning is on).
 void TuneMallocForLargeMessages();
 
 struct ServerOptions {

@@ -199,6 +199,9 @@ def main():
     parser.add_argument("--streams", type=int, default=8)
     parser.add_argument("--unary", type=int, default=2, help="threads of unary Sample calls")
     parser.add_argument("--threads", type=int, default=2, help="the daemon's --threads")
+    parser.add_argument("--daemon_arg", action="append", default=[],
+                        help="one more tokensamplerd flag (repeatable), e.g. "
+                             "--daemon_arg=--large_message_tuning=false")
     parser.add_argument("--warmup_fraction", type=float, default=0.25)
     parser.add_argument("--tolerance", type=float, default=0.10,
                         help="largest drift of a window's median RSS from the first window's")
@@ -208,7 +211,7 @@ def main():
     args = parser.parse_args()
 
     warmup = max(10.0, args.seconds * args.warmup_fraction)
-    with tokensampler.Daemon(args.tokensamplerd, args=[f"--threads={args.threads}"]) as daemon:
+    with tokensampler.Daemon(args.tokensamplerd, args=[f"--threads={args.threads}", *args.daemon_arg]) as daemon:
         pid = daemon.pid
         start = time.monotonic()
         load = Load(daemon.target, start + args.seconds)
