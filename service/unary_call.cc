@@ -20,8 +20,13 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
       : context_(context), work_(std::move(work)) {}
 
   // Refused before any work: answers at once; only gRPC holds the reactor. `call`, when the
-  // refusal came after it was opened, stays open until OnDone.
+  // refusal came after it was opened, stays open until OnDone. The call is answered: a
+  // cancellation that arrives before the answer is sent (OnCancel) has nothing left to do.
   void Refuse(const absl::Status& status, std::optional<CallGuard::Call> call = std::nullopt) {
+    {
+      absl::MutexLock lock(&mu_);
+      state_ = State::kAnswered;
+    }
     if (call.has_value()) {
       call->Finish(status);
       call_ = std::move(call);
@@ -84,8 +89,9 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
     return absl::CancelledError("the call was cancelled; its work was stopped");
   }
 
-  // Records the outcome, frees the call's share of the limits, then answers. Runs once. The call
-  // stays open for a drain until this object is deleted (after OnDone).
+  // Records the outcome, frees the call's share of the limits, then answers. Runs once, for an
+  // admitted call (request_ and call_ are set). The call stays open for a drain until this object
+  // is deleted (after OnDone).
   void Complete(const absl::Status& status) {
     request_->Done(status);
     call_->Finish(status);

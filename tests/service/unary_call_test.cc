@@ -8,8 +8,10 @@
 #include <grpcpp/grpcpp.h>
 
 #include <atomic>
+#include <cstdio>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -118,6 +120,48 @@ TEST_F(UnaryCallTest, RunningWorkStopsWhenTheClientCancels) {
   EXPECT_TRUE(service_.saw_cancel_.load());
   ASSERT_TRUE(tokensampler::testing::WaitFor([&] { return guard_.open_calls() == 0; }));
   EXPECT_EQ(Metric("CANCELLED"), 1);
+}
+
+// A call refused before any work (here: draining) is answered at once; when the client cancels
+// it before that answer is sent, gRPC still calls OnCancel. The refused call has nothing left to
+// answer or account; tokensamplerd used to answer it again from an empty request (SIGSEGV, seen
+// at shutdown in FaultTest). Many refused calls, each cancelled at once, race the two.
+TEST_F(UnaryCallTest, RefusedCallsCancelledBeforeTheirAnswerIsSentAreAnsweredOnce) {
+  guard_.StartDrain();
+  constexpr int kCalls = 2000;
+  struct Pending {
+    grpc::ClientContext context;
+    v1::SampleResponse response;
+    grpc::Status status;
+    absl::Notification done;
+  };
+  std::vector<std::unique_ptr<Pending>> pending;
+  v1::SampleRequest request;
+  for (int i = 0; i < kCalls; ++i) {
+    auto& call = *pending.emplace_back(std::make_unique<Pending>());
+    SetDeadline(call.context);
+    stub_->async()->Sample(&call.context, &request, &call.response, [&call](grpc::Status s) {
+      call.status = std::move(s);
+      call.done.Notify();
+    });
+    call.context.TryCancel();
+  }
+  int unavailable = 0;
+  for (auto& call : pending) {
+    ASSERT_TRUE(call->done.WaitForNotificationWithTimeout(absl::Seconds(60)));
+    const grpc::StatusCode code = call->status.error_code();
+    EXPECT_TRUE(code == grpc::StatusCode::UNAVAILABLE || code == grpc::StatusCode::CANCELLED)
+        << code;
+    unavailable += code == grpc::StatusCode::UNAVAILABLE;
+  }
+  ASSERT_TRUE(tokensampler::testing::WaitFor([&] { return guard_.open_calls() == 0; }));
+  // Every call the server saw was answered and counted once, as UNAVAILABLE (gRPC aborts on a
+  // second Finish; a second count would show as CANCELLED).
+  EXPECT_GE(Metric("UNAVAILABLE"), unavailable);
+  EXPECT_LE(Metric("UNAVAILABLE"), kCalls);
+  EXPECT_EQ(Metric("CANCELLED"), 0);
+  std::printf("refused calls cancelled: %d answered UNAVAILABLE, %d cancelled first\n",
+              unavailable, kCalls - unavailable);
 }
 
 }  // namespace
