@@ -160,8 +160,8 @@ TEST_F(UnaryCallTest, RefusedCallsCancelledBeforeTheirAnswerIsSentAreAnsweredOnc
   EXPECT_GE(Metric("UNAVAILABLE"), unavailable);
   EXPECT_LE(Metric("UNAVAILABLE"), kCalls);
   EXPECT_EQ(Metric("CANCELLED"), 0);
-  std::printf("refused calls cancelled: %d answered UNAVAILABLE, %d cancelled first\n",
-              unavailable, kCalls - unavailable);
+  std::printf("refused calls cancelled: %d answered UNAVAILABLE, %d cancelled first\n", unavailable,
+              kCalls - unavailable);
 }
 
 }  // namespace
