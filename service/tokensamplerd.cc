@@ -126,8 +126,8 @@ ABSL_FLAG(int32_t, shared_memory_max_regions, 256,
           "Shared-memory regions registered at a time (all clients); RESOURCE_EXHAUSTED beyond.");
 ABSL_FLAG(bool, large_message_tuning, true,
           "HTTP/2 and socket settings for large requests (64 MiB windows, 16 MiB frames, 4-16 "
-          "MiB socket reads) and malloc thresholds that keep large request buffers for reuse; "
-          "false = gRPC's and glibc's defaults.");
+          "MiB socket reads), and malloc thresholds and 2 malloc arenas that keep large request "
+          "buffers for reuse by every thread; false = gRPC's and glibc's defaults.");
 // --- logs ---
 ABSL_FLAG(std::string, log_level, "info",
           "Least severe level logged: debug, info, warning, error.");
