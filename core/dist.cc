@@ -534,13 +534,29 @@ void Dist::Temperature(const tokensampler::Temperature& t) {
       KeepMax();
       return;
     }
-    divisor_ = dyn;
-    weights_valid_ = false;
+    SetDivisor(dyn);
     return;
   }
   ApplyDivision();  // at most one temperature runs; this only guards the invariant
-  divisor_ = t.temperature;
+  SetDivisor(t.temperature);
+}
+
+void Dist::SetDivisor(float d) {
+  divisor_ = d;
   weights_valid_ = false;
+  // Division is monotone: some value overflows to +inf exactly when the maximum does. Then, as
+  // in the reference's Temperature and as for +inf input logits, the row is uniform over the
+  // overflowed tokens.
+  if (max_ / d != std::numeric_limits<float>::infinity()) return;
+  ApplyDivision();
+  ForBlocks(values_.size(), parallel_, [&](size_t, size_t begin, size_t end) {
+    kernels::InfToUniform(values_.data(), begin, end);
+  });
+  max_ = 0.0f;
+  weights_valid_ = false;
+  head_valid_ = false;
+  count_ = -1;
+  s_.preselected = false;  // pass 1's top-k candidates are not the kept tokens any more
 }
 
 void Dist::TopK(int32_t k) {

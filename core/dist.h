@@ -148,6 +148,10 @@ class Dist {
   // Turns sparse, keeping the tokens with key ≤ `cut` (for kNegValue keys and the default cut:
   // every kept token).
   void ToSparse(const Key& key, double cut);
+  // Sets the pending temperature division (divisor_ must be 1). When it overflows the maximum
+  // to +inf, applies it at once and keeps only the overflowed tokens (uniform), as the
+  // reference does.
+  void SetDivisor(float d);
   void MaybeSparse();
   // Turns sparse with exactly the first `keep` kept tokens in the reference's sorted order.
   void KeepFirst(size_t keep);

@@ -3,12 +3,15 @@
 // Weights are w_i = ExpF(l_i − max) (kernels.h), summed in double: p_i = w_i / Σ w.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "core/kernels.h"
 #include "core/stages.h"
 
 namespace tokensampler {
 namespace {
+
+constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 using Pairs = std::vector<std::pair<float, int32_t>>;
 
@@ -75,7 +78,16 @@ void Temperature::Apply(absl::Span<float> logits, RowScratch& scratch) const {
       return;
     }
   }
-  for (float& l : logits) l /= t;
+  bool overflow = false;
+  for (float& l : logits) {
+    l /= t;
+    overflow |= l == kPosInf;
+  }
+  // A temperature below 1 can push the largest logits past the float range; like +inf logits
+  // in the input, they then dominate: the row is uniform over them.
+  if (overflow) {
+    for (float& l : logits) l = l == kPosInf ? 0.0f : kNegInf;
+  }
 }
 
 void TopK::Apply(absl::Span<float> logits, RowScratch& scratch) const {

@@ -9,6 +9,7 @@
 #include <limits>
 #include <ostream>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -27,7 +28,7 @@ namespace {
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // DESIGN.md's realistic rows (bulk σ·N(0,1), σ ∈ [2,3); 1–8 peaked tokens) and harder shapes.
-enum class Shape { kRealistic, kFlat, kTies, kMasked, kPosInf, kPeaked };
+enum class Shape { kRealistic, kFlat, kTies, kMasked, kPosInf, kPeaked, kHuge };
 
 std::vector<float> MakeRow(Shape shape, size_t vocab, std::mt19937_64& rng) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -62,6 +63,10 @@ std::vector<float> MakeRow(Shape shape, size_t vocab, std::mt19937_64& rng) {
       break;
     case Shape::kPeaked:
       row[pick(rng)] = 60.0f;  // almost all the mass on one token
+      break;
+    case Shape::kHuge:
+      // Near the float range: a temperature below 1 pushes some past it (to +inf), not all.
+      for (float big : {3.3e38f, 3.0e38f, 2.5e38f, 1.0e38f, -3.0e38f}) row[pick(rng)] = big;
       break;
   }
   return row;
@@ -220,10 +225,59 @@ INSTANTIATE_TEST_SUITE_P(
                       Case{Shape::kFlat, 3000, 200, 5}, Case{Shape::kTies, 32000, 30, 6},
                       Case{Shape::kTies, 2000, 300, 7}, Case{Shape::kMasked, 20000, 40, 8},
                       Case{Shape::kPosInf, 9000, 40, 9}, Case{Shape::kPeaked, 50000, 30, 10},
-                      Case{Shape::kRealistic, 37, 300, 11}, Case{Shape::kTies, 100, 300, 12}),
+                      Case{Shape::kRealistic, 37, 300, 11}, Case{Shape::kTies, 100, 300, 12},
+                      Case{Shape::kHuge, 20000, 80, 13}, Case{Shape::kHuge, 50, 400, 14}),
     [](const ::testing::TestParamInfo<Case>& param) {
       return absl::StrCat("case", param.index, "_vocab", param.param.vocab);
     });
+
+// A temperature below 1 can push the largest logits past the float range. They become +inf and
+// then, as +inf input logits do, take the whole mass, uniformly: here T = 0.5 overflows 3e38 and
+// 2e38 (not 1e38), so only tokens 3 and 7 can be drawn, each with probability 1/2, in the fast
+// sampler and in the reference alike, static or dynamic temperature, with any stage after it.
+// (The fast sampler once read before its kept list here: the pipeline fuzzer found it.)
+TEST(FastTest, LogitsATemperaturePushesPastTheFloatRangeTakeTheMassUniformly) {
+  std::vector<float> row(64, 1.0f);
+  row[3] = 3.0e38f;
+  row[7] = 2.0e38f;
+  row[9] = 1.0e38f;
+  const std::vector<uint8_t> bytes = testing::F32Bytes(row);
+  auto view = LogitsView::Create(DType::kFloat32, 1, 64, bytes);
+  ASSERT_TRUE(view.ok());
+  const Sampler fast;
+  const ReferenceSampler reference;
+  for (const bool dynamic : {false, true}) {
+    for (const float typical : {1.0f, 0.9f}) {
+      std::set<int32_t> drawn;
+      for (uint64_t seed = 0; seed < 200; ++seed) {
+        SamplingParams p;
+        p.temperature = 0.5f;
+        if (dynamic) {
+          p.temperature = 0.45f;
+          p.dynatemp_range = 0.05f;  // T in [0.4, 0.5]: both overflow either way
+        }
+        p.typical_p = typical;
+        p.seed = seed;
+        p.logprobs = 0;
+        p.logprobs_mode = LogprobsMode::kProcessedLogprobs;
+        ASSERT_TRUE(ValidateParams(p, 64).ok());
+        const RowRequest request{&p, {}, {}, std::nullopt};
+        const auto want = reference.Run(*view, {&request, 1});
+        absl::StatusOr<std::vector<SampledToken>> got;
+        tbb::task_arena arena(2);
+        arena.execute([&] { got = fast.Run(*view, {&request, 1}); });
+        ASSERT_TRUE(want.ok()) << want.status();
+        ASSERT_TRUE(got.ok()) << got.status();
+        ExpectSame(*got, *want, absl::StrCat("dynamic ", dynamic, " typical ", typical));
+        const SampledToken& token = (*got)[0];
+        ASSERT_TRUE(token.token_id == 3 || token.token_id == 7) << token.token_id;
+        EXPECT_FLOAT_EQ(token.logprob, std::log(0.5f));
+        drawn.insert(token.token_id);
+      }
+      EXPECT_EQ(drawn, (std::set<int32_t>{3, 7})) << "200 seeds draw both tokens";
+    }
+  }
+}
 
 TEST(FastTest, HalfPrecisionRowsDecodeInThePass) {
   // bf16 / fp16 rows (odd vocabulary: SIMD body and tail) sample like their float values.
