@@ -524,7 +524,14 @@ void Dist::Temperature(const tokensampler::Temperature& t) {
     int64_t kept = 0;
     for (int64_t c : counts) kept += c;
     if (kept <= 1) return;
-    const double h = Entropy();
+    // The reference's entropy bit for bit (row.h): exact 128-bit sums per block, in any order.
+    std::vector<EntropySums> parts(NumBlocks(values_.size()));
+    ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+      parts[b] = EntropyTerms(values_.data(), begin, end, max_);
+    });
+    EntropySums sums;
+    for (const EntropySums& part : parts) sums.Add(part);
+    const double h = sums.Entropy();
     const double normalized = h / std::log(static_cast<double>(kept));
     const double t_min = std::max(0.0, static_cast<double>(t.temperature) - t.range);
     const double t_max = static_cast<double>(t.temperature) + t.range;

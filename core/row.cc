@@ -162,6 +162,31 @@ double Weights(absl::Span<const float> logits, float max, std::vector<double>& w
   return sum;
 }
 
+EntropySums EntropyTerms(const float* logits, size_t begin, size_t end, float max) {
+  EntropySums sums;
+  for (size_t i = begin; i < end; ++i) {
+    if (logits[i] == kNegInf) continue;
+    const float d = logits[i] - max;
+    const float w = kernels::ExpF(d);
+    if (w == 0.0f) continue;
+    // w ≤ 1 and |w·d| ≤ 1/e: both scaled terms are below 2^100, exact before the truncation.
+    sums.weights += static_cast<unsigned __int128>(std::ldexp(static_cast<double>(w), 100));
+    sums.weighted += static_cast<unsigned __int128>(
+        std::ldexp(-static_cast<double>(w) * static_cast<double>(d), 100));
+  }
+  return sums;
+}
+
+double EntropySums::Entropy() const {
+  const double total = std::ldexp(static_cast<double>(weights), -100);
+  const double weighted_sum = std::ldexp(static_cast<double>(weighted), -100);
+  return std::log(total) + weighted_sum / total;
+}
+
+double OrderFreeEntropy(absl::Span<const float> logits, float max) {
+  return EntropyTerms(logits.data(), 0, logits.size(), max).Entropy();
+}
+
 int32_t CountKept(absl::Span<const float> logits) {
   int32_t n = 0;
   for (float l : logits) n += l != kNegInf;

@@ -60,15 +60,13 @@ void CutBelowProbability(absl::Span<float> logits, RowScratch& scratch, double c
 
 }  // namespace
 
-void Temperature::Apply(absl::Span<float> logits, RowScratch& scratch) const {
+void Temperature::Apply(absl::Span<float> logits, RowScratch& /*scratch*/) const {
   float t = temperature;
   if (range > 0.0f) {
     // llama.cpp temp_ext: T' = T_min + (T_max − T_min) · (H / log n)^exponent over the kept set.
     const int32_t kept = CountKept(logits);
     if (kept <= 1) return;
-    const float max = Argmax(logits).first;
-    const double total = Weights(logits, max, scratch.weights);
-    const double h = Entropy(logits, scratch.weights, max, total);
+    const double h = OrderFreeEntropy(logits, Argmax(logits).first);
     const double normalized = h / std::log(static_cast<double>(kept));
     const double t_min = std::max(0.0, static_cast<double>(temperature) - range);
     const double t_max = static_cast<double>(temperature) + range;
