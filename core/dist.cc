@@ -524,10 +524,12 @@ void Dist::Temperature(const tokensampler::Temperature& t) {
     int64_t kept = 0;
     for (int64_t c : counts) kept += c;
     if (kept <= 1) return;
-    // The reference's entropy bit for bit (row.h): exact 128-bit sums per block, in any order.
+    // The reference's entropy bit for bit (row.h): exact 128-bit sums per block, in any order,
+    // from the SIMD weights (the same bits as the scalar ExpF).
+    EnsureWeights();
     std::vector<EntropySums> parts(NumBlocks(values_.size()));
     ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-      parts[b] = EntropyTerms(values_.data(), begin, end, max_);
+      parts[b] = EntropyTerms(values_.data(), s_.wf.data(), begin, end, max_);
     });
     EntropySums sums;
     for (const EntropySums& part : parts) sums.Add(part);

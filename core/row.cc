@@ -162,29 +162,32 @@ double Weights(absl::Span<const float> logits, float max, std::vector<double>& w
   return sum;
 }
 
-EntropySums EntropyTerms(const float* logits, size_t begin, size_t end, float max) {
+EntropySums EntropyTerms(const float* logits, const float* weights, size_t begin, size_t end,
+                         float max) {
+  constexpr double kScale = 4611686018427387904.0;  // 2^62
   EntropySums sums;
   for (size_t i = begin; i < end; ++i) {
     if (logits[i] == kNegInf) continue;
     const float d = logits[i] - max;
-    const float w = kernels::ExpF(d);
+    const float w = weights != nullptr ? weights[i] : kernels::ExpF(d);
     if (w == 0.0f) continue;
-    // w ≤ 1 and |w·d| ≤ 1/e: both scaled terms are below 2^100, exact before the truncation.
-    sums.weights += static_cast<unsigned __int128>(std::ldexp(static_cast<double>(w), 100));
-    sums.weighted += static_cast<unsigned __int128>(
-        std::ldexp(-static_cast<double>(w) * static_cast<double>(d), 100));
+    // w ≤ 1 and |w·d| ≤ 1/e (w·d is exact in double): both scaled terms fit in an int64, and
+    // the conversion truncates.
+    sums.weights += static_cast<uint64_t>(static_cast<int64_t>(static_cast<double>(w) * kScale));
+    sums.weighted += static_cast<uint64_t>(
+        static_cast<int64_t>(-static_cast<double>(w) * static_cast<double>(d) * kScale));
   }
   return sums;
 }
 
 double EntropySums::Entropy() const {
-  const double total = std::ldexp(static_cast<double>(weights), -100);
-  const double weighted_sum = std::ldexp(static_cast<double>(weighted), -100);
+  const double total = std::ldexp(static_cast<double>(weights), -62);
+  const double weighted_sum = std::ldexp(static_cast<double>(weighted), -62);
   return std::log(total) + weighted_sum / total;
 }
 
 double OrderFreeEntropy(absl::Span<const float> logits, float max) {
-  return EntropyTerms(logits.data(), 0, logits.size(), max).Entropy();
+  return EntropyTerms(logits.data(), nullptr, 0, logits.size(), max).Entropy();
 }
 
 int32_t CountKept(absl::Span<const float> logits) {

@@ -88,23 +88,26 @@ int32_t CountKept(absl::Span<const float> logits);
 
 // The entropy (nats) of softmax(logits) over the finite entries, as dynamic temperature uses it:
 // H = log Σw − Σ w·(l − max) / Σw with w = ExpF(l − max), where each term (w, and w·(l − max),
-// exact in double) is truncated to a multiple of 2^-100 and the terms are summed as 128-bit
+// exact in double) is truncated to a multiple of 2^-62 and the terms are summed as 128-bit
 // integers — exact, so the sums do not depend on the order or grouping of the tokens — and
-// rounded to double once. The temperature depends on H's last bit (a uniform row sits exactly
+// rounded to double once. The temperature depends on H's last bits (a uniform row sits exactly
 // at the top of the range), so the fast sampler, on blocks or on its short list, and the
 // reference, on the whole row, must get the same bits; ordinary double sums in different
-// orders do not. Truncation costs < 2^-80 relative (the max token has w = 1). `max` is the
-// largest finite logit. REQUIRES: fewer than 2^26 tokens.
+// orders do not. Truncation costs < n·2^-62 relative (the max token has w = 1). `max` is the
+// largest finite logit.
 struct EntropySums {
-  unsigned __int128 weights = 0;   // Σ w · 2^100, terms truncated
-  unsigned __int128 weighted = 0;  // Σ −w·(l − max) · 2^100, terms truncated
+  unsigned __int128 weights = 0;   // Σ w · 2^62, terms truncated
+  unsigned __int128 weighted = 0;  // Σ −w·(l − max) · 2^62, terms truncated
   void Add(const EntropySums& other) {
     weights += other.weights;
     weighted += other.weighted;
   }
   double Entropy() const;
 };
-EntropySums EntropyTerms(const float* logits, size_t begin, size_t end, float max);
+// The terms of logits[begin, end). `weights`, when given, holds ExpF(l − max) for each token
+// (kernels::Weights computes the same bits); null = computed here.
+EntropySums EntropyTerms(const float* logits, const float* weights, size_t begin, size_t end,
+                         float max);
 double OrderFreeEntropy(absl::Span<const float> logits, float max);
 
 // Removes (sets to -inf) every token whose weight is below `threshold`.
