@@ -516,16 +516,8 @@ void Dist::Temperature(const tokensampler::Temperature& t) {
   if (t.range > 0.0f) {
     // Dynamic temperature: the reference's formula over the kept set.
     ApplyDivision();
-    std::vector<int64_t>& counts = s_.block_counts;
-    counts.assign(NumBlocks(values_.size()), 0);
-    ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-      counts[b] = kernels::SumValues(values_.data(), begin, end).count;
-    });
-    int64_t kept = 0;
-    for (int64_t c : counts) kept += c;
-    if (kept <= 1) return;
     // The reference's entropy bit for bit (row.h): exact 128-bit sums per block, in any order,
-    // from the SIMD weights (the same bits as the scalar ExpF).
+    // from the SIMD weights (the same bits as the scalar ExpF); the same pass counts the kept.
     EnsureWeights();
     std::vector<EntropySums> parts(NumBlocks(values_.size()));
     ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
@@ -533,8 +525,9 @@ void Dist::Temperature(const tokensampler::Temperature& t) {
     });
     EntropySums sums;
     for (const EntropySums& part : parts) sums.Add(part);
+    if (sums.kept <= 1) return;
     const double h = sums.Entropy();
-    const double normalized = h / std::log(static_cast<double>(kept));
+    const double normalized = h / std::log(static_cast<double>(sums.kept));
     const double t_min = std::max(0.0, static_cast<double>(t.temperature) - t.range);
     const double t_max = static_cast<double>(t.temperature) + t.range;
     const float dyn =
@@ -562,8 +555,6 @@ void Dist::SetDivisor(float d) {
     kernels::InfToUniform(values_.data(), begin, end);
   });
   max_ = 0.0f;
-  weights_valid_ = false;
-  head_valid_ = false;
   count_ = -1;
   s_.preselected = false;  // pass 1's top-k candidates are not the kept tokens any more
 }

@@ -168,6 +168,7 @@ EntropySums EntropyTerms(const float* logits, const float* weights, size_t begin
   EntropySums sums;
   for (size_t i = begin; i < end; ++i) {
     if (logits[i] == kNegInf) continue;
+    ++sums.kept;
     const float d = logits[i] - max;
     const float w = weights != nullptr ? weights[i] : kernels::ExpF(d);
     if (w == 0.0f) continue;

@@ -98,9 +98,11 @@ int32_t CountKept(absl::Span<const float> logits);
 struct EntropySums {
   unsigned __int128 weights = 0;   // Σ w · 2^62, terms truncated
   unsigned __int128 weighted = 0;  // Σ −w·(l − max) · 2^62, terms truncated
+  int64_t kept = 0;                // tokens that are not −inf
   void Add(const EntropySums& other) {
     weights += other.weights;
     weighted += other.weighted;
+    kept += other.kept;
   }
   double Entropy() const;
 };
