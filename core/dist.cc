@@ -556,7 +556,6 @@ void Dist::SetDivisor(float d) {
   });
   max_ = 0.0f;
   count_ = -1;
-  s_.preselected = false;  // pass 1's top-k candidates are not the kept tokens any more
 }
 
 void Dist::TopK(int32_t k) {
@@ -569,27 +568,9 @@ void Dist::TopK(int32_t k) {
   ApplyDivision();
   const Key key{};
   std::vector<float>& cand = s_.cand_values;  // the candidates' values, by id order
-  size_t m = 0;
-  double pivot = -kDoubleInf;
-  if (s_.preselected) {
-    // Pass 1 already selected the tokens ≥ the pivot while each block was in L1.
-    s_.preselected = false;
-    pivot = static_cast<double>(s_.preselect_pivot);
-    for (size_t b = 0; b < s_.preselect_counts.size(); ++b) {
-      const size_t c = static_cast<size_t>(s_.preselect_counts[b]);
-      std::copy(s_.ids.begin() + static_cast<ptrdiff_t>(b * kBlock),
-                s_.ids.begin() + static_cast<ptrdiff_t>(b * kBlock + c),
-                s_.ids.begin() + static_cast<ptrdiff_t>(m));
-      std::copy(cand.begin() + static_cast<ptrdiff_t>(b * kBlock),
-                cand.begin() + static_cast<ptrdiff_t>(b * kBlock + c),
-                cand.begin() + static_cast<ptrdiff_t>(m));
-      m += c;
-    }
-  } else {
-    pivot = TopKPivot(values_, k, s_.keys);
-    m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
-    for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])];
-  }
+  double pivot = TopKPivot(values_, k, s_.keys);
+  size_t m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
+  for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])];
   // Fewer than k above the pivot: it was too high; take everything kept instead.
   if (m < static_cast<size_t>(k) && pivot != -kDoubleInf) {
     pivot = -kDoubleInf;

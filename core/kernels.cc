@@ -2,9 +2,11 @@
 // foreach_target and dispatched at run time (see kernels.h).
 #include "core/kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "core/kernels.cc"
@@ -291,26 +293,38 @@ using DD = hn::Rebind<double, DFH>;
 using VF = hn::Vec<DF>;
 using VD = hn::Vec<DD>;
 
-// e^x, the same IEEE operations as the scalar ExpF (fused multiply-adds where it has them).
-HWY_INLINE VF Exp(DF df, VF x) {
-  const DI di;
-  const auto below = hn::Lt(x, hn::Set(df, kExpMin));
-  x = hn::Min(x, hn::Set(df, kExpMax));
-  const VF t = hn::MulAdd(x, hn::Set(df, kLog2e), hn::Set(df, kMagic));
-  const VF fx = hn::Sub(t, hn::Set(df, kMagic));
-  VF r = hn::NegMulAdd(fx, hn::Set(df, kLn2Hi), x);
-  r = hn::NegMulAdd(fx, hn::Set(df, kLn2Lo), r);
-  const VF z = hn::Mul(r, r);
-  VF p = hn::MulAdd(hn::Set(df, kP0), r, hn::Set(df, kP1));
-  p = hn::MulAdd(p, r, hn::Set(df, kP2));
-  p = hn::MulAdd(p, r, hn::Set(df, kP3));
-  p = hn::MulAdd(p, r, hn::Set(df, kP4));
-  p = hn::MulAdd(p, r, hn::Set(df, kP5));
-  const VF y = hn::Add(hn::MulAdd(p, z, r), hn::Set(df, 1.0f));
-  const auto k = hn::Sub(hn::BitCast(di, t), hn::BitCast(di, hn::Set(df, kMagic)));
-  const VF scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(k, hn::Set(di, 127))));
-  // Below kExpMin the scale is garbage (and −inf gives NaN): those weights are 0.
-  return hn::IfThenZeroElse(below, hn::Mul(y, scale));
+// e^x of N vectors at once, for x ≤ 0 or −inf (a value minus the row's maximum): the same IEEE
+// operations as the scalar ExpF, which there never reaches its kExpMax clamp. Each step runs across
+// the N vectors before the next, so the core overlaps N independent dependency chains (≈ 15
+// operations deep) instead of waiting one out at a time.
+template <size_t N>
+HWY_INLINE void ExpN(DF df, VF (&x)[N]) {
+  VF t[N], r[N], z[N], p[N];
+  hn::Mask<DF> kept[N];
+  for (size_t j = 0; j < N; ++j) kept[j] = hn::Ge(x[j], hn::Set(df, kExpMin));
+  for (size_t j = 0; j < N; ++j) t[j] = hn::MulAdd(x[j], hn::Set(df, kLog2e), hn::Set(df, kMagic));
+  for (size_t j = 0; j < N; ++j) t[j] = hn::Sub(t[j], hn::Set(df, kMagic));  // k = round(x·log2 e)
+  for (size_t j = 0; j < N; ++j) r[j] = hn::NegMulAdd(t[j], hn::Set(df, kLn2Hi), x[j]);
+  for (size_t j = 0; j < N; ++j) r[j] = hn::NegMulAdd(t[j], hn::Set(df, kLn2Lo), r[j]);
+  for (size_t j = 0; j < N; ++j) z[j] = hn::Mul(r[j], r[j]);
+  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(hn::Set(df, kP0), r[j], hn::Set(df, kP1));
+  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(p[j], r[j], hn::Set(df, kP2));
+  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(p[j], r[j], hn::Set(df, kP3));
+  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(p[j], r[j], hn::Set(df, kP4));
+  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(p[j], r[j], hn::Set(df, kP5));
+  for (size_t j = 0; j < N; ++j) p[j] = hn::Add(hn::MulAdd(p[j], z[j], r[j]), hn::Set(df, 1.0f));
+  // y·2^k with k ∈ [−126, 0] where kept: 2^k is a normal float, so this is one rounding of the
+  // exact product either way. Below kExpMin the weight is 0.
+  for (size_t j = 0; j < N; ++j) {
+#if HWY_TARGET <= HWY_AVX3
+    x[j] = VF{_mm512_maskz_scalef_ps(kept[j].raw, p[j].raw, t[j].raw)};
+#else
+    const DI di;
+    const auto k = hn::ConvertTo(di, t[j]);
+    const VF scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(k, hn::Set(di, 127))));
+    x[j] = hn::IfThenElseZero(kept[j], hn::Mul(p[j], scale));
+#endif
+  }
 }
 
 // Appends the lanes of `v` selected by `m` at out (writes a whole vector there: the caller
@@ -345,105 +359,121 @@ int64_t FindFirstEqual(const float* v, size_t begin, size_t end, float target, b
   return -1;
 }
 
-MaxResult Finish(const float* v, size_t begin, size_t end, float max, bool has_nan) {
+// A vector of fp16 values from their bits.
+HWY_INLINE VF DecodeF16(const uint16_t* p) {
+  const DF df;
+#if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
+  // No F16C: Highway 1.0's emulated promotion decodes ±inf and NaN as finite numbers, so the
+  // bits are decoded here. Exponent and mantissa move into a float's fields, and multiplying by
+  // 2^112 re-biases the exponent (exact, subnormal halves included); all-ones exponents (inf,
+  // NaN) get the float's all-ones exponent instead.
+  const DU du;
+  const DI di;
+  const auto h = hn::PromoteTo(du, hn::LoadU(hn::Rebind<uint16_t, DF>(), p));
+  const auto sign = hn::ShiftLeft<16>(hn::And(h, hn::Set(du, 0x8000u)));
+  const auto em = hn::ShiftLeft<13>(hn::And(h, hn::Set(du, 0x7fffu)));
+  const VF finite = hn::Mul(hn::BitCast(df, em), hn::Set(df, 0x1.0p112f));
+  const VF special = hn::BitCast(df, hn::Or(em, hn::Set(du, 0x7f800000u)));
+  const auto is_special = hn::Gt(hn::BitCast(di, em), hn::Set(di, (0x7c00 << 13) - 1));
+  const VF f = hn::IfThenElse(hn::RebindMask(df, is_special), special, finite);
+  return hn::BitCast(df, hn::Or(hn::BitCast(du, f), sign));
+#else
+  return hn::PromoteTo(
+      df, hn::LoadU(hn::Rebind<hwy::float16_t, DF>(), reinterpret_cast<const hwy::float16_t*>(p)));
+#endif
+}
+
+// Pass 1's loop: decodes each value (`load(i)`, a vector at i; `load_one(i)`, one value), divides
+// it by `divisor` unless that is 1, stores it at out[i] (unless out is null) and finds the
+// maximum, the first index holding it and whether any value is NaN (when `track_nan`). The index
+// costs no second pass over the row: the maximum of each chunk of kChunk values is kept as it is
+// reduced, the first chunk that reaches the row's maximum is the one where the running maximum
+// last rose strictly, and only that chunk is searched (`values`: the decoded row, out or the
+// source itself when that is fp32).
+constexpr size_t kChunk = 1024;
+
+template <class Load, class LoadOne>
+MaxResult DecodeMaxBody(const Load& load, const LoadOne& load_one, const float* values,
+                        size_t begin, size_t end, float divisor, float* out, bool track_nan) {
+  const DF df;
+  const size_t n = hn::Lanes(df);
+  const bool divide = divisor != 1.0f;
+  const VF vdiv = hn::Set(df, divisor);
+  auto nan = hn::Ne(vdiv, vdiv);  // no NaN seen yet (a mask of false)
+  bool snan = false;
+  float max = kNegInf;
+  size_t max_chunk = begin;
+  for (size_t c = begin; c < end; c += kChunk) {
+    const size_t c_end = std::min(end, c + kChunk);
+    VF vmax = hn::Set(df, kNegInf);
+    size_t i = c;
+    for (; i + n <= c_end; i += n) {
+      VF x = load(i);
+      if (divide) x = hn::Div(x, vdiv);
+      if (out != nullptr) hn::StoreU(x, df, out + i);
+      vmax = hn::Max(vmax, x);
+      if (track_nan) nan = hn::Or(nan, hn::IsNaN(x));
+    }
+    float chunk_max = hn::GetLane(hn::MaxOfLanes(df, vmax));
+    // The scalar tail: NaN never wins a comparison, so it is tracked apart.
+    for (; i < c_end; ++i) {
+      float x = load_one(i);
+      if (divide) x /= divisor;
+      if (out != nullptr) out[i] = x;
+      if (std::isnan(x)) snan = true;
+      if (x > chunk_max) chunk_max = x;
+    }
+    if (chunk_max > max) {
+      max = chunk_max;
+      max_chunk = c;
+    }
+  }
   MaxResult r{max, -1, -1};
-  if (has_nan) r.nan = FindFirstEqual(v, begin, end, 0.0f, true);
-  if (max != kNegInf) r.argmax = FindFirstEqual(v, begin, end, max, false);
+  if (track_nan && (snan || !hn::AllFalse(df, nan))) {
+    // With a NaN the maximum is meaningless; the caller fails the row anyway.
+    r.max = kNegInf;
+    r.nan = FindFirstEqual(values, begin, end, 0.0f, true);
+  } else if (max != kNegInf) {
+    r.argmax = FindFirstEqual(values, max_chunk, std::min(end, max_chunk + kChunk), max, false);
+  }
   return r;
 }
 
 MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
                         float* out) {
-  const bool divide = divisor != 1.0f;
-  const VF vdiv = hn::Set(DF(), divisor);
   const DF df;
-  const DU du;
-  const hn::Rebind<uint16_t, DF> d16;
-  const hn::Rebind<hwy::float16_t, DF> dh;
-  const size_t n = hn::Lanes(df);
-  VF vmax = hn::Set(df, kNegInf);
-  auto nan = hn::Ne(vmax, vmax);  // no NaN seen yet (a mask of false)
-  size_t i = begin;
-  float smax = kNegInf;
-  bool snan = false;
   switch (dtype) {
     case DType::kFloat32: {
+      // out == null: read only (greedy rows with nothing to change).
       const float* src = reinterpret_cast<const float*>(row);
-      if (out == nullptr) {  // read only: greedy rows with nothing to change
-        for (; i + n <= end; i += n) {
-          const VF x = hn::LoadU(df, src + i);
-          vmax = hn::Max(vmax, x);
-          nan = hn::Or(nan, hn::IsNaN(x));
-        }
-        for (size_t t = i; t < end; ++t) {
-          if (std::isnan(src[t])) snan = true;
-          if (src[t] > smax) smax = src[t];
-        }
-        const bool has_nan = snan || !hn::AllFalse(df, nan);
-        float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
-        if (smax > max) max = smax;
-        return Finish(src, begin, end, has_nan ? kNegInf : max, has_nan);
-      }
-      for (; i + n <= end; i += n) {
-        VF x = hn::LoadU(df, src + i);
-        if (divide) x = hn::Div(x, vdiv);
-        hn::StoreU(x, df, out + i);
-        vmax = hn::Max(vmax, x);
-        nan = hn::Or(nan, hn::IsNaN(x));
-      }
-      for (size_t t = i; t < end; ++t) std::memcpy(out + t, src + t, sizeof(float));
-      break;
+      return DecodeMaxBody([&](size_t i) { return hn::LoadU(df, src + i); },
+                           [&](size_t i) { return src[i]; }, out != nullptr ? out : src, begin, end,
+                           divisor, out, true);
     }
     case DType::kBFloat16: {
       const uint16_t* src = reinterpret_cast<const uint16_t*>(row);
-      for (; i + n <= end; i += n) {
-        const auto bits = hn::PromoteTo(du, hn::LoadU(d16, src + i));
-        VF x = hn::BitCast(df, hn::ShiftLeft<16>(bits));
-        if (divide) x = hn::Div(x, vdiv);
-        hn::StoreU(x, df, out + i);
-        vmax = hn::Max(vmax, x);
-        nan = hn::Or(nan, hn::IsNaN(x));
-      }
-      for (size_t t = i; t < end; ++t) out[t] = Bf16ToFloat(src[t]);
-      break;
+      const DU du;
+      const hn::Rebind<uint16_t, DF> d16;
+      return DecodeMaxBody(
+          [&](size_t i) {
+            return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(d16, src + i))));
+          },
+          [&](size_t i) { return Bf16ToFloat(src[i]); }, out, begin, end, divisor, out, true);
     }
     case DType::kFloat16: {
-      const hwy::float16_t* src = reinterpret_cast<const hwy::float16_t*>(row);
-      for (; i + n <= end; i += n) {
-        VF x = hn::PromoteTo(df, hn::LoadU(dh, src + i));
-        if (divide) x = hn::Div(x, vdiv);
-        hn::StoreU(x, df, out + i);
-        vmax = hn::Max(vmax, x);
-        nan = hn::Or(nan, hn::IsNaN(x));
-      }
       const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
-      for (size_t t = i; t < end; ++t) out[t] = Fp16ToFloat(bits[t]);
-      break;
+      return DecodeMaxBody([&](size_t i) { return DecodeF16(bits + i); },
+                           [&](size_t i) { return Fp16ToFloat(bits[i]); }, out, begin, end, divisor,
+                           out, true);
     }
   }
-  // The scalar tail: NaN never wins a comparison, so it is tracked apart.
-  for (size_t t = i; t < end; ++t) {
-    if (divide) out[t] /= divisor;
-    if (std::isnan(out[t])) snan = true;
-    if (out[t] > smax) smax = out[t];
-  }
-  const bool has_nan = snan || !hn::AllFalse(df, nan);
-  // With a NaN the vector max is meaningless; the caller fails the row anyway.
-  float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
-  if (smax > max) max = smax;
-  if (has_nan) max = kNegInf;
-  return Finish(out, begin, end, max, has_nan);
+  return MaxResult{kNegInf, -1, -1};
 }
 
 MaxResult MaxImpl(const float* v, size_t begin, size_t end) {
   const DF df;
-  const size_t n = hn::Lanes(df);
-  VF vmax = hn::Set(df, kNegInf);
-  size_t i = begin;
-  for (; i + n <= end; i += n) vmax = hn::Max(vmax, hn::LoadU(df, v + i));
-  float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
-  for (; i < end; ++i) max = v[i] > max ? v[i] : max;
-  return Finish(v, begin, end, max, false);
+  return DecodeMaxBody([&](size_t i) { return hn::LoadU(df, v + i); },
+                       [&](size_t i) { return v[i]; }, v, begin, end, 1.0f, nullptr, false);
 }
 
 double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, float max,
@@ -464,25 +494,35 @@ double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, 
   VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
   size_t heads = 0;
   size_t i = begin;
-  for (; i + n <= end; i += n) {
-    VF x = hn::LoadU(df, v + i);
-    if (divide) {
-      x = hn::Div(x, vdiv);
-      hn::StoreU(x, df, v + i);
+  // Two vectors per step (see ExpN), then one at a time.
+  const auto step = [&](auto unroll) {
+    constexpr size_t kU = decltype(unroll)::value;
+    VF e[kU];
+    for (size_t j = 0; j < kU; ++j) {
+      VF x = hn::LoadU(df, v + i + j * n);
+      if (divide) {
+        x = hn::Div(x, vdiv);
+        hn::StoreU(x, df, v + i + j * n);
+      }
+      e[j] = hn::Sub(x, vmax);
     }
-    const VF e = Exp(df, hn::Sub(x, vmax));
-    hn::StoreU(e, df, w + i);
-    acc0 = hn::Add(acc0, Lower(e));
-    acc1 = hn::Add(acc1, Upper(e));
-    if (head != nullptr) {
-      const auto m = hn::Ge(e, vhead);
-      if (!hn::AllFalse(df, m)) {
-        // heads ≤ i − begin, so a whole vector at head + heads stays within [begin, end).
-        heads += AppendSelected(di, hn::Add(iota0, hn::Set(di, static_cast<int32_t>(i))),
-                                hn::RebindMask(di, m), head + heads);
+    ExpN(df, e);
+    for (size_t j = 0; j < kU; ++j) {
+      hn::StoreU(e[j], df, w + i + j * n);
+      acc0 = hn::Add(acc0, Lower(e[j]));
+      acc1 = hn::Add(acc1, Upper(e[j]));
+      if (head != nullptr) {
+        const auto m = hn::Ge(e[j], vhead);
+        if (!hn::AllFalse(df, m)) {
+          // heads ≤ i − begin, so a whole vector at head + heads stays within [begin, end).
+          const auto ids = hn::Add(iota0, hn::Set(di, static_cast<int32_t>(i + j * n)));
+          heads += AppendSelected(di, ids, hn::RebindMask(di, m), head + heads);
+        }
       }
     }
-  }
+  };
+  for (; i + 2 * n <= end; i += 2 * n) step(std::integral_constant<size_t, 2>());
+  for (; i + n <= end; i += n) step(std::integral_constant<size_t, 1>());
   double sum = SumD(hn::Add(acc0, acc1));
   for (; i < end; ++i) {
     if (divide) v[i] /= divisor;
@@ -504,11 +544,18 @@ double SumExpImpl(const float* v, size_t begin, size_t end, float max) {
   const VF vmax = hn::Set(df, max);
   VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
   size_t i = begin;
-  for (; i + n <= end; i += n) {
-    const VF e = Exp(df, hn::Sub(hn::LoadU(df, v + i), vmax));
-    acc0 = hn::Add(acc0, Lower(e));
-    acc1 = hn::Add(acc1, Upper(e));
-  }
+  const auto step = [&](auto unroll) {  // as in WeightsBody
+    constexpr size_t kU = decltype(unroll)::value;
+    VF e[kU];
+    for (size_t j = 0; j < kU; ++j) e[j] = hn::Sub(hn::LoadU(df, v + i + j * n), vmax);
+    ExpN(df, e);
+    for (size_t j = 0; j < kU; ++j) {
+      acc0 = hn::Add(acc0, Lower(e[j]));
+      acc1 = hn::Add(acc1, Upper(e[j]));
+    }
+  };
+  for (; i + 2 * n <= end; i += 2 * n) step(std::integral_constant<size_t, 2>());
+  for (; i + n <= end; i += n) step(std::integral_constant<size_t, 1>());
   double sum = SumD(hn::Add(acc0, acc1));
   for (; i < end; ++i) sum += static_cast<double>(ExpF(v[i] - max));
   return sum;
@@ -848,6 +895,10 @@ HWY_EXPORT(StreamingReadImpl);
 HWY_EXPORT(SelectWeightAtLeastImpl);
 
 const char* TargetName() { return HWY_DYNAMIC_DISPATCH(TargetNameImpl)(); }
+
+std::vector<int64_t> AvailableTargets() { return hwy::SupportedAndGeneratedTargets(); }
+
+void UseTargetForTest(int64_t target) { hwy::SetSupportedTargetsForTest(target); }
 
 void MassInRanges(const float* v, const float* w, size_t begin, size_t end, const float* from,
                   const float* to, int n, double* sums, int64_t* counts) {

@@ -15,6 +15,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "core/tensor.h"
 
@@ -30,6 +31,11 @@ float RoundUp(double t);
 
 // The name of the instruction set the kernels run with on this machine ("AVX3", "AVX2", …).
 const char* TargetName();
+
+// For tests: the instruction sets the kernels were compiled for that this machine runs, and a
+// way to make every kernel run with one of them (0: the best again). Not thread-safe.
+std::vector<int64_t> AvailableTargets();
+void UseTargetForTest(int64_t target);
 
 struct MaxResult {
   float max;       // largest value (−inf when every value is −inf)
@@ -50,10 +56,11 @@ uint64_t StreamingRead(const uint8_t* data, size_t bytes);
 MaxResult Max(const float* v, size_t begin, size_t end);
 
 // With divisor != 1, first v[i] /= divisor (written back). Then w[i] = ExpF(v[i] − max) (0 for
-// −inf). Returns Σ w in double.
+// −inf). Returns Σ w in double. REQUIRES: max ≥ every (divided) v[i] — the weights are taken
+// relative to the maximum (the SIMD code relies on v[i] − max ≤ 0).
 double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max);
 
-// Σ ExpF(v[i] − max) over [begin, end) in double (the weights, not stored).
+// Σ ExpF(v[i] − max) over [begin, end) in double (the weights, not stored). REQUIRES: as Weights.
 double SumExp(const float* v, size_t begin, size_t end, float max);
 
 // Weights, and also writes to head[0…] the ids of the tokens with w ≥ head_min (in id order);

@@ -1,6 +1,7 @@
 #include "core/row.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 
@@ -128,18 +129,28 @@ double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>&
   for (size_t i = stride / 2; i < n; i += stride) {
     if (values[i] != kNegInf) sample.push_back(static_cast<double>(values[i]));
   }
-  return PivotFromSample(sample, k, n);
-}
-
-double PivotFromSample(std::vector<double>& sample, int32_t k, size_t n) {
-  // The j-th largest sampled value, j chosen so that about 2k tokens are ≥ it.
+  // The j-th largest sampled value (from 0), j chosen so that about 2k tokens are ≥ it.
   const size_t rank =
       static_cast<size_t>(2.0 * k * static_cast<double>(sample.size()) / static_cast<double>(n)) +
       3;
   if (rank >= sample.size()) return -std::numeric_limits<double>::infinity();
-  std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(),
-                   std::greater<>());
-  return sample[rank];
+  constexpr size_t kFew = 16;
+  if (rank >= kFew) {
+    std::nth_element(sample.begin(), sample.begin() + static_cast<ptrdiff_t>(rank), sample.end(),
+                     std::greater<>());
+    return sample[rank];
+  }
+  // A small rank (top_k ≲ 500 at 128k tokens): the rank + 1 largest, kept sorted in a small
+  // array — one comparison for most samples instead of a selection over all of them.
+  std::array<double, kFew> top;
+  size_t have = 0;
+  for (const double x : sample) {
+    if (have == rank + 1 && !(x > top[rank])) continue;
+    size_t j = have <= rank ? have++ : rank;
+    for (; j > 0 && top[j - 1] < x; --j) top[j] = top[j - 1];
+    top[j] = x;
+  }
+  return top[rank];
 }
 
 size_t TopCandidates(absl::Span<const float> values, int32_t n, RowScratch& scratch, float* pivot) {

@@ -52,11 +52,7 @@ struct RowScratch {
   std::vector<int64_t> pivot_counts;
   std::vector<double> pivots;  // FindCut's pivots of one pass
   std::vector<double> block_sums_scratch;
-  // top_k candidates selected by pass 1 (Dist::TopK): values by block, counts per block.
-  std::vector<float> cand_values;
-  std::vector<int64_t> preselect_counts;
-  float preselect_pivot = 0.0f;
-  bool preselected = false;                   // per-block exact masses
+  std::vector<float> cand_values;             // top_k's candidates' values (Dist::TopK)
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
 
   // Sizes the per-vocabulary buffers for `vocab_size` (only ever grows).
@@ -132,9 +128,6 @@ constexpr size_t kTopKSample = 1024;
 // A value with about 2k of `values` at or above it, from a strided sample of kTopKSample of
 // them (−inf: too few values to choose one). `sample` is scratch.
 double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>& sample);
-// The same from a sample already taken (at positions stride/2 + i·stride, stride = n /
-// kTopKSample, −inf values left out) of a row of n tokens.
-double PivotFromSample(std::vector<double>& sample, int32_t k, size_t n);
 
 // For TopValues: ids (in scratch.ids, id order) of the tokens with value ≥ *pivot, a pivot from
 // a sample chosen so that more than n tokens qualify; returns their count, or 0 when no such

@@ -94,24 +94,6 @@ bool TemperatureFirst(const SamplingParams& p) {
              p.sampler_order.end();
 }
 
-// Whether top_k is the first stage to change the decoded row (temperature before it being
-// already applied by pass 1, or 1).
-bool TopKFirst(const SamplingParams& p, bool tempered) {
-  if (p.greedy() || p.top_k <= 0 || p.mirostat_mode != 0 || p.dynatemp_range > 0.0f) return false;
-  const absl::Span<const Stage> order =
-      p.sampler_order.empty() ? DefaultStageOrder() : absl::MakeConstSpan(p.sampler_order);
-  const bool temperature_done = tempered || p.temperature == 1.0f;
-  if (!temperature_done &&
-      std::find(order.begin(), order.end(), Stage::kTemperature) == order.end()) {
-    return false;  // temperature runs first, on the copy
-  }
-  for (Stage stage : order) {
-    if (stage == Stage::kTopK) return true;
-    if (stage != Stage::kTemperature || !temperature_done) return false;
-  }
-  return false;
-}
-
 // `processed_out` (empty, or size vocab with n == 1) receives the distribution the sample was drawn
 // from (Sampler::RunRow).
 absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
@@ -141,43 +123,13 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   const float divisor = tempered ? p.temperature : 1.0f;
   std::vector<kernels::MaxResult>& blocks = scratch.block_max;
   blocks.resize(NumBlocks(v));
-  // When top_k is the first stage to run on the decoded row, pass 1 also selects its candidates
-  // (the tokens above a pivot from a sample of the source) while each block is in L1, so that
-  // top_k does not read the row again.
-  scratch.preselected = false;
-  float preselect_pivot = 0.0f;
-  if (TopKFirst(p, tempered) && !steps && v >= 2 * kBlock) {
-    std::vector<double>& sample = scratch.keys;
-    sample.clear();
-    const size_t stride = std::max<size_t>(1, v / kTopKSample);
-    for (size_t i = stride / 2; i < v; i += stride) {
-      const float x = view.At(row, static_cast<int>(i)) / divisor;
-      if (x != kNegInf && !std::isnan(x)) sample.push_back(static_cast<double>(x));
-    }
-    const double pivot = PivotFromSample(sample, p.top_k, v);
-    if (pivot != -std::numeric_limits<double>::infinity()) {
-      scratch.preselected = true;
-      preselect_pivot = static_cast<float>(pivot);
-      scratch.preselect_counts.assign(NumBlocks(v), 0);
-    }
-  }
   // A greedy float32 row that nothing changes is only read, not copied.
   const bool read_only = p.greedy() && !steps && !wants_logprobs &&
                          view.dtype() == DType::kFloat32 && processed_out.empty();
   float* decoded = read_only ? nullptr : logits.data();
   ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
     blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, decoded);
-    if (scratch.preselected) {
-      int32_t* ids = scratch.ids.data() + begin;
-      const size_t c = kernels::SelectRanges(decoded, begin, end, preselect_pivot, kPosInf, kPosInf,
-                                             kNegInf, ids);
-      for (size_t j = 0; j < c; ++j) {
-        scratch.cand_values[begin + j] = decoded[static_cast<size_t>(ids[j])];
-      }
-      scratch.preselect_counts[b] = static_cast<int64_t>(c);
-    }
   });
-  scratch.preselect_pivot = preselect_pivot;
   kernels::MaxResult top{kNegInf, -1, -1};
   for (const kernels::MaxResult& block : blocks) {
     if (block.nan >= 0) {
@@ -219,7 +171,6 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   }
   float dist_max = max;
   if (max == kPosInf && !read_only) {
-    scratch.preselected = false;
     // +inf logits dominate: the row is uniform over them.
     ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
       kernels::InfToUniform(logits.data(), begin, end);
@@ -257,7 +208,6 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     out.stop_token_id = finish.stop_token_id;
     out.stop_sequence_index = finish.stop_sequence_index;
   }
-  scratch.preselected = false;
   return absl::OkStatus();
 }
 

@@ -95,7 +95,7 @@ struct KernelRow {
   float max = -1e30f;
 };
 
-void BM_DecodeMax(benchmark::State& state, DType dtype) {
+void BM_DecodeMax(benchmark::State& state, DType dtype, float divisor) {
   const size_t vocab = static_cast<size_t>(state.range(0));
   KernelRow row(vocab);
   std::vector<uint8_t> bytes(vocab * DTypeSize(dtype));
@@ -110,7 +110,7 @@ void BM_DecodeMax(benchmark::State& state, DType dtype) {
   }
   for (auto _ : state) {
     benchmark::DoNotOptimize(
-        kernels::DecodeMax(dtype, bytes.data(), 0, vocab, 1.0f, row.work.data()));
+        kernels::DecodeMax(dtype, bytes.data(), 0, vocab, divisor, row.work.data()));
   }
   state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * bytes.size()));
 }
@@ -121,6 +121,16 @@ void BM_Weights(benchmark::State& state) {
   for (auto _ : state) {
     benchmark::DoNotOptimize(
         kernels::Weights(row.work.data(), row.weights.data(), 0, vocab, 1.0f, row.max));
+  }
+  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+}
+
+void BM_SumExp(benchmark::State& state) {
+  // The normaliser alone (the draw of a row nothing truncates: weights summed, not stored).
+  const size_t vocab = static_cast<size_t>(state.range(0));
+  KernelRow row(vocab);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(kernels::SumExp(row.work.data(), 0, vocab, row.max));
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
 }
@@ -172,10 +182,18 @@ void Register() {
   for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
     benchmark::RegisterBenchmark(
         (std::string("kernel/DecodeMax/") + std::string(DTypeName(dtype))).c_str(),
-        [dtype](benchmark::State& s) { BM_DecodeMax(s, dtype); })
+        [dtype](benchmark::State& s) { BM_DecodeMax(s, dtype, 1.0f); })
         ->Arg(128256)
         ->Unit(benchmark::kMicrosecond);
   }
+  // Pass 1 with a temperature folded in (chains b, c, e, f in the default order).
+  benchmark::RegisterBenchmark("kernel/DecodeMax/float32/temperature",
+                               [](benchmark::State& s) { BM_DecodeMax(s, DType::kFloat32, 0.8f); })
+      ->Arg(128256)
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("kernel/SumExp", BM_SumExp)
+      ->Arg(128256)
+      ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("kernel/Weights", BM_Weights)
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);

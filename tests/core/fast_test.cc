@@ -428,23 +428,176 @@ TEST(KernelsTest, ExpFIsMonotone) {
   }
 }
 
-TEST(KernelsTest, SimdWeightsAreTheScalarBits) {
-  // The SIMD kernel (with its scalar tail) gives exactly ExpF of each element.
+// Runs `check` with every instruction set the kernels were built for that this machine runs
+// (AVX-512, AVX2, SSE4, SSSE3, plain x86-64 here), then restores the dispatch.
+template <typename Check>
+void OnEveryTarget(Check check) {
+  const std::vector<int64_t> targets = kernels::AvailableTargets();
+  ASSERT_FALSE(targets.empty());
+  for (int64_t target : targets) {
+    kernels::UseTargetForTest(target);
+    SCOPED_TRACE(kernels::TargetName());
+    check();
+  }
+  kernels::UseTargetForTest(0);
+}
+
+TEST(KernelsTest, SimdWeightsAreTheScalarBitsOnEveryFloatTheyTake) {
+  // Every 61st float of [−90, 0] (where weights live: a value minus the row's maximum), the
+  // floats around the cutoff kExpMin, −0 and −inf: the SIMD weights (with their scalar tail, an
+  // odd length) are exactly the scalar ExpF's, and SumExp sums those same weights.
+  std::vector<float> v;
+  float start = -90.0f;
+  uint32_t bits;
+  std::memcpy(&bits, &start, sizeof(bits));
+  for (uint32_t b = bits; b >= 0x80000000u + 61; b -= 61) {
+    float x;
+    std::memcpy(&x, &b, sizeof(x));
+    v.push_back(x);
+  }
+  for (float x = -87.33654f, i = 0; i < 64; ++i) {
+    v.push_back(x);
+    v.push_back(std::nextafter(x, -kInf));
+    x = std::nextafter(x, 0.0f);
+  }
+  v.push_back(-0.0f);
+  v.push_back(0.0f);
+  v.push_back(-kInf);
+  if (v.size() % 2 == 0) v.push_back(-1.0f);
+  double want_sum = 0.0;
+  std::vector<float> want(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    want[i] = kernels::ExpF(v[i]);
+    want_sum += static_cast<double>(want[i]);
+  }
+  OnEveryTarget([&] {
+    std::vector<float> work = v, w(v.size());
+    const double sum = kernels::Weights(work.data(), w.data(), 0, v.size(), 1.0f, 0.0f);
+    for (size_t i = 0; i < v.size(); ++i) ASSERT_EQ(w[i], want[i]) << "at x = " << v[i];
+    EXPECT_NEAR(sum, want_sum, 1e-12 * want_sum);
+    EXPECT_NEAR(kernels::SumExp(v.data(), 0, v.size(), 0.0f), want_sum, 1e-12 * want_sum);
+  });
+}
+
+TEST(KernelsTest, SimdWeightsDivideByTheTemperatureFirst) {
   std::mt19937_64 rng(3);
   std::normal_distribution<float> normal(0.0f, 10.0f);
-  std::vector<float> v(1003), w(1003);
+  std::vector<float> v(1003);
   for (float& x : v) x = normal(rng);
   v[5] = -kInf;
-  std::vector<float> copy = v;
-  const double sum = kernels::Weights(v.data(), w.data(), 0, v.size(), 0.7f, 3.0f);
-  double want_sum = 0.0;
-  for (size_t i = 0; i < v.size(); ++i) {
-    const float x = copy[i] / 0.7f;
-    ASSERT_EQ(v[i], x);
-    ASSERT_EQ(w[i], kernels::ExpF(x - 3.0f)) << i;
-    want_sum += static_cast<double>(w[i]);
+  float max = -kInf;
+  for (float x : v) max = std::max(max, x / 0.7f);
+  OnEveryTarget([&] {
+    std::vector<float> work = v, w(v.size());
+    const double sum = kernels::Weights(work.data(), w.data(), 3, v.size(), 0.7f, max);
+    double want_sum = 0.0;
+    for (size_t i = 3; i < v.size(); ++i) {
+      const float x = v[i] / 0.7f;
+      ASSERT_EQ(work[i], x);
+      ASSERT_EQ(w[i], kernels::ExpF(x - max)) << i;
+      want_sum += static_cast<double>(w[i]);
+    }
+    EXPECT_NEAR(sum, want_sum, 1e-12 * want_sum);
+  });
+}
+
+TEST(KernelsTest, PassOneFindsTheFirstMaximumAndTheFirstNaNOnEveryTarget) {
+  // Pass 1 finds the maximum's first index from per-chunk maxima (kernels.cc): the maximum at
+  // chunk edges, repeated later or earlier in its chunk, ±0 ties, all −inf, NaN anywhere, every
+  // dtype, with and without a divisor and a copy, from offsets that are not chunk-aligned.
+  struct RowCase {
+    size_t n;
+    std::vector<std::pair<size_t, float>> set;  // (index, value) over a row of small values
+  };
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<RowCase> cases;
+  for (size_t n : {1u, 15u, 17u, 1023u, 1024u, 1025u, 3000u, 4096u}) {
+    for (size_t at : {size_t{0}, n / 2, n - 1, size_t{1023}, size_t{1024}, size_t{2047}}) {
+      if (at >= n) continue;
+      cases.push_back({n, {{at, 50.0f}}});
+      cases.push_back({n, {{at, 50.0f}, {n - 1, 50.0f}}});         // repeated later
+      cases.push_back({n, {{at, 50.0f}, {at / 2, 50.0f}}});        // repeated earlier
+      cases.push_back({n, {{at, 50.0f}, {(at + n) / 2, 49.0f}}});  // a lower peak later
+      cases.push_back({n, {{at, nan}}});
+      cases.push_back({n, {{at, kInf}, {n - 1, nan}}});
+    }
   }
-  EXPECT_NEAR(sum, want_sum, 1e-12 * want_sum);
+  cases.push_back({2500, {{0, -kInf}}});  // all −inf: see below
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<float> small(-8.0f, -1.0f);
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
+    for (float divisor : {1.0f, 0.8f}) {
+      for (bool copy : {true, false}) {
+        if (!copy && (dtype != DType::kFloat32 || divisor != 1.0f)) continue;
+        for (size_t c = 0; c < cases.size(); ++c) {
+          const RowCase& k = cases[c];
+          std::vector<float> row(k.n);
+          for (float& x : row) x = small(rng);
+          const bool all_neg_inf = k.set.size() == 1 && k.set[0].second == -kInf;
+          if (all_neg_inf) std::fill(row.begin(), row.end(), -kInf);
+          if (c % 7 == 3 && k.n > 2) row[1] = -0.0f;
+          for (const auto& [i, x] : k.set) row[i] = x;
+          // The row as the dtype's bytes, and the values decoding gives.
+          const size_t size = DTypeSize(dtype);
+          std::vector<uint8_t> bytes(k.n * size);
+          std::vector<float> decoded(k.n);
+          for (size_t i = 0; i < k.n; ++i) {
+            if (dtype == DType::kFloat32) {
+              std::memcpy(bytes.data() + 4 * i, &row[i], 4);
+              decoded[i] = row[i];
+            } else {
+              const uint16_t h =
+                  dtype == DType::kBFloat16 ? FloatToBf16(row[i]) : FloatToFp16(row[i]);
+              std::memcpy(bytes.data() + 2 * i, &h, 2);
+              decoded[i] = dtype == DType::kBFloat16 ? Bf16ToFloat(h) : Fp16ToFloat(h);
+            }
+            decoded[i] /= divisor;
+          }
+          for (size_t begin : {size_t{0}, size_t{3}}) {
+            if (begin >= k.n) continue;
+            kernels::MaxResult want{-kInf, -1, -1};
+            for (size_t i = begin; i < k.n; ++i) {
+              if (std::isnan(decoded[i])) {
+                want.nan = static_cast<int64_t>(i);
+                break;
+              }
+            }
+            if (want.nan < 0) {
+              for (size_t i = begin; i < k.n; ++i) {
+                if (decoded[i] > want.max ||
+                    (want.argmax < 0 && decoded[i] == want.max && decoded[i] != -kInf)) {
+                  want.max = decoded[i];
+                  want.argmax = static_cast<int64_t>(i);
+                }
+              }
+            }
+            OnEveryTarget([&] {
+              SCOPED_TRACE(absl::StrCat("dtype ", DTypeName(dtype), " divisor ", divisor, " copy ",
+                                        copy, " case ", c, " n ", k.n, " begin ", begin));
+              std::vector<float> out(k.n, 123.0f);
+              const kernels::MaxResult got = kernels::DecodeMax(
+                  dtype, bytes.data(), begin, k.n, divisor, copy ? out.data() : nullptr);
+              EXPECT_EQ(got.nan, want.nan);
+              EXPECT_EQ(got.argmax, want.argmax);
+              EXPECT_EQ(got.max, want.nan >= 0 ? -kInf : want.max);
+              if (copy) {
+                for (size_t i = begin; i < k.n; ++i) {
+                  ASSERT_TRUE(out[i] == decoded[i] ||
+                              (std::isnan(out[i]) && std::isnan(decoded[i])))
+                      << i;
+                }
+              }
+              if (want.nan < 0) {
+                const kernels::MaxResult m = kernels::Max(decoded.data(), begin, k.n);
+                EXPECT_EQ(m.argmax, want.argmax);
+                EXPECT_EQ(m.max, want.max);
+              }
+            });
+          }
+        }
+      }
+    }
+  }
 }
 
 }  // namespace
