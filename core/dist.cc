@@ -565,28 +565,44 @@ void Dist::TopK(int32_t k) {
   }
   if (k <= 0) return;
   if (count_ >= 0 && k >= count_) return;
-  ApplyDivision();
+  // A pending temperature is not applied to the row: division by it is monotone, so the
+  // candidates are selected by their undivided values and only they are divided.
+  const float d = divisor_;
   const Key key{};
-  std::vector<float>& cand = s_.cand_values;  // the candidates' values, by id order
+  std::vector<float>& cand = s_.cand_values;  // the candidates' divided values, by id order
   double pivot = TopKPivot(values_, k, s_.keys);
   size_t m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
-  for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])];
   // Fewer than k above the pivot: it was too high; take everything kept instead.
   if (m < static_cast<size_t>(k) && pivot != -kDoubleInf) {
     pivot = -kDoubleInf;
     m = Select(key, -kDoubleInf, kDoubleMax);
-    for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])];
   }
   if (pivot == -kDoubleInf && m <= static_cast<size_t>(k)) {
     count_ = static_cast<int64_t>(m);  // k ≥ the kept tokens: nothing to cut
     MaybeSparse();
     return;
   }
+  for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])] / d;
   // The k-th largest candidate value is the threshold; ties with it stay.
   std::vector<float>& vals = s_.band_values;
   vals.assign(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(m));
   std::nth_element(vals.begin(), vals.begin() + (k - 1), vals.end(), std::greater<>());
   const float threshold = vals[static_cast<size_t>(k - 1)];
+  if (d != 1.0f) {
+    // Tokens under the pivot divide to at most `outside`. If that reaches the threshold, one of
+    // them may tie with it (rounding can merge neighbours), and a division to −inf is a removed
+    // token: then divide the whole row and select again.
+    const float outside =
+        pivot == -kDoubleInf ? kNegInf : std::nextafter(static_cast<float>(pivot), kNegInf) / d;
+    if (!(threshold > outside) || threshold == kNegInf) {
+      ApplyDivision();
+      TopK(k);
+      return;
+    }
+    max_ /= d;
+    divisor_ = 1.0f;  // the sparse values below are divided; the row is not used again
+    weights_valid_ = false;
+  }
   s_.sparse_ids.clear();
   s_.sparse_values.clear();
   for (size_t i = 0; i < m; ++i) {

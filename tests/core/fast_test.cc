@@ -231,6 +231,61 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat("case", param.index, "_vocab", param.param.vocab);
     });
 
+// With penalties on, the temperature is not applied in pass 1 but left pending, and top_k then
+// selects by the undivided values and divides only its candidates. Dividing by 0.7 here merges
+// neighbouring floats ([1.5, 1.5024) in steps of 2^-23 lands in [2.14, 2.15) in steps of 2^-22),
+// so the k-th value often ties with the next one after division: every k must keep exactly the
+// reference's set, including such ties (and a division to −inf is a removed token).
+TEST(FastTest, TopKUnderAPendingTemperatureKeepsTheTiesDivisionMakes) {
+  constexpr size_t kVocab = 20000;
+  std::vector<float> row(kVocab);
+  for (size_t i = 0; i < kVocab; ++i) row[i] = 1.5f + static_cast<float>(i) * 0x1.0p-23f;
+  std::mt19937_64 rng(21);
+  std::shuffle(row.begin(), row.end(), rng);
+  // The largest values where top_k's pivot sample looks (every 19th token from the 9th), so that
+  // for small k the candidates are exactly the few largest and the next one, outside, can tie.
+  std::vector<float> top = row, sampled(kVocab);
+  std::sort(top.begin(), top.end(), std::greater<>());
+  std::vector<bool> at(kVocab);
+  size_t next = 0;
+  for (size_t i = 9; i < kVocab; i += kVocab / 1024) {
+    sampled[i] = top[next++];
+    at[i] = true;
+  }
+  std::shuffle(top.begin() + static_cast<ptrdiff_t>(next), top.end(), rng);
+  for (size_t i = 0; i < kVocab; ++i) {
+    if (!at[i]) sampled[i] = top[next++];
+  }
+  std::vector<float> overflowing = row;  // and one whose bulk divides to −inf
+  for (size_t i = 0; i < kVocab; i += 2) overflowing[i] = -3e38f;
+  const std::vector<int32_t> history = {7};
+  const Sampler fast;
+  const ReferenceSampler reference;
+  for (const std::vector<float>* values : {&row, &sampled, &overflowing}) {
+    const std::vector<uint8_t> bytes = testing::F32Bytes(*values);
+    auto view = LogitsView::Create(DType::kFloat32, 1, kVocab, bytes);
+    ASSERT_TRUE(view.ok());
+    for (int32_t k : {1,  2,   3,   4,   5,    6,    7,    8,    40,    41,    50,   51,
+                      99, 100, 101, 999, 1000, 1001, 4000, 9999, 10000, 10001, 15000}) {
+      for (float temperature : {0.7f, 0.3f, 1e-30f, 1.3f}) {
+        SamplingParams p;
+        p.seed = 5;
+        p.temperature = temperature;
+        p.top_k = k;
+        p.presence_penalty = 0.5f;
+        p.logprobs = -1;
+        p.logprobs_mode = LogprobsMode::kProcessedLogits;
+        const RowRequest req{&p, {}, history, std::nullopt};
+        const auto want = reference.Run(*view, {&req, 1});
+        ASSERT_TRUE(want.ok()) << want.status();
+        const auto got = fast.Run(*view, {&req, 1});
+        ASSERT_TRUE(got.ok()) << got.status();
+        ExpectSame(*got, *want, absl::StrCat("k ", k, " T ", temperature));
+      }
+    }
+  }
+}
+
 // A temperature below 1 can push the largest logits past the float range. They become +inf and
 // then, as +inf input logits do, take the whole mass, uniformly: here T = 0.5 overflows 3e38 and
 // 2e38 (not 1e38), so only tokens 3 and 7 can be drawn, each with probability 1/2, in the fast
