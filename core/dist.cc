@@ -109,21 +109,35 @@ kernels::MaxResult RowMax(absl::Span<const float> v, bool parallel,
   return r;
 }
 
-Dist::Dist(absl::Span<float> values, float max, RowScratch& scratch, bool parallel)
-    : values_(values), s_(scratch), parallel_(parallel), max_(max) {
-  const size_t blocks = NumBlocks(values.size());
+Dist::Dist(absl::Span<const float> source, absl::Span<float> row, float max, RowScratch& scratch,
+           bool parallel)
+    : values_(source), row_(row), s_(scratch), parallel_(parallel), max_(max) {
+  const size_t blocks = NumBlocks(source.size());
   s_.block_sums.assign(blocks, 0.0);
   s_.block_counts.assign(blocks, 0);
 }
 
 // --- Dense machinery ------------------------------------------------------------------------
 
+absl::Span<float> Dist::Own() {
+  if (values_.data() != row_.data()) {
+    ForBlocks(values_.size(), parallel_, [&](size_t, size_t begin, size_t end) {
+      std::copy(values_.begin() + static_cast<ptrdiff_t>(begin),
+                values_.begin() + static_cast<ptrdiff_t>(end),
+                row_.begin() + static_cast<ptrdiff_t>(begin));
+    });
+    Wrote();
+  }
+  return row_;
+}
+
 void Dist::ApplyDivision() {
   if (divisor_ == 1.0f) return;
   const float d = divisor_;
   ForBlocks(values_.size(), parallel_, [&](size_t, size_t begin, size_t end) {
-    kernels::Scale(values_.data(), begin, end, d);
+    kernels::Scale(values_.data(), row_.data(), begin, end, d);
   });
+  Wrote();
   max_ = max_ / d;
   divisor_ = 1.0f;
   weights_valid_ = false;
@@ -137,16 +151,20 @@ void Dist::EnsureWeights(bool head) {
   std::vector<int64_t>& heads = s_.block_counts;
   heads.assign(s_.block_sums.size(), 0);
   int32_t* head_ids = s_.head_ids.data();
+  // A pending division is applied on the way: the divided values go to the own row.
+  float* divided = d == 1.0f ? nullptr : row_.data();
   ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
     if (head) {
       size_t count = 0;
-      s_.block_sums[b] = kernels::WeightsAndHead(values_.data(), s_.wf.data(), begin, end, d, max,
-                                                 kHeadMin, head_ids + begin, &count);
+      s_.block_sums[b] = kernels::WeightsAndHead(values_.data(), divided, s_.wf.data(), begin, end,
+                                                 d, max, kHeadMin, head_ids + begin, &count);
       heads[b] = static_cast<int64_t>(count);
     } else {
-      s_.block_sums[b] = kernels::Weights(values_.data(), s_.wf.data(), begin, end, d, max);
+      s_.block_sums[b] =
+          kernels::Weights(values_.data(), divided, s_.wf.data(), begin, end, d, max);
     }
   });
+  if (divided != nullptr) Wrote();
   max_ = max;
   divisor_ = 1.0f;
   total_ = 0.0;
@@ -177,10 +195,12 @@ void Dist::CutValueBelow(float t) {
   ApplyDivision();
   float* w = weights_valid_ ? s_.wf.data() : nullptr;
   ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-    const kernels::SumCount r = kernels::CutValueBelow(values_.data(), w, begin, end, t);
+    const kernels::SumCount r =
+        kernels::CutValueBelow(values_.data(), row_.data(), w, begin, end, t);
     s_.block_sums[b] = r.sum;
     s_.block_counts[b] = r.count;
   });
+  Wrote();
   TotalBlocks();
   MaybeSparse();
 }
@@ -190,10 +210,11 @@ void Dist::CutWeightBelow(double t) {
   const float tf = kernels::RoundUp(t);
   ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
     const kernels::SumCount r =
-        kernels::CutWeightBelow(values_.data(), s_.wf.data(), begin, end, tf);
+        kernels::CutWeightBelow(values_.data(), row_.data(), s_.wf.data(), begin, end, tf);
     s_.block_sums[b] = r.sum;
     s_.block_counts[b] = r.count;
   });
+  Wrote();
   TotalBlocks();
   MaybeSparse();
 }
@@ -551,8 +572,9 @@ void Dist::SetDivisor(float d) {
   // overflowed tokens.
   if (max_ / d != std::numeric_limits<float>::infinity()) return;
   ApplyDivision();
-  ForBlocks(values_.size(), parallel_, [&](size_t, size_t begin, size_t end) {
-    kernels::InfToUniform(values_.data(), begin, end);
+  const absl::Span<float> own = Own();
+  ForBlocks(own.size(), parallel_, [&](size_t, size_t begin, size_t end) {
+    kernels::InfToUniform(own.data(), begin, end);
   });
   max_ = 0.0f;
   count_ = -1;
@@ -679,22 +701,31 @@ void Dist::MinP(float min_p) {
   }
   // Without weights yet: ExpF is monotone (checked over every float in [−88, 0]), so the kept
   // tokens are those at or above the smallest value v with ExpF(v − max) ≥ min_p, found by
-  // bisection over the float order — no exponential of the whole row.
-  ApplyDivision();
-  const auto keeps = [&](float v) { return kernels::ExpF(v - max_) >= min_p; };
+  // bisection over the float order — no exponential of the whole row. A pending temperature
+  // stays pending: division is monotone too, so the smallest undivided value that divides to
+  // at least that v is found the same way, and only the kept tokens are divided.
+  const float d = divisor_;
+  const float max = d == 1.0f ? max_ : max_ / d;
+  const auto keeps = [&](float v) { return kernels::ExpF(v - max) >= min_p; };
   const float lowest = -std::numeric_limits<float>::max();
-  if (keeps(lowest)) return;                         // every finite value is kept
-  const float hi = FirstWhere(lowest, max_, keeps);  // keeps(max_): ExpF(0) = 1 ≥ min_p
-  const size_t m = Select(Key{}, -kDoubleInf, -static_cast<double>(hi));
+  if (keeps(lowest)) return;                        // every finite value is kept
+  const float hi = FirstWhere(lowest, max, keeps);  // keeps(max): ExpF(0) = 1 ≥ min_p
+  const float raw_hi =
+      d == 1.0f ? hi : FirstWhere(lowest, max_, [&](float x) { return x / d >= hi; });
+  const size_t m = Select(Key{}, -kDoubleInf, -static_cast<double>(raw_hi));
   if (static_cast<int64_t>(m) <= kSparseMax) {
     s_.sparse_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
     s_.sparse_values.resize(m);
     for (size_t i = 0; i < m; ++i) {
-      s_.sparse_values[i] = values_[static_cast<size_t>(s_.sparse_ids[i])];
+      s_.sparse_values[i] = values_[static_cast<size_t>(s_.sparse_ids[i])] / d;
     }
     sparse_ = true;
     count_ = static_cast<int64_t>(m);
+    max_ = max;
+    divisor_ = 1.0f;  // the sparse values are divided; the row is not used again
+    weights_valid_ = false;
   } else {
+    ApplyDivision();
     CutValueBelow(hi);
   }
 }
@@ -796,10 +827,11 @@ void Dist::Xtc(const tokensampler::Xtc& xtc) {
     }
   }
   if (above < 2) return;
+  const absl::Span<float> own = Own();
   for (size_t b = 0; b < blocks; ++b) {
     for (int64_t i = 0; i < counts[b]; ++i) {
       const size_t id = static_cast<size_t>(ids[b * kBlock + static_cast<size_t>(i)]);
-      if (s_.wf[id] > least) values_[id] = kNegInf;
+      if (s_.wf[id] > least) own[id] = kNegInf;
     }
   }
   // The maximum went: weights are relative to the new one.
@@ -814,13 +846,14 @@ int32_t Dist::Draw(double coin) {
     return s_.sparse_ids[static_cast<size_t>(index)];
   }
   // When nothing but the draw needs the weights, they are summed per block without being
-  // stored, and only the blocks the scan reaches are computed (normally one).
-  const bool stored = weights_valid_ || divisor_ != 1.0f;
-  if (stored) {
-    EnsureWeights();
-  } else {
+  // stored (a pending temperature divides on the way, nothing is written), and only the blocks
+  // the scan reaches are computed (normally one).
+  const bool stored = weights_valid_;
+  const float d = divisor_;
+  const float max = d == 1.0f ? max_ : max_ / d;
+  if (!stored) {
     ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-      s_.block_sums[b] = kernels::SumExp(values_.data(), begin, end, max_);
+      s_.block_sums[b] = kernels::SumExp(values_.data(), begin, end, d, max);
     });
     total_ = 0.0;
     for (double sum : s_.block_sums) total_ += sum;
@@ -828,7 +861,7 @@ int32_t Dist::Draw(double coin) {
   const size_t blocks = s_.block_sums.size();
   const auto block_weights = [&](size_t b) {
     const size_t begin = b * kBlock, end = std::min(values_.size(), begin + kBlock);
-    if (!stored) kernels::Weights(values_.data(), s_.wf.data(), begin, end, 1.0f, max_);
+    if (!stored) kernels::Weights(values_.data(), nullptr, s_.wf.data(), begin, end, d, max);
     return std::pair(begin, end);
   };
   // The block holding the target by the block sums, then token by token from there on.
@@ -945,10 +978,11 @@ tokensampler::Mirostat::Result Dist::Mirostat(const tokensampler::Mirostat& m, d
 
 absl::Span<const float> Dist::Processed() {
   if (sparse_) {
-    std::fill(values_.begin(), values_.end(), kNegInf);
+    std::fill(row_.begin(), row_.end(), kNegInf);
     for (size_t i = 0; i < s_.sparse_ids.size(); ++i) {
-      values_[static_cast<size_t>(s_.sparse_ids[i])] = s_.sparse_values[i];
+      row_[static_cast<size_t>(s_.sparse_ids[i])] = s_.sparse_values[i];
     }
+    Wrote();
   } else {
     ApplyDivision();
   }

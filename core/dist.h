@@ -83,9 +83,13 @@ class Dist {
   static constexpr float kHeadMin = 1.0f / 1024.0f;
   static constexpr size_t kHeadMax = 4096;
 
-  // `values` is the sample's own copy of the processed row (steps 1–2 done, no NaN, no +inf),
-  // `max` its maximum (finite).
-  Dist(absl::Span<float> values, float max, RowScratch& scratch, bool parallel);
+  // `source` is the processed row the sample starts from (steps 1–2 done, no NaN, no +inf),
+  // read-only: the request's own bytes or the decoded row, shared by a row's samples; `max` its
+  // maximum (finite). `row` is the sample's own buffer of the same size (it may be `source`
+  // itself). Stages read `source` until one changes values: that stage's pass writes its result
+  // into `row` — the copy costs no pass of its own — and the Dist works on `row` from then on.
+  Dist(absl::Span<const float> source, absl::Span<float> row, float max, RowScratch& scratch,
+       bool parallel);
 
   // The stages, with the semantics of their reference structs in stages.h.
   void Temperature(const tokensampler::Temperature& t);
@@ -125,6 +129,11 @@ class Dist {
     int64_t count;  // how many that is
   };
 
+  // Makes the sample's own row current (copying the source if no stage has written yet), for a
+  // change in place; returns it.
+  absl::Span<float> Own();
+  // After a pass wrote every value into row_: the row is current.
+  void Wrote() { values_ = row_; }
   // Applies a pending temperature division (without computing weights).
   void ApplyDivision();
   // Computes weights and block sums if they are not current (applies a pending division); with
@@ -158,7 +167,8 @@ class Dist {
   // Selects ids with lo < key ≤ hi into scratch.ids (in id order); returns how many.
   size_t Select(const Key& key, double lo, double hi);
 
-  absl::Span<float> values_;
+  absl::Span<const float> values_;  // the current values: the source, or row_ once written
+  absl::Span<float> row_;
   RowScratch& s_;
   const bool parallel_;
   float max_;

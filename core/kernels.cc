@@ -96,9 +96,12 @@ inline MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t
   return Finish(values, begin, end, nan ? kNegInf : max, nan);
 }
 
-inline double SumExp(const float* v, size_t begin, size_t end, float max) {
+inline double SumExp(const float* v, size_t begin, size_t end, float divisor, float max) {
   double sum = 0.0;
-  for (size_t i = begin; i < end; ++i) sum += static_cast<double>(ExpF(v[i] - max));
+  for (size_t i = begin; i < end; ++i) {
+    const float x = divisor != 1.0f ? v[i] / divisor : v[i];
+    sum += static_cast<double>(ExpF(x - max));
+  }
   return sum;
 }
 
@@ -108,14 +111,18 @@ inline MaxResult Max(const float* v, size_t begin, size_t end) {
   return Finish(v, begin, end, max, false);
 }
 
-inline double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max,
-                      float head_min = 0.0f, int32_t* head = nullptr,
+inline double Weights(const float* v, float* v_out, float* w, size_t begin, size_t end,
+                      float divisor, float max, float head_min = 0.0f, int32_t* head = nullptr,
                       size_t* head_count = nullptr) {
   double sum = 0.0;
   size_t heads = 0;
   for (size_t i = begin; i < end; ++i) {
-    if (divisor != 1.0f) v[i] /= divisor;
-    w[i] = ExpF(v[i] - max);
+    float x = v[i];
+    if (divisor != 1.0f) {
+      x /= divisor;
+      if (v_out != nullptr) v_out[i] = x;
+    }
+    w[i] = ExpF(x - max);
     sum += static_cast<double>(w[i]);
     if (head != nullptr && w[i] >= head_min) head[heads++] = static_cast<int32_t>(i);
   }
@@ -124,14 +131,15 @@ inline double Weights(float* v, float* w, size_t begin, size_t end, float diviso
 }
 
 template <class Removed>
-SumCount Cut(float* v, float* w, size_t begin, size_t end, Removed removed) {
+SumCount Cut(const float* v, float* out, float* w, size_t begin, size_t end, Removed removed) {
   SumCount r{0.0, 0};
   for (size_t i = begin; i < end; ++i) {
     const float e = w != nullptr ? w[i] : 0.0f;
     if (v[i] == kNegInf || removed(v[i], e)) {
-      v[i] = kNegInf;
+      out[i] = kNegInf;
       if (w != nullptr) w[i] = 0.0f;
     } else {
+      out[i] = v[i];
       ++r.count;
       r.sum += static_cast<double>(e);
     }
@@ -204,8 +212,8 @@ inline void InfToUniform(float* v, size_t begin, size_t end) {
   for (size_t i = begin; i < end; ++i) v[i] = v[i] == kPosInf ? 0.0f : kNegInf;
 }
 
-inline void Scale(float* v, size_t begin, size_t end, float divisor) {
-  for (size_t i = begin; i < end; ++i) v[i] /= divisor;
+inline void Scale(const float* v, float* out, size_t begin, size_t end, float divisor) {
+  for (size_t i = begin; i < end; ++i) out[i] = v[i] / divisor;
 }
 
 inline size_t SelectWeightAtLeast(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
@@ -233,21 +241,25 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
   return scalar::DecodeMax(dtype, row, begin, end, divisor, out);
 }
 MaxResult MaxImpl(const float* v, size_t begin, size_t end) { return scalar::Max(v, begin, end); }
-double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
-  return scalar::Weights(v, w, begin, end, divisor, max);
+double WeightsImpl(const float* v, float* v_out, float* w, size_t begin, size_t end, float divisor,
+                   float max) {
+  return scalar::Weights(v, v_out, w, begin, end, divisor, max);
 }
-double SumExpImpl(const float* v, size_t begin, size_t end, float max) {
-  return scalar::SumExp(v, begin, end, max);
+double SumExpImpl(const float* v, size_t begin, size_t end, float divisor, float max) {
+  return scalar::SumExp(v, begin, end, divisor, max);
 }
-double WeightsAndHeadImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max,
-                          float head_min, int32_t* head, size_t* head_count) {
-  return scalar::Weights(v, w, begin, end, divisor, max, head_min, head, head_count);
+double WeightsAndHeadImpl(const float* v, float* v_out, float* w, size_t begin, size_t end,
+                          float divisor, float max, float head_min, int32_t* head,
+                          size_t* head_count) {
+  return scalar::Weights(v, v_out, w, begin, end, divisor, max, head_min, head, head_count);
 }
-SumCount CutValueBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
-  return scalar::Cut(v, w, begin, end, [&](float x, float) { return x < t; });
+SumCount CutValueBelowImpl(const float* v, float* out, float* w, size_t begin, size_t end,
+                           float t) {
+  return scalar::Cut(v, out, w, begin, end, [&](float x, float) { return x < t; });
 }
-SumCount CutWeightBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
-  return scalar::Cut(v, w, begin, end, [&](float, float e) { return e < t; });
+SumCount CutWeightBelowImpl(const float* v, float* out, float* w, size_t begin, size_t end,
+                            float t) {
+  return scalar::Cut(v, out, w, begin, end, [&](float, float e) { return e < t; });
 }
 SumCount SumValuesImpl(const float* v, size_t begin, size_t end) {
   return scalar::SumValues(v, begin, end);
@@ -259,8 +271,8 @@ double WeightedLogitsImpl(const float* v, const float* w, size_t begin, size_t e
   return scalar::WeightedLogits(v, w, begin, end, max);
 }
 void InfToUniformImpl(float* v, size_t begin, size_t end) { scalar::InfToUniform(v, begin, end); }
-void ScaleImpl(float* v, size_t begin, size_t end, float divisor) {
-  scalar::Scale(v, begin, end, divisor);
+void ScaleImpl(const float* v, float* out, size_t begin, size_t end, float divisor) {
+  scalar::Scale(v, out, begin, end, divisor);
 }
 uint64_t StreamingReadImpl(const uint8_t* data, size_t bytes) {
   uint64_t out = 0;
@@ -476,11 +488,11 @@ MaxResult MaxImpl(const float* v, size_t begin, size_t end) {
                        [&](size_t i) { return v[i]; }, v, begin, end, 1.0f, nullptr, false);
 }
 
-double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, float max,
-                   float head_min, int32_t* head, size_t* head_count) {
+double WeightsBody(const float* v, float* v_out, float* w, size_t begin, size_t end, float divisor,
+                   float max, float head_min, int32_t* head, size_t* head_count) {
 #if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
   // No fused multiply-add: the vector ExpF would round differently from the scalar one.
-  return scalar::Weights(v, w, begin, end, divisor, max, head_min, head, head_count);
+  return scalar::Weights(v, v_out, w, begin, end, divisor, max, head_min, head, head_count);
 #endif
   const DF df;
   const DI di;
@@ -502,7 +514,7 @@ double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, 
       VF x = hn::LoadU(df, v + i + j * n);
       if (divide) {
         x = hn::Div(x, vdiv);
-        hn::StoreU(x, df, v + i + j * n);
+        if (v_out != nullptr) hn::StoreU(x, df, v_out + i + j * n);
       }
       e[j] = hn::Sub(x, vmax);
     }
@@ -525,8 +537,12 @@ double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, 
   for (; i + n <= end; i += n) step(std::integral_constant<size_t, 1>());
   double sum = SumD(hn::Add(acc0, acc1));
   for (; i < end; ++i) {
-    if (divide) v[i] /= divisor;
-    w[i] = ExpF(v[i] - max);
+    float x = v[i];
+    if (divide) {
+      x /= divisor;
+      if (v_out != nullptr) v_out[i] = x;
+    }
+    w[i] = ExpF(x - max);
     sum += static_cast<double>(w[i]);
     if (head != nullptr && w[i] >= head_min) head[heads++] = static_cast<int32_t>(i);
   }
@@ -534,20 +550,25 @@ double WeightsBody(float* v, float* w, size_t begin, size_t end, float divisor, 
   return sum;
 }
 
-double SumExpImpl(const float* v, size_t begin, size_t end, float max) {
+double SumExpImpl(const float* v, size_t begin, size_t end, float divisor, float max) {
 #if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
-  return scalar::SumExp(v, begin, end, max);
+  return scalar::SumExp(v, begin, end, divisor, max);
 #endif
   const DF df;
   const DD dd;
   const size_t n = hn::Lanes(df);
   const VF vmax = hn::Set(df, max);
+  const VF vdiv = hn::Set(df, divisor);
+  const bool divide = divisor != 1.0f;
   VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
   size_t i = begin;
   const auto step = [&](auto unroll) {  // as in WeightsBody
     constexpr size_t kU = decltype(unroll)::value;
     VF e[kU];
-    for (size_t j = 0; j < kU; ++j) e[j] = hn::Sub(hn::LoadU(df, v + i + j * n), vmax);
+    for (size_t j = 0; j < kU; ++j) {
+      const VF x = hn::LoadU(df, v + i + j * n);
+      e[j] = hn::Sub(divide ? hn::Div(x, vdiv) : x, vmax);
+    }
     ExpN(df, e);
     for (size_t j = 0; j < kU; ++j) {
       acc0 = hn::Add(acc0, Lower(e[j]));
@@ -557,22 +578,24 @@ double SumExpImpl(const float* v, size_t begin, size_t end, float max) {
   for (; i + 2 * n <= end; i += 2 * n) step(std::integral_constant<size_t, 2>());
   for (; i + n <= end; i += n) step(std::integral_constant<size_t, 1>());
   double sum = SumD(hn::Add(acc0, acc1));
-  for (; i < end; ++i) sum += static_cast<double>(ExpF(v[i] - max));
+  for (; i < end; ++i) sum += static_cast<double>(ExpF((divide ? v[i] / divisor : v[i]) - max));
   return sum;
 }
 
-double WeightsImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
-  return WeightsBody(v, w, begin, end, divisor, max, 0.0f, nullptr, nullptr);
+double WeightsImpl(const float* v, float* v_out, float* w, size_t begin, size_t end, float divisor,
+                   float max) {
+  return WeightsBody(v, v_out, w, begin, end, divisor, max, 0.0f, nullptr, nullptr);
 }
 
-double WeightsAndHeadImpl(float* v, float* w, size_t begin, size_t end, float divisor, float max,
-                          float head_min, int32_t* head, size_t* head_count) {
-  return WeightsBody(v, w, begin, end, divisor, max, head_min, head, head_count);
+double WeightsAndHeadImpl(const float* v, float* v_out, float* w, size_t begin, size_t end,
+                          float divisor, float max, float head_min, int32_t* head,
+                          size_t* head_count) {
+  return WeightsBody(v, v_out, w, begin, end, divisor, max, head_min, head, head_count);
 }
 
 // Shared body of the cuts: `removed(x, e)` is the mask of tokens to remove.
 template <class Removed, class ScalarRemoved>
-SumCount Cut(float* v, float* w, size_t begin, size_t end, Removed removed,
+SumCount Cut(const float* v, float* out_v, float* w, size_t begin, size_t end, Removed removed,
              ScalarRemoved scalar_removed) {
   const DF df;
   const DD dd;
@@ -585,7 +608,7 @@ SumCount Cut(float* v, float* w, size_t begin, size_t end, Removed removed,
     const VF x = hn::LoadU(df, v + i);
     const VF e = w != nullptr ? hn::LoadU(df, w + i) : hn::Zero(df);
     const auto out = hn::Or(removed(x, e), hn::Eq(x, neg_inf));
-    hn::StoreU(hn::IfThenElse(out, neg_inf, x), df, v + i);
+    hn::StoreU(hn::IfThenElse(out, neg_inf, x), df, out_v + i);
     count += static_cast<int64_t>(n - hn::CountTrue(df, out));
     if (w != nullptr) {
       const VF kept = hn::IfThenZeroElse(out, e);
@@ -598,9 +621,10 @@ SumCount Cut(float* v, float* w, size_t begin, size_t end, Removed removed,
   for (; i < end; ++i) {
     const float e = w != nullptr ? w[i] : 0.0f;
     if (v[i] == kNegInf || scalar_removed(v[i], e)) {
-      v[i] = kNegInf;
+      out_v[i] = kNegInf;
       if (w != nullptr) w[i] = 0.0f;
     } else {
+      out_v[i] = v[i];
       ++count;
       sum += static_cast<double>(e);
     }
@@ -608,17 +632,19 @@ SumCount Cut(float* v, float* w, size_t begin, size_t end, Removed removed,
   return {sum, count};
 }
 
-SumCount CutValueBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
+SumCount CutValueBelowImpl(const float* v, float* out, float* w, size_t begin, size_t end,
+                           float t) {
   const VF vt = hn::Set(DF(), t);
   return Cut(
-      v, w, begin, end, [&](VF x, VF) { return hn::Lt(x, vt); },
+      v, out, w, begin, end, [&](VF x, VF) { return hn::Lt(x, vt); },
       [&](float x, float) { return x < t; });
 }
 
-SumCount CutWeightBelowImpl(float* v, float* w, size_t begin, size_t end, float t) {
+SumCount CutWeightBelowImpl(const float* v, float* out, float* w, size_t begin, size_t end,
+                            float t) {
   const VF vt = hn::Set(DF(), t);
   return Cut(
-      v, w, begin, end, [&](VF, VF e) { return hn::Lt(e, vt); },
+      v, out, w, begin, end, [&](VF, VF e) { return hn::Lt(e, vt); },
       [&](float, float e) { return e < t; });
 }
 
@@ -732,13 +758,13 @@ uint64_t StreamingReadImpl(const uint8_t* data, size_t bytes) {
   return out;
 }
 
-void ScaleImpl(float* v, size_t begin, size_t end, float divisor) {
+void ScaleImpl(const float* v, float* out, size_t begin, size_t end, float divisor) {
   const DF df;
   const size_t n = hn::Lanes(df);
   const VF vdiv = hn::Set(df, divisor);
   size_t i = begin;
-  for (; i + n <= end; i += n) hn::StoreU(hn::Div(hn::LoadU(df, v + i), vdiv), df, v + i);
-  for (; i < end; ++i) v[i] /= divisor;
+  for (; i + n <= end; i += n) hn::StoreU(hn::Div(hn::LoadU(df, v + i), vdiv), df, out + i);
+  for (; i < end; ++i) out[i] = v[i] / divisor;
 }
 
 size_t SelectWeightAtLeastImpl(const float* w, size_t begin, size_t end, float t, int32_t* ids) {
@@ -917,8 +943,8 @@ MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, f
                     float* out) {
   return HWY_DYNAMIC_DISPATCH(DecodeMaxImpl)(dtype, row, begin, end, divisor, out);
 }
-void Scale(float* v, size_t begin, size_t end, float divisor) {
-  HWY_DYNAMIC_DISPATCH(ScaleImpl)(v, begin, end, divisor);
+void Scale(const float* v, float* out, size_t begin, size_t end, float divisor) {
+  HWY_DYNAMIC_DISPATCH(ScaleImpl)(v, out, begin, end, divisor);
 }
 uint64_t StreamingRead(const uint8_t* data, size_t bytes) {
   return HWY_DYNAMIC_DISPATCH(StreamingReadImpl)(data, bytes);
@@ -929,22 +955,23 @@ size_t SelectWeightAtLeast(const float* w, size_t begin, size_t end, float t, in
 MaxResult Max(const float* v, size_t begin, size_t end) {
   return HWY_DYNAMIC_DISPATCH(MaxImpl)(v, begin, end);
 }
-double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max) {
-  return HWY_DYNAMIC_DISPATCH(WeightsImpl)(v, w, begin, end, divisor, max);
+double Weights(const float* v, float* v_out, float* w, size_t begin, size_t end, float divisor,
+               float max) {
+  return HWY_DYNAMIC_DISPATCH(WeightsImpl)(v, v_out, w, begin, end, divisor, max);
 }
-double SumExp(const float* v, size_t begin, size_t end, float max) {
-  return HWY_DYNAMIC_DISPATCH(SumExpImpl)(v, begin, end, max);
+double SumExp(const float* v, size_t begin, size_t end, float divisor, float max) {
+  return HWY_DYNAMIC_DISPATCH(SumExpImpl)(v, begin, end, divisor, max);
 }
-double WeightsAndHead(float* v, float* w, size_t begin, size_t end, float divisor, float max,
-                      float head_min, int32_t* head, size_t* head_count) {
-  return HWY_DYNAMIC_DISPATCH(WeightsAndHeadImpl)(v, w, begin, end, divisor, max, head_min, head,
-                                                  head_count);
+double WeightsAndHead(const float* v, float* v_out, float* w, size_t begin, size_t end,
+                      float divisor, float max, float head_min, int32_t* head, size_t* head_count) {
+  return HWY_DYNAMIC_DISPATCH(WeightsAndHeadImpl)(v, v_out, w, begin, end, divisor, max, head_min,
+                                                  head, head_count);
 }
-SumCount CutValueBelow(float* v, float* w, size_t begin, size_t end, float t) {
-  return HWY_DYNAMIC_DISPATCH(CutValueBelowImpl)(v, w, begin, end, t);
+SumCount CutValueBelow(const float* v, float* out, float* w, size_t begin, size_t end, float t) {
+  return HWY_DYNAMIC_DISPATCH(CutValueBelowImpl)(v, out, w, begin, end, t);
 }
-SumCount CutWeightBelow(float* v, float* w, size_t begin, size_t end, float t) {
-  return HWY_DYNAMIC_DISPATCH(CutWeightBelowImpl)(v, w, begin, end, t);
+SumCount CutWeightBelow(const float* v, float* out, float* w, size_t begin, size_t end, float t) {
+  return HWY_DYNAMIC_DISPATCH(CutWeightBelowImpl)(v, out, w, begin, end, t);
 }
 SumCount SumValues(const float* v, size_t begin, size_t end) {
   return HWY_DYNAMIC_DISPATCH(SumValuesImpl)(v, begin, end);

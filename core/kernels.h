@@ -55,32 +55,38 @@ uint64_t StreamingRead(const uint8_t* data, size_t bytes);
 // The maximum of v[begin, end) (NaN must not occur).
 MaxResult Max(const float* v, size_t begin, size_t end);
 
-// With divisor != 1, first v[i] /= divisor (written back). Then w[i] = ExpF(v[i] − max) (0 for
-// −inf). Returns Σ w in double. REQUIRES: max ≥ every (divided) v[i] — the weights are taken
-// relative to the maximum (the SIMD code relies on v[i] − max ≤ 0).
-double Weights(float* v, float* w, size_t begin, size_t end, float divisor, float max);
+// The kernels that change values read them from `v` and write them to `out` / `v_out`, which may
+// be v itself (in place) or another buffer (a sample's own copy of a row it only read so far).
 
-// Σ ExpF(v[i] − max) over [begin, end) in double (the weights, not stored). REQUIRES: as Weights.
-double SumExp(const float* v, size_t begin, size_t end, float max);
+// x = v[i], divided by `divisor` when that is not 1 (and then stored at v_out[i] unless v_out is
+// null); w[i] = ExpF(x − max) (0 for −inf). Returns Σ w in double. REQUIRES: max ≥ every x — the
+// weights are taken relative to the maximum (the SIMD code relies on x − max ≤ 0).
+double Weights(const float* v, float* v_out, float* w, size_t begin, size_t end, float divisor,
+               float max);
+
+// Σ ExpF(x − max) over [begin, end) in double, x as in Weights (the weights, not stored).
+// REQUIRES: as Weights.
+double SumExp(const float* v, size_t begin, size_t end, float divisor, float max);
 
 // Weights, and also writes to head[0…] the ids of the tokens with w ≥ head_min (in id order);
 // `*head_count` receives how many. head has room for end − begin ids.
-double WeightsAndHead(float* v, float* w, size_t begin, size_t end, float divisor, float max,
-                      float head_min, int32_t* head, size_t* head_count);
+double WeightsAndHead(const float* v, float* v_out, float* w, size_t begin, size_t end,
+                      float divisor, float max, float head_min, int32_t* head, size_t* head_count);
 
-// v[i] /= divisor.
-void Scale(float* v, size_t begin, size_t end, float divisor);
+// out[i] = v[i] / divisor.
+void Scale(const float* v, float* out, size_t begin, size_t end, float divisor);
 
 struct SumCount {
   double sum;     // Σ w of the kept tokens
   int64_t count;  // kept tokens (v ≠ −inf)
 };
 
-// Removes (v = −inf, w = 0) every token with v < t. `w` may be null (no weights yet).
-SumCount CutValueBelow(float* v, float* w, size_t begin, size_t end, float t);
+// out[i] = v[i], or −inf (and w[i] = 0) for every token with v < t: removed. `w` may be null (no
+// weights yet).
+SumCount CutValueBelow(const float* v, float* out, float* w, size_t begin, size_t end, float t);
 
-// Removes every token with w < t; tokens with v = −inf count as removed.
-SumCount CutWeightBelow(float* v, float* w, size_t begin, size_t end, float t);
+// The same for every token with w < t; tokens with v = −inf count as removed.
+SumCount CutWeightBelow(const float* v, float* out, float* w, size_t begin, size_t end, float t);
 
 // For each range j (n ≤ 16): sums[j] += Σ w and counts[j] += count over tokens with
 // from[j] ≤ v ≤ to[j]. The sums are accumulated in float within the call (for bracketing a cut;

@@ -119,7 +119,8 @@ std::pair<float, int32_t> Argmax(absl::Span<const float> logits) {
 }
 
 double LogSumExp(absl::Span<const float> logits, float max) {
-  return static_cast<double>(max) + std::log(kernels::SumExp(logits.data(), 0, logits.size(), max));
+  return static_cast<double>(max) +
+         std::log(kernels::SumExp(logits.data(), 0, logits.size(), 1.0f, max));
 }
 
 double TopKPivot(absl::Span<const float> values, int32_t k, std::vector<double>& sample) {

@@ -117,18 +117,24 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   const bool raw_mode =
       p.logprobs_mode == LogprobsMode::kRawLogprobs || p.logprobs_mode == LogprobsMode::kRawLogits;
   const bool steps = StepsOneTwoActive(p, req.output_token_ids);
-  // Pass 1 decodes the row, finds its maximum and any NaN; when nothing comes between decoding
-  // and the temperature, it divides by the temperature too.
-  const bool tempered = TemperatureFirst(p) && !steps && !(wants_logprobs && raw_mode);
+  // A float32 row that steps 1–2 leave alone is not copied: pass 1 only reads it (finding its
+  // maximum and any NaN), and the samples read it where it is — the stage that first changes
+  // values writes the sample's own copy as it goes (Dist). Any other row is decoded into
+  // `logits` by pass 1, which also divides by the temperature when nothing comes between
+  // decoding and the temperature.
+  const bool read_only = view.dtype() == DType::kFloat32 && !steps && !(wants_logprobs && raw_mode);
+  const bool tempered =
+      TemperatureFirst(p) && !read_only && !steps && !(wants_logprobs && raw_mode);
   const float divisor = tempered ? p.temperature : 1.0f;
   std::vector<kernels::MaxResult>& blocks = scratch.block_max;
   blocks.resize(NumBlocks(v));
-  // A greedy float32 row that nothing changes is only read, not copied.
-  const bool read_only = p.greedy() && !steps && !wants_logprobs &&
-                         view.dtype() == DType::kFloat32 && processed_out.empty();
-  float* decoded = read_only ? nullptr : logits.data();
+  absl::Span<const float> source = logits;
+  if (read_only) {
+    source = absl::MakeConstSpan(reinterpret_cast<const float*>(view.RowBytes(row)), v);
+  }
   ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
-    blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, decoded);
+    blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor,
+                                   read_only ? nullptr : logits.data());
   });
   kernels::MaxResult top{kNegInf, -1, -1};
   for (const kernels::MaxResult& block : blocks) {
@@ -170,13 +176,21 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
                      "bad_words, min_tokens, token_bitmask, logit_bias or no_repeat_ngram_size)"));
   }
   float dist_max = max;
-  if (max == kPosInf && !read_only) {
+  if (max == kPosInf) {
     // +inf logits dominate: the row is uniform over them.
     ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
+      if (read_only) {
+        kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, 1.0f, logits.data());
+      }
       kernels::InfToUniform(logits.data(), begin, end);
     });
+    source = logits;
     dist_max = 0.0f;
   }
+  // Each sample's own row: `logits` unless that holds the source the samples share.
+  const absl::Span<float> own = source.data() == logits.data() && p.n > 1
+                                    ? absl::Span<float>(scratch.work.data(), v)
+                                    : logits;
 
   const uint64_t seed = p.seed.has_value() ? *p.seed : absl::Uniform<uint64_t>(scratch.entropy);
   const uint64_t step = req.output_token_ids.size();
@@ -185,17 +199,12 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     SampledToken& out = results[s];
     out.row_index = static_cast<uint32_t>(row);
     out.sample_index = req.first_sample_index + static_cast<uint32_t>(s);
-    absl::Span<const float> processed = logits;
+    absl::Span<const float> processed = source;
     float mu = mu_in;
     if (p.greedy()) {
       out.token_id = argmax;
     } else {
-      absl::Span<float> work = logits;
-      if (p.n > 1) {
-        work = absl::Span<float>(scratch.work.data(), v);
-        std::copy(logits.begin(), logits.end(), work.begin());
-      }
-      Dist dist(work, dist_max, scratch, parallel);
+      Dist dist(source, own, dist_max, scratch, parallel);
       out.token_id = SampleOne(p, dist, tempered, seed, step, out.sample_index, mu_in, &mu, vocab);
       if ((wants_logprobs && !raw_mode) || !processed_out.empty()) processed = dist.Processed();
     }

@@ -311,7 +311,7 @@ absl::Status VerifyOne(const Sampler& sampler, const LogitsView& logits, size_t 
       // probabilities is rejected — a rejected point mass only removes its token.
       float* processed = s.processed.data();
       const float max = kernels::Max(processed, 0, v).max;
-      double total = kernels::Weights(processed, s.weights.data(), 0, v, 1.0f, max);
+      double total = kernels::Weights(processed, nullptr, s.weights.data(), 0, v, 1.0f, max);
       bool dense = false;  // r is s.residual (else s.weights without the `removed` tokens)
       s.removed.clear();
       const auto r_at = [&](int32_t y) {

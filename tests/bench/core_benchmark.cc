@@ -120,7 +120,7 @@ void BM_Weights(benchmark::State& state) {
   KernelRow row(vocab);
   for (auto _ : state) {
     benchmark::DoNotOptimize(
-        kernels::Weights(row.work.data(), row.weights.data(), 0, vocab, 1.0f, row.max));
+        kernels::Weights(row.work.data(), nullptr, row.weights.data(), 0, vocab, 1.0f, row.max));
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
 }
@@ -130,7 +130,7 @@ void BM_SumExp(benchmark::State& state) {
   const size_t vocab = static_cast<size_t>(state.range(0));
   KernelRow row(vocab);
   for (auto _ : state) {
-    benchmark::DoNotOptimize(kernels::SumExp(row.work.data(), 0, vocab, row.max));
+    benchmark::DoNotOptimize(kernels::SumExp(row.work.data(), 0, vocab, 1.0f, row.max));
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
 }
@@ -138,11 +138,11 @@ void BM_SumExp(benchmark::State& state) {
 void BM_CutWeightBelow(benchmark::State& state) {
   const size_t vocab = static_cast<size_t>(state.range(0));
   KernelRow row(vocab);
-  kernels::Weights(row.work.data(), row.weights.data(), 0, vocab, 1.0f, row.max);
+  kernels::Weights(row.work.data(), nullptr, row.weights.data(), 0, vocab, 1.0f, row.max);
   for (auto _ : state) {
     // A threshold nothing is below: the pass runs whole every time without changing the row.
-    benchmark::DoNotOptimize(
-        kernels::CutWeightBelow(row.work.data(), row.weights.data(), 0, vocab, 0.0f));
+    benchmark::DoNotOptimize(kernels::CutWeightBelow(row.work.data(), row.work.data(),
+                                                     row.weights.data(), 0, vocab, 0.0f));
   }
   state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
 }
@@ -152,7 +152,7 @@ void BM_MassInRanges(benchmark::State& state) {
   const size_t vocab = static_cast<size_t>(state.range(0));
   const int ranges = static_cast<int>(state.range(1));
   KernelRow row(vocab);
-  kernels::Weights(row.work.data(), row.weights.data(), 0, vocab, 1.0f, row.max);
+  kernels::Weights(row.work.data(), nullptr, row.weights.data(), 0, vocab, 1.0f, row.max);
   std::vector<float> from(static_cast<size_t>(ranges)), to(from.size(), row.max);
   std::vector<double> sums(from.size());
   std::vector<int64_t> counts(from.size());

@@ -207,6 +207,8 @@ void RunCase(const Case& c) {
   arena.execute([&] { got = fast.Run(*view, rows); });
   ASSERT_TRUE(got.ok());
   ExpectSame(*got, *want, "batch");
+  // The samples read float32 rows where they are and never write them.
+  EXPECT_EQ(bytes, testing::F32Bytes(values));
 }
 
 void PrintTo(const Case& c, std::ostream* os) {
@@ -527,10 +529,57 @@ TEST(KernelsTest, SimdWeightsAreTheScalarBitsOnEveryFloatTheyTake) {
   }
   OnEveryTarget([&] {
     std::vector<float> work = v, w(v.size());
-    const double sum = kernels::Weights(work.data(), w.data(), 0, v.size(), 1.0f, 0.0f);
+    const double sum = kernels::Weights(work.data(), nullptr, w.data(), 0, v.size(), 1.0f, 0.0f);
     for (size_t i = 0; i < v.size(); ++i) ASSERT_EQ(w[i], want[i]) << "at x = " << v[i];
     EXPECT_NEAR(sum, want_sum, 1e-12 * want_sum);
-    EXPECT_NEAR(kernels::SumExp(v.data(), 0, v.size(), 0.0f), want_sum, 1e-12 * want_sum);
+    EXPECT_NEAR(kernels::SumExp(v.data(), 0, v.size(), 1.0f, 0.0f), want_sum, 1e-12 * want_sum);
+  });
+}
+
+TEST(KernelsTest, KernelsThatChangeValuesWriteThemElsewhereOrInPlace) {
+  // A sample reads a shared row and writes its own copy (Dist): every kernel that changes values
+  // gives the same result into another buffer as in place, and leaves its input alone.
+  std::mt19937_64 rng(5);
+  std::normal_distribution<float> normal(0.0f, 4.0f);
+  std::vector<float> v(2049);
+  for (float& x : v) x = normal(rng);
+  v[7] = -kInf;
+  float max = -kInf;
+  for (float x : v) max = std::max(max, x / 0.6f);
+  OnEveryTarget([&] {
+    const std::vector<float> input = v;
+    std::vector<float> in_place = v, out(v.size(), 9.0f), w1(v.size()), w2(v.size());
+    const double s1 =
+        kernels::Weights(in_place.data(), in_place.data(), w1.data(), 0, v.size(), 0.6f, max);
+    const double s2 = kernels::Weights(v.data(), out.data(), w2.data(), 0, v.size(), 0.6f, max);
+    EXPECT_EQ(v, input);
+    EXPECT_EQ(out, in_place);
+    EXPECT_EQ(w1, w2);
+    EXPECT_EQ(s1, s2);
+    EXPECT_NEAR(kernels::SumExp(v.data(), 0, v.size(), 0.6f, max), s1, 1e-12 * s1);
+    std::vector<float> w3(v.size());
+    EXPECT_EQ(kernels::Weights(v.data(), nullptr, w3.data(), 0, v.size(), 0.6f, max), s1);
+    EXPECT_EQ(w3, w1);
+    EXPECT_EQ(v, input);
+
+    std::vector<float> scaled_in_place = v, scaled(v.size());
+    kernels::Scale(scaled_in_place.data(), scaled_in_place.data(), 0, v.size(), 0.6f);
+    kernels::Scale(v.data(), scaled.data(), 0, v.size(), 0.6f);
+    EXPECT_EQ(scaled, scaled_in_place);
+    EXPECT_EQ(v, input);
+
+    for (bool by_weight : {false, true}) {
+      std::vector<float> a = v, b(v.size(), 9.0f), wa = w1, wb = w1;
+      const auto cut = by_weight ? kernels::CutWeightBelow : kernels::CutValueBelow;
+      const float t = by_weight ? 0.01f : 0.5f;
+      const kernels::SumCount ra = cut(a.data(), a.data(), wa.data(), 0, v.size(), t);
+      const kernels::SumCount rb = cut(v.data(), b.data(), wb.data(), 0, v.size(), t);
+      EXPECT_EQ(a, b);
+      EXPECT_EQ(wa, wb);
+      EXPECT_EQ(ra.sum, rb.sum);
+      EXPECT_EQ(ra.count, rb.count);
+      EXPECT_EQ(v, input);
+    }
   });
 }
 
@@ -544,7 +593,7 @@ TEST(KernelsTest, SimdWeightsDivideByTheTemperatureFirst) {
   for (float x : v) max = std::max(max, x / 0.7f);
   OnEveryTarget([&] {
     std::vector<float> work = v, w(v.size());
-    const double sum = kernels::Weights(work.data(), w.data(), 3, v.size(), 0.7f, max);
+    const double sum = kernels::Weights(work.data(), work.data(), w.data(), 3, v.size(), 0.7f, max);
     double want_sum = 0.0;
     for (size_t i = 3; i < v.size(); ++i) {
       const float x = v[i] / 0.7f;
