@@ -15,47 +15,34 @@ constexpr int kMaxPivots = 16;
 constexpr size_t kBandMax = 512;  // tokens sorted around a cut
 constexpr size_t kSampleSize = 256;
 
-// Floats in an order-preserving unsigned encoding, for bisection over the float order.
-uint32_t Ordered(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return (u & 0x80000000u) != 0 ? ~u : u | 0x80000000u;
-}
-float FromOrdered(uint32_t o) {
-  const uint32_t u = (o & 0x80000000u) != 0 ? o & 0x7fffffffu : ~o;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 // Bisection over the float order for a predicate that is false, then true (First) or true, then
 // false (Last) on [from, to]: the first float where it holds (REQUIRES: it holds at `to`), or the
 // last one (REQUIRES: it holds at `from`).
 template <typename Pred>
 float FirstWhere(float from, float to, Pred holds) {
-  uint32_t lo = Ordered(from), hi = Ordered(to);
+  uint32_t lo = kernels::OrderedBits(from), hi = kernels::OrderedBits(to);
   while (lo < hi) {
     const uint32_t mid = lo + (hi - lo) / 2;
-    if (holds(FromOrdered(mid))) {
+    if (holds(kernels::FromOrderedBits(mid))) {
       hi = mid;
     } else {
       lo = mid + 1;
     }
   }
-  return FromOrdered(lo);
+  return kernels::FromOrderedBits(lo);
 }
 template <typename Pred>
 float LastWhere(float from, float to, Pred holds) {
-  uint32_t lo = Ordered(from), hi = Ordered(to);
+  uint32_t lo = kernels::OrderedBits(from), hi = kernels::OrderedBits(to);
   while (lo < hi) {
     const uint32_t mid = lo + (hi - lo + 1) / 2;
-    if (holds(FromOrdered(mid))) {
+    if (holds(kernels::FromOrderedBits(mid))) {
       lo = mid;
     } else {
       hi = mid - 1;
     }
   }
-  return FromOrdered(lo);
+  return kernels::FromOrderedBits(lo);
 }
 
 }  // namespace
@@ -120,6 +107,7 @@ Dist::Dist(absl::Span<const float> source, absl::Span<float> row, float max, Row
 // --- Dense machinery ------------------------------------------------------------------------
 
 absl::Span<float> Dist::Own() {
+  s_.streamed = false;  // the caller changes values
   if (values_.data() != row_.data()) {
     ForBlocks(values_.size(), parallel_, [&](size_t, size_t begin, size_t end) {
       std::copy(values_.begin() + static_cast<ptrdiff_t>(begin),
@@ -592,12 +580,25 @@ void Dist::TopK(int32_t k) {
   const float d = divisor_;
   const Key key{};
   std::vector<float>& cand = s_.cand_values;  // the candidates' divided values, by id order
-  double pivot = TopKPivot(values_, k, s_.keys);
-  size_t m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
-  // Fewer than k above the pivot: it was too high; take everything kept instead.
-  if (m < static_cast<size_t>(k) && pivot != -kDoubleInf) {
-    pivot = -kDoubleInf;
-    m = Select(key, -kDoubleInf, kDoubleMax);
+  double pivot = -kDoubleInf;
+  size_t m = 0;
+  if (s_.streamed) {
+    // Pass 1 kept the tokens at or above a threshold ≤ the k-th largest value (kernels.h): they
+    // are the candidates, and the threshold is the pivot (none: every finite value is held).
+    const kernels::TopStream& stream = s_.stream;
+    m = stream.count;
+    std::copy(stream.ids, stream.ids + m, s_.ids.begin());
+    if (stream.threshold != -std::numeric_limits<float>::max()) {
+      pivot = static_cast<double>(stream.threshold);
+    }
+  } else {
+    pivot = TopKPivot(values_, k, s_.keys);
+    m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
+    // Fewer than k above the pivot: it was too high; take everything kept instead.
+    if (m < static_cast<size_t>(k) && pivot != -kDoubleInf) {
+      pivot = -kDoubleInf;
+      m = Select(key, -kDoubleInf, kDoubleMax);
+    }
   }
   if (pivot == -kDoubleInf && m <= static_cast<size_t>(k)) {
     count_ = static_cast<int64_t>(m);  // k ≥ the kept tokens: nothing to cut
@@ -617,7 +618,7 @@ void Dist::TopK(int32_t k) {
     const float outside =
         pivot == -kDoubleInf ? kNegInf : std::nextafter(static_cast<float>(pivot), kNegInf) / d;
     if (!(threshold > outside) || threshold == kNegInf) {
-      ApplyDivision();
+      ApplyDivision();  // (which also drops the stream: it holds undivided values)
       TopK(k);
       return;
     }

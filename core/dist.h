@@ -132,8 +132,12 @@ class Dist {
   // Makes the sample's own row current (copying the source if no stage has written yet), for a
   // change in place; returns it.
   absl::Span<float> Own();
-  // After a pass wrote every value into row_: the row is current.
-  void Wrote() { values_ = row_; }
+  // After a pass wrote every value into row_: the row is current (and pass 1's top-k stream,
+  // which holds the values the sample started from, no longer applies).
+  void Wrote() {
+    values_ = row_;
+    s_.streamed = false;
+  }
   // Applies a pending temperature division (without computing weights).
   void ApplyDivision();
   // Computes weights and block sums if they are not current (applies a pending division); with

@@ -67,8 +67,38 @@ inline MaxResult Finish(const float* v, size_t begin, size_t end, float max, boo
   return r;
 }
 
+// TopStream: `t` (the k-th largest held value) becomes the threshold; what is below it goes.
+inline void RaiseTo(TopStream& s, float t) {
+  size_t out = 0;
+  for (size_t i = 0; i < s.count; ++i) {
+    if (s.values[i] >= t) {
+      s.ids[out] = s.ids[i];
+      s.values[out] = s.values[i];
+      ++out;
+    }
+  }
+  s.count = out;
+  s.threshold = t;
+  s.cap = 12 * static_cast<size_t>(s.k) + 256;
+  if (s.count > s.cap / 2) s.overflow = true;  // ties at t: holding them all narrows nothing
+}
+
+inline void Compact(TopStream& s) {
+  std::copy(s.values, s.values + s.count, s.scratch);
+  std::nth_element(s.scratch, s.scratch + (s.k - 1), s.scratch + s.count, std::greater<>());
+  RaiseTo(s, s.scratch[s.k - 1]);
+}
+
+// TopStream: one value.
+inline void Offer(TopStream& s, size_t i, float x) {
+  if (s.overflow || !(x >= s.threshold)) return;
+  s.ids[s.count] = static_cast<int32_t>(i);
+  s.values[s.count] = x;
+  if (++s.count >= s.cap) Compact(s);
+}
+
 inline MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
-                           float* out) {
+                           float* out, TopStream* top) {
   float max = kNegInf;
   bool nan = false;
   for (size_t i = begin; i < end; ++i) {
@@ -89,6 +119,7 @@ inline MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t
     }
     if (divisor != 1.0f) x /= divisor;
     if (out != nullptr) out[i] = x;
+    if (top != nullptr) Offer(*top, i, x);
     if (std::isnan(x)) nan = true;
     if (x > max) max = x;
   }
@@ -237,8 +268,8 @@ using namespace internal;  // NOLINT: the constants above
 // Highway's scalar target (plain x86-64 without SSSE3) lacks half vectors: it runs the scalar
 // code, which computes the same values.
 MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
-                        float* out) {
-  return scalar::DecodeMax(dtype, row, begin, end, divisor, out);
+                        float* out, TopStream* top) {
+  return scalar::DecodeMax(dtype, row, begin, end, divisor, out, top);
 }
 MaxResult MaxImpl(const float* v, size_t begin, size_t end) { return scalar::Max(v, begin, end); }
 double WeightsImpl(const float* v, float* v_out, float* w, size_t begin, size_t end, float divisor,
@@ -404,13 +435,47 @@ HWY_INLINE VF DecodeF16(const uint16_t* p) {
 // source itself when that is fp32).
 constexpr size_t kChunk = 1024;
 
+// TopStream's compaction with the k-th largest held value found by bisection over the float
+// order, each step one SIMD count of the held values (they are in L1): ≈ 30 passes over at most
+// a few thousand floats, several times cheaper than a selection (nth_element).
+void CompactTop(TopStream& s) {
+  const DF df;
+  const size_t n = hn::Lanes(df);
+  const auto at_least = [&](float t) {
+    const VF vt = hn::Set(df, t);
+    size_t count = 0, i = 0;
+    for (; i + n <= s.count; i += n)
+      count += hn::CountTrue(df, hn::Ge(hn::LoadU(df, s.values + i), vt));
+    for (; i < s.count; ++i) count += s.values[i] >= t ? 1 : 0;
+    return count;
+  };
+  float top = s.threshold;
+  for (size_t i = 0; i < s.count; ++i) top = std::max(top, s.values[i]);
+  // The largest t with at least k held values ≥ t: every held value is ≥ the threshold.
+  uint32_t lo = OrderedBits(s.threshold), hi = OrderedBits(top);
+  const size_t k = static_cast<size_t>(s.k);
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo + 1) / 2;
+    if (at_least(FromOrderedBits(mid)) >= k) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  scalar::RaiseTo(s, FromOrderedBits(lo));
+}
+
 template <class Load, class LoadOne>
 MaxResult DecodeMaxBody(const Load& load, const LoadOne& load_one, const float* values,
-                        size_t begin, size_t end, float divisor, float* out, bool track_nan) {
+                        size_t begin, size_t end, float divisor, float* out, bool track_nan,
+                        TopStream* top = nullptr) {
   const DF df;
+  const DI di;
   const size_t n = hn::Lanes(df);
   const bool divide = divisor != 1.0f;
   const VF vdiv = hn::Set(df, divisor);
+  if (top != nullptr && top->overflow) top = nullptr;
+  VF vtop = hn::Set(df, top != nullptr ? top->threshold : 0.0f);
   auto nan = hn::Ne(vdiv, vdiv);  // no NaN seen yet (a mask of false)
   bool snan = false;
   float max = kNegInf;
@@ -425,6 +490,22 @@ MaxResult DecodeMaxBody(const Load& load, const LoadOne& load_one, const float* 
       if (out != nullptr) hn::StoreU(x, df, out + i);
       vmax = hn::Max(vmax, x);
       if (track_nan) nan = hn::Or(nan, hn::IsNaN(x));
+      if (top != nullptr) {
+        const auto held = hn::Ge(x, vtop);
+        if (!hn::AllFalse(df, held)) {
+          // count < cap ≤ kCapacity − 64: room for a whole vector.
+          AppendSelected(di, hn::Iota(di, static_cast<int32_t>(i)), hn::RebindMask(di, held),
+                         top->ids + top->count);
+          top->count += AppendSelected(df, x, held, top->values + top->count);
+          if (top->count >= top->cap) {
+            CompactTop(*top);
+            if (top->overflow)
+              top = nullptr;
+            else
+              vtop = hn::Set(df, top->threshold);
+          }
+        }
+      }
     }
     float chunk_max = hn::GetLane(hn::MaxOfLanes(df, vmax));
     // The scalar tail: NaN never wins a comparison, so it is tracked apart.
@@ -432,6 +513,13 @@ MaxResult DecodeMaxBody(const Load& load, const LoadOne& load_one, const float* 
       float x = load_one(i);
       if (divide) x /= divisor;
       if (out != nullptr) out[i] = x;
+      if (top != nullptr) {
+        scalar::Offer(*top, i, x);
+        if (top->overflow)
+          top = nullptr;
+        else
+          vtop = hn::Set(df, top->threshold);
+      }
       if (std::isnan(x)) snan = true;
       if (x > chunk_max) chunk_max = x;
     }
@@ -452,15 +540,15 @@ MaxResult DecodeMaxBody(const Load& load, const LoadOne& load_one, const float* 
 }
 
 MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
-                        float* out) {
+                        float* out, TopStream* top) {
   const DF df;
   switch (dtype) {
     case DType::kFloat32: {
-      // out == null: read only (greedy rows with nothing to change).
+      // out == null: read only.
       const float* src = reinterpret_cast<const float*>(row);
       return DecodeMaxBody([&](size_t i) { return hn::LoadU(df, src + i); },
                            [&](size_t i) { return src[i]; }, out != nullptr ? out : src, begin, end,
-                           divisor, out, true);
+                           divisor, out, true, top);
     }
     case DType::kBFloat16: {
       const uint16_t* src = reinterpret_cast<const uint16_t*>(row);
@@ -470,13 +558,13 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
           [&](size_t i) {
             return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(d16, src + i))));
           },
-          [&](size_t i) { return Bf16ToFloat(src[i]); }, out, begin, end, divisor, out, true);
+          [&](size_t i) { return Bf16ToFloat(src[i]); }, out, begin, end, divisor, out, true, top);
     }
     case DType::kFloat16: {
       const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
       return DecodeMaxBody([&](size_t i) { return DecodeF16(bits + i); },
                            [&](size_t i) { return Fp16ToFloat(bits[i]); }, out, begin, end, divisor,
-                           out, true);
+                           out, true, top);
     }
   }
   return MaxResult{kNegInf, -1, -1};
@@ -940,8 +1028,8 @@ size_t SelectRanges(const float* v, size_t begin, size_t end, float in_from, flo
 }
 
 MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
-                    float* out) {
-  return HWY_DYNAMIC_DISPATCH(DecodeMaxImpl)(dtype, row, begin, end, divisor, out);
+                    float* out, TopStream* top) {
+  return HWY_DYNAMIC_DISPATCH(DecodeMaxImpl)(dtype, row, begin, end, divisor, out, top);
 }
 void Scale(const float* v, float* out, size_t begin, size_t end, float divisor) {
   HWY_DYNAMIC_DISPATCH(ScaleImpl)(v, out, begin, end, divisor);

@@ -15,6 +15,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 #include "core/tensor.h"
@@ -28,6 +30,20 @@ float ExpF(float x);
 // The smallest float ≥ t (±inf beyond the float range): for a float x, x < t ⇔ x < RoundUp(t),
 // so a double threshold becomes a float comparison.
 float RoundUp(double t);
+
+// Floats in an order-preserving unsigned encoding (−0 just below +0), for bisection over the
+// float order.
+inline uint32_t OrderedBits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  return (u & 0x80000000u) != 0 ? ~u : u | 0x80000000u;
+}
+inline float FromOrderedBits(uint32_t o) {
+  const uint32_t u = (o & 0x80000000u) != 0 ? o & 0x7fffffffu : ~o;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
 
 // The name of the instruction set the kernels run with on this machine ("AVX3", "AVX2", …).
 const char* TargetName();
@@ -43,11 +59,45 @@ struct MaxResult {
   int64_t nan;     // lowest index of a NaN, or −1
 };
 
+// The largest values of a row, kept while pass 1 reads it (for a small top_k, which then needs
+// no second read of the row). Every value ≥ `threshold` is appended (id and value, in id order);
+// when `cap` are held, the threshold rises to the k-th largest held value and those below it
+// are dropped. The threshold so never exceeds the row's k-th largest value: what is held at the
+// end includes every token top_k keeps, ties included. −inf is never held. The first rise comes
+// early (at 2k + 16 held), and the room after it fits the ≈ k·ln(V / 2k) values a row in random
+// order still appends, so a row of 128k tokens compacts once or twice, cheaply.
+struct TopStream {
+  // The largest k, and the buffer room each of ids / values / scratch needs.
+  static constexpr size_t kMaxK = 256;
+  static constexpr size_t kCapacity = 12 * kMaxK + 256 + 64;
+
+  int32_t k = 0;
+  size_t cap = 0;  // compact when this many are held: 2k + 16 at first, then 12k + 256
+  float threshold = -std::numeric_limits<float>::max();  // never raised: every finite value held
+  size_t count = 0;
+  bool overflow = false;  // ties kept more than half the room at once: given up
+  int32_t* ids = nullptr;
+  float* values = nullptr;
+  float* scratch = nullptr;
+
+  // A stream for top k (1 ≤ k ≤ kMaxK) over buffers of kCapacity.
+  static TopStream For(int32_t k, int32_t* ids, float* values, float* scratch) {
+    TopStream s;
+    s.k = k;
+    s.cap = 2 * static_cast<size_t>(k) + 16;
+    s.ids = ids;
+    s.values = values;
+    s.scratch = scratch;
+    return s;
+  }
+};
+
 // Decodes row bytes [begin, end) (element indexes) of `dtype` into out[begin, end), divided by
 // `divisor` when it is not 1, and finds the maximum and the first NaN. With out == null (float32
-// and divisor 1 only) the row is only read.
+// and divisor 1 only) the row is only read. With `top`, also streams the (decoded, divided)
+// values through it; calls for consecutive ranges continue one stream.
 MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
-                    float* out);
+                    float* out, TopStream* top = nullptr);
 
 // Reads `bytes` bytes once (SIMD, bandwidth-bound) and returns their XOR: the benchmark's floor.
 uint64_t StreamingRead(const uint8_t* data, size_t bytes);

@@ -26,6 +26,9 @@ void RowScratch::Reserve(int vocab_size) {
     head_ids.resize(v);
     cand_values.resize(v);
   }
+  stream_ids.resize(kernels::TopStream::kCapacity);
+  stream_values.resize(kernels::TopStream::kCapacity);
+  stream_scratch.resize(kernels::TopStream::kCapacity);
 }
 
 absl::Status CheckHistory(size_t row, absl::string_view field, absl::Span<const int32_t> ids,

@@ -52,7 +52,12 @@ struct RowScratch {
   std::vector<int64_t> pivot_counts;
   std::vector<double> pivots;  // FindCut's pivots of one pass
   std::vector<double> block_sums_scratch;
-  std::vector<float> cand_values;             // top_k's candidates' values (Dist::TopK)
+  std::vector<float> cand_values;  // top_k's candidates' values (Dist::TopK)
+  // The row's largest values, kept by pass 1 for a small top_k (valid for the row when streamed).
+  kernels::TopStream stream;
+  bool streamed = false;
+  std::vector<int32_t> stream_ids;
+  std::vector<float> stream_values, stream_scratch;
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
 
   // Sizes the per-vocabulary buffers for `vocab_size` (only ever grows).

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 
@@ -94,6 +95,19 @@ bool TemperatureFirst(const SamplingParams& p) {
              p.sampler_order.end();
 }
 
+// Whether top_k is the first stage to change values: only a static temperature (which divides,
+// and top_k selects the same tokens by the undivided values) may come before it.
+bool TopKFirst(const SamplingParams& p) {
+  if (p.greedy() || p.top_k <= 0 || p.mirostat_mode != 0 || p.dynatemp_range > 0.0f) return false;
+  const absl::Span<const Stage> order =
+      p.sampler_order.empty() ? DefaultStageOrder() : absl::MakeConstSpan(p.sampler_order);
+  for (Stage stage : order) {
+    if (stage == Stage::kTopK) return true;
+    if (stage != Stage::kTemperature) return false;
+  }
+  return false;
+}
+
 // `processed_out` (empty, or size vocab with n == 1) receives the distribution the sample was drawn
 // from (Sampler::RunRow).
 absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
@@ -121,8 +135,13 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   // maximum and any NaN), and the samples read it where it is — the stage that first changes
   // values writes the sample's own copy as it goes (Dist). Any other row is decoded into
   // `logits` by pass 1, which also divides by the temperature when nothing comes between
-  // decoding and the temperature.
-  const bool read_only = view.dtype() == DType::kFloat32 && !steps && !(wants_logprobs && raw_mode);
+  // decoding and the temperature. So is a row in another process's memory (it could change
+  // between two reads) unless one read is all it takes (greedy), and a row not aligned for
+  // float reads.
+  const bool aligned = reinterpret_cast<uintptr_t>(view.RowBytes(row)) % alignof(float) == 0;
+  const bool read_once = p.greedy() && !wants_logprobs && processed_out.empty();
+  const bool read_only = view.dtype() == DType::kFloat32 && aligned &&
+                         (!view.shared() || read_once) && !steps && !(wants_logprobs && raw_mode);
   const bool tempered =
       TemperatureFirst(p) && !read_only && !steps && !(wants_logprobs && raw_mode);
   const float divisor = tempered ? p.temperature : 1.0f;
@@ -132,10 +151,22 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   if (read_only) {
     source = absl::MakeConstSpan(reinterpret_cast<const float*>(view.RowBytes(row)), v);
   }
+  // A small top_k that is the first stage to change values keeps its candidates while pass 1
+  // reads the row (one stream over the blocks in order), so it needs no second read.
+  scratch.streamed = false;
+  kernels::TopStream* stream = nullptr;
+  if (!parallel && !steps && TopKFirst(p) &&
+      static_cast<size_t>(p.top_k) <= kernels::TopStream::kMaxK) {
+    scratch.stream =
+        kernels::TopStream::For(p.top_k, scratch.stream_ids.data(), scratch.stream_values.data(),
+                                scratch.stream_scratch.data());
+    stream = &scratch.stream;
+  }
   ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
     blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor,
-                                   read_only ? nullptr : logits.data());
+                                   read_only ? nullptr : logits.data(), stream);
   });
+  scratch.streamed = stream != nullptr && !stream->overflow;
   kernels::MaxResult top{kNegInf, -1, -1};
   for (const kernels::MaxResult& block : blocks) {
     if (block.nan >= 0) {
@@ -186,6 +217,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     });
     source = logits;
     dist_max = 0.0f;
+    scratch.streamed = false;  // the values it holds are gone
   }
   // Each sample's own row: `logits` unless that holds the source the samples share.
   const absl::Span<float> own = source.data() == logits.data() && p.n > 1

@@ -55,7 +55,7 @@ uint16_t FloatToFp16(float value) {
 }
 
 absl::StatusOr<LogitsView> LogitsView::Create(DType dtype, uint32_t rows, uint32_t vocab_size,
-                                              absl::Span<const uint8_t> bytes) {
+                                              absl::Span<const uint8_t> bytes, bool shared) {
   if (vocab_size == 0) {
     return absl::InvalidArgumentError("logits.vocab_size must be > 0, got 0");
   }
@@ -75,6 +75,7 @@ absl::StatusOr<LogitsView> LogitsView::Create(DType dtype, uint32_t rows, uint32
   view.dtype_ = dtype;
   view.rows_ = static_cast<int>(rows);
   view.vocab_size_ = static_cast<int>(vocab_size);
+  view.shared_ = shared;
   return view;
 }
 

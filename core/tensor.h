@@ -66,11 +66,14 @@ class LogitsView {
   LogitsView() = default;
 
   // Returns a view, or INVALID_ARGUMENT naming the field when vocab_size is 0 or
-  // bytes.size() != rows × vocab_size × DTypeSize(dtype).
+  // bytes.size() != rows × vocab_size × DTypeSize(dtype). `shared`: the bytes are another
+  // process's memory (a shared-memory region), which may change while they are read; the
+  // sampler then reads each row only once, into its own copy.
   static absl::StatusOr<LogitsView> Create(DType dtype, uint32_t rows, uint32_t vocab_size,
-                                           absl::Span<const uint8_t> bytes);
+                                           absl::Span<const uint8_t> bytes, bool shared = false);
 
   DType dtype() const { return dtype_; }
+  bool shared() const { return shared_; }
   int rows() const { return rows_; }
   int vocab_size() const { return vocab_size_; }
 
@@ -107,6 +110,7 @@ class LogitsView {
   DType dtype_ = DType::kFloat32;
   int rows_ = 0;
   int vocab_size_ = 0;
+  bool shared_ = false;
 };
 
 }  // namespace tokensampler

@@ -63,7 +63,8 @@ absl::StatusOr<RequestLogits> RequestLogits::Resolve(const v1::Logits& logits,
       RETURN_IF_ERROR(out.lease_.region->CheckReadable(
           absl::StrCat("logits.shared_memory: ", out.lease_.description)));
       ASSIGN_OR_RETURN(out.view_, LogitsView::Create(dtype, logits.rows(), logits.vocab_size(),
-                                                     bytes.subspan(ref.offset(), ref.byte_size())));
+                                                     bytes.subspan(ref.offset(), ref.byte_size()),
+                                                     /*shared=*/true));
       return out;
     }
     case v1::Logits::kSparse: {

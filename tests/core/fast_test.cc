@@ -233,6 +233,41 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat("case", param.index, "_vocab", param.param.vocab);
     });
 
+// A float32 row is read where it is only when that is safe: rows not aligned for float reads
+// and rows in another process's memory (shared) are copied by pass 1 instead. Every kind of
+// view gives the same results (under the sanitizers, a misaligned float read would fail here).
+TEST(FastTest, UnalignedAndSharedRowsSampleAlike) {
+  std::mt19937_64 rng(31);
+  constexpr size_t kVocab = 9000;
+  constexpr int kRows = 3;
+  std::vector<float> values;
+  for (int r = 0; r < kRows; ++r) {
+    const std::vector<float> row = MakeRow(Shape::kRealistic, kVocab, rng);
+    values.insert(values.end(), row.begin(), row.end());
+  }
+  const std::vector<uint8_t> bytes = testing::F32Bytes(values);
+  std::vector<uint8_t> shifted(bytes.size() + 1);
+  std::copy(bytes.begin(), bytes.end(), shifted.begin() + 1);
+  const auto aligned = LogitsView::Create(DType::kFloat32, kRows, kVocab, bytes);
+  const auto unaligned =
+      LogitsView::Create(DType::kFloat32, kRows, kVocab, absl::MakeConstSpan(shifted).subspan(1));
+  const auto shared = LogitsView::Create(DType::kFloat32, kRows, kVocab, bytes, /*shared=*/true);
+  ASSERT_TRUE(aligned.ok() && unaligned.ok() && shared.ok());
+  const Sampler fast;
+  for (int i = 0; i < 40; ++i) {
+    const SamplingParams p = RandomParams(rng, kVocab);
+    std::vector<RowRequest> rows(kRows, RowRequest{&p, {}, {}, std::nullopt});
+    const auto want = fast.Run(*aligned, rows);
+    ASSERT_TRUE(want.ok()) << want.status();
+    for (const LogitsView* view : {&*unaligned, &*shared}) {
+      const auto got = fast.Run(*view, rows);
+      ASSERT_TRUE(got.ok()) << got.status();
+      ExpectSame(*got, *want,
+                 absl::StrCat(view == &*shared ? "shared " : "unaligned ", Describe(p)));
+    }
+  }
+}
+
 // With penalties on, the temperature is not applied in pass 1 but left pending, and top_k then
 // selects by the undivided values and divides only its candidates. Dividing by 0.7 here merges
 // neighbouring floats ([1.5, 1.5024) in steps of 2^-23 lands in [2.14, 2.15) in steps of 2^-22),
@@ -581,6 +616,55 @@ TEST(KernelsTest, KernelsThatChangeValuesWriteThemElsewhereOrInPlace) {
       EXPECT_EQ(v, input);
     }
   });
+}
+
+TEST(KernelsTest, PassOneStreamHoldsEveryTokenTopKKeeps) {
+  // The stream's threshold never passes the k-th largest value and it holds every token at or
+  // above that value (ties too), in id order; a row of ties beyond its room gives up (overflow).
+  std::mt19937_64 rng(17);
+  std::normal_distribution<float> normal(0.0f, 3.0f);
+  for (int trial = 0; trial < 24; ++trial) {
+    const size_t n = 1000 + static_cast<size_t>(trial) * 1337;
+    std::vector<float> row(n);
+    for (float& x : row) x = normal(rng);
+    if (trial % 3 == 1) {
+      for (float& x : row) x = std::round(x);  // ties, within the stream's room
+    }
+    if (trial % 6 == 2) std::fill(row.begin(), row.end(), 1.0f);  // ties beyond it
+    row[n / 3] = -kInf;
+    const int32_t k = std::vector<int32_t>{1, 2, 7, 50, 200, 256}[static_cast<size_t>(trial) % 6];
+    std::vector<float> sorted = row;
+    std::sort(sorted.begin(), sorted.end(), std::greater<>());
+    const float kth = sorted[static_cast<size_t>(k - 1)];
+    const std::vector<uint8_t> bytes = testing::F32Bytes(row);
+    OnEveryTarget([&] {
+      SCOPED_TRACE(absl::StrCat("trial ", trial, " k ", k));
+      std::vector<int32_t> ids(kernels::TopStream::kCapacity);
+      std::vector<float> values(ids.size()), scratch(ids.size());
+      kernels::TopStream top =
+          kernels::TopStream::For(k, ids.data(), values.data(), scratch.data());
+      // Two calls continue one stream, as pass 1's blocks do.
+      kernels::DecodeMax(DType::kFloat32, bytes.data(), 0, n / 2, 1.0f, nullptr, &top);
+      kernels::DecodeMax(DType::kFloat32, bytes.data(), n / 2, n, 1.0f, nullptr, &top);
+      if (trial % 6 == 2) {
+        EXPECT_TRUE(top.overflow);
+        return;
+      }
+      ASSERT_FALSE(top.overflow);
+      EXPECT_LE(top.threshold, kth);
+      std::vector<int32_t> want;
+      for (size_t i = 0; i < n; ++i) {
+        if (row[i] >= kth) want.push_back(static_cast<int32_t>(i));
+      }
+      std::vector<int32_t> held(ids.begin(), ids.begin() + static_cast<ptrdiff_t>(top.count));
+      ASSERT_TRUE(std::is_sorted(held.begin(), held.end()));
+      for (size_t j = 0; j < top.count; ++j) {
+        ASSERT_EQ(values[j], row[static_cast<size_t>(held[j])]);
+        ASSERT_GE(values[j], top.threshold);
+      }
+      EXPECT_TRUE(std::includes(held.begin(), held.end(), want.begin(), want.end()));
+    });
+  }
 }
 
 TEST(KernelsTest, SimdWeightsDivideByTheTemperatureFirst) {
