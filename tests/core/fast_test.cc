@@ -571,16 +571,23 @@ TEST(KernelsTest, SimdWeightsAreTheScalarBitsOnEveryFloatTheyTake) {
   });
 }
 
+// n values σ·N(0,1) with one −inf; *max receives the largest value divided by `divisor`.
+std::vector<float> NormalRow(uint64_t seed, size_t n, float sigma, float divisor, float* max) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, sigma);
+  std::vector<float> v(n);
+  for (float& x : v) x = normal(rng);
+  v[n / 2] = -kInf;
+  *max = -kInf;
+  for (float x : v) *max = std::max(*max, x / divisor);
+  return v;
+}
+
 TEST(KernelsTest, KernelsThatChangeValuesWriteThemElsewhereOrInPlace) {
   // A sample reads a shared row and writes its own copy (Dist): every kernel that changes values
   // gives the same result into another buffer as in place, and leaves its input alone.
-  std::mt19937_64 rng(5);
-  std::normal_distribution<float> normal(0.0f, 4.0f);
-  std::vector<float> v(2049);
-  for (float& x : v) x = normal(rng);
-  v[7] = -kInf;
-  float max = -kInf;
-  for (float x : v) max = std::max(max, x / 0.6f);
+  float max = 0.0f;
+  std::vector<float> v = NormalRow(5, 2049, 4.0f, 0.6f, &max);
   OnEveryTarget([&] {
     const std::vector<float> input = v;
     std::vector<float> in_place = v, out(v.size(), 9.0f), w1(v.size()), w2(v.size());
@@ -668,13 +675,8 @@ TEST(KernelsTest, PassOneStreamHoldsEveryTokenTopKKeeps) {
 }
 
 TEST(KernelsTest, SimdWeightsDivideByTheTemperatureFirst) {
-  std::mt19937_64 rng(3);
-  std::normal_distribution<float> normal(0.0f, 10.0f);
-  std::vector<float> v(1003);
-  for (float& x : v) x = normal(rng);
-  v[5] = -kInf;
-  float max = -kInf;
-  for (float x : v) max = std::max(max, x / 0.7f);
+  float max = 0.0f;
+  const std::vector<float> v = NormalRow(3, 1003, 10.0f, 0.7f, &max);
   OnEveryTarget([&] {
     std::vector<float> work = v, w(v.size());
     const double sum = kernels::Weights(work.data(), work.data(), w.data(), 3, v.size(), 0.7f, max);
