@@ -108,6 +108,14 @@ bool TopKFirst(const SamplingParams& p) {
   return false;
 }
 
+// Whether steps 1–2 can only lower logits: masks and bans (−inf), DRY (subtracts, multiplier
+// ≥ 0), penalties that are not rewards (repetition ≥ 1, frequency and presence ≥ 0) and no
+// logit_bias (which may raise).
+bool StepsOnlyLower(const SamplingParams& p) {
+  return p.logit_bias.empty() && p.repetition_penalty >= 1.0f && p.frequency_penalty >= 0.0f &&
+         p.presence_penalty >= 0.0f;
+}
+
 // `processed_out` (empty, or size vocab with n == 1) receives the distribution the sample was drawn
 // from (Sampler::RunRow).
 absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
@@ -152,10 +160,12 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     source = absl::MakeConstSpan(reinterpret_cast<const float*>(view.RowBytes(row)), v);
   }
   // A small top_k that is the first stage to change values keeps its candidates while pass 1
-  // reads the row (one stream over the blocks in order), so it needs no second read.
+  // reads the row (one stream over the blocks in order), so it needs no second read. Steps 1–2
+  // that only lower logits leave it valid after a fix-up (below).
+  const bool only_lower = StepsOnlyLower(p);
   scratch.streamed = false;
   kernels::TopStream* stream = nullptr;
-  if (!parallel && !steps && TopKFirst(p) &&
+  if (!parallel && (!steps || only_lower) && TopKFirst(p) &&
       static_cast<size_t>(p.top_k) <= kernels::TopStream::kMaxK) {
     scratch.stream =
         kernels::TopStream::For(p.top_k, scratch.stream_ids.data(), scratch.stream_values.data(),
@@ -190,13 +200,34 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     }
   }
 
-  // Steps 1–2 touch few tokens (or apply a mask); the maximum is then found again.
+  // Steps 1–2 touch few tokens (or apply a mask); then the maximum may have changed.
   if (steps) {
     MaskAndBias{p, req.output_token_ids}.Apply(logits, scratch);
     Penalties{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
     Dry{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
     NoRepeatNgram{p.no_repeat_ngram_size, req.prompt_token_ids, req.output_token_ids}.Apply(logits);
-    top = RowMax(logits, parallel, blocks);
+    // When nothing could rise and the maximum's token kept its value, the maximum and its first
+    // index stand (every token before it was lower, and still is); otherwise find them again.
+    if (!(only_lower && top.argmax >= 0 && logits[static_cast<size_t>(top.argmax)] == top.max)) {
+      top = RowMax(logits, parallel, blocks);
+    }
+    if (scratch.streamed) {
+      // Nothing rose, so the tokens now ≥ the stream's threshold are among those it holds: keep
+      // those (with their new values). If fewer than k remain, the threshold may exceed the
+      // k-th largest value now: top_k selects the usual way.
+      kernels::TopStream& held = scratch.stream;
+      size_t kept = 0;
+      for (size_t i = 0; i < held.count; ++i) {
+        const float x = logits[static_cast<size_t>(held.ids[i])];
+        if (x >= held.threshold) {
+          held.ids[kept] = held.ids[i];
+          held.values[kept] = x;
+          ++kept;
+        }
+      }
+      held.count = kept;
+      scratch.streamed = kept >= static_cast<size_t>(held.k);
+    }
   }
   const float max = top.max;
   const int32_t argmax = static_cast<int32_t>(top.argmax);

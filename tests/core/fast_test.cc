@@ -157,6 +157,17 @@ void ExpectSame(const std::vector<SampledToken>& fast, const std::vector<Sampled
   }
 }
 
+// The fast sampler on `threads` threads: with 1 a row runs whole on its thread (pass 1 can stream
+// top_k), with 2 a single large row is split over both.
+absl::StatusOr<std::vector<SampledToken>> RunOn(int threads, const Sampler& fast,
+                                                const LogitsView& view,
+                                                absl::Span<const RowRequest> rows) {
+  tbb::task_arena arena(threads);
+  absl::StatusOr<std::vector<SampledToken>> got;
+  arena.execute([&] { got = fast.Run(view, rows); });
+  return got;
+}
+
 void RunCase(const Case& c) {
   std::mt19937_64 rng(c.seed);
   const int32_t vocab = static_cast<int32_t>(c.vocab);
@@ -257,13 +268,63 @@ TEST(FastTest, UnalignedAndSharedRowsSampleAlike) {
   for (int i = 0; i < 40; ++i) {
     const SamplingParams p = RandomParams(rng, kVocab);
     std::vector<RowRequest> rows(kRows, RowRequest{&p, {}, {}, std::nullopt});
-    const auto want = fast.Run(*aligned, rows);
+    const auto want = RunOn(1, fast, *aligned, rows);
     ASSERT_TRUE(want.ok()) << want.status();
     for (const LogitsView* view : {&*unaligned, &*shared}) {
-      const auto got = fast.Run(*view, rows);
+      const auto got = RunOn(1, fast, *view, rows);
       ASSERT_TRUE(got.ok()) << got.status();
       ExpectSame(*got, *want,
                  absl::StrCat(view == &*shared ? "shared " : "unaligned ", Describe(p)));
+    }
+  }
+}
+
+// Penalties that only lower logits keep pass 1's maximum (unless they hit its token) and its
+// top-k stream (after dropping what fell under the threshold). Here the history holds the
+// maximum's token and many of the largest tokens, so both fix-ups are exercised, and rewards
+// (negative penalties, a positive bias) that can raise tokens take the general way.
+TEST(FastTest, PenaltiesOnTheLargestTokensKeepTopKExact) {
+  std::mt19937_64 rng(41);
+  constexpr size_t kVocab = 20000;
+  const Sampler fast;
+  const ReferenceSampler reference;
+  for (int trial = 0; trial < 60; ++trial) {
+    std::vector<float> row =
+        MakeRow(trial % 2 == 0 ? Shape::kRealistic : Shape::kTies, kVocab, rng);
+    std::vector<int32_t> order(kVocab);
+    for (size_t i = 0; i < kVocab; ++i) order[i] = static_cast<int32_t>(i);
+    std::partial_sort(order.begin(), order.begin() + 300, order.end(), [&](int32_t a, int32_t b) {
+      return row[static_cast<size_t>(a)] > row[static_cast<size_t>(b)] ||
+             (row[static_cast<size_t>(a)] == row[static_cast<size_t>(b)] && a < b);
+    });
+    // The history: the maximum's token (or not), and a random third of the largest 300 — or all
+    // of them, which leaves fewer than k tokens above the stream's threshold.
+    std::vector<int32_t> history;
+    if (trial % 3 != 0) history.push_back(order[0]);
+    for (size_t i = 1; i < 300; ++i) {
+      if (trial % 6 == 5 || rng() % 3 == 0) history.push_back(order[i]);
+    }
+    const std::vector<uint8_t> bytes = testing::F32Bytes(row);
+    auto view = LogitsView::Create(DType::kFloat32, 1, kVocab, bytes);
+    ASSERT_TRUE(view.ok());
+    SamplingParams p;
+    p.seed = static_cast<uint64_t>(trial);
+    p.temperature = std::vector<float>{1.0f, 0.8f, 0.8f, 0.0f}[static_cast<size_t>(trial) % 4];
+    p.top_k = std::vector<int32_t>{1, 3, 50, 200, 256}[static_cast<size_t>(trial) % 5];
+    p.repetition_penalty = 1.5f;
+    p.presence_penalty = trial % 5 == 4 ? -1.0f : 2.0f;  // a reward sometimes
+    if (trial % 7 == 6) p.logit_bias = {{order[400], 50.0f}};
+    p.logprobs = -1;
+    p.logprobs_mode = LogprobsMode::kProcessedLogits;
+    const RowRequest req{&p, {}, history, std::nullopt};
+    const auto want = reference.Run(*view, {&req, 1});
+    ASSERT_TRUE(want.ok()) << want.status();
+    for (int threads : {1, 2}) {
+      const auto got = RunOn(threads, fast, *view, {&req, 1});
+      ASSERT_TRUE(got.ok()) << got.status();
+      ExpectSame(*got, *want,
+                 absl::StrCat("trial ", trial, " k ", p.top_k, " T ", p.temperature, " threads ",
+                              threads));
     }
   }
 }
@@ -315,9 +376,11 @@ TEST(FastTest, TopKUnderAPendingTemperatureKeepsTheTiesDivisionMakes) {
         const RowRequest req{&p, {}, history, std::nullopt};
         const auto want = reference.Run(*view, {&req, 1});
         ASSERT_TRUE(want.ok()) << want.status();
-        const auto got = fast.Run(*view, {&req, 1});
-        ASSERT_TRUE(got.ok()) << got.status();
-        ExpectSame(*got, *want, absl::StrCat("k ", k, " T ", temperature));
+        for (int threads : {1, 2}) {
+          const auto got = RunOn(threads, fast, *view, {&req, 1});
+          ASSERT_TRUE(got.ok()) << got.status();
+          ExpectSame(*got, *want, absl::StrCat("k ", k, " T ", temperature, " threads ", threads));
+        }
       }
     }
   }
