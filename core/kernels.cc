@@ -544,11 +544,16 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
   const DF df;
   switch (dtype) {
     case DType::kFloat32: {
-      // out == null: read only.
+      // out == null: read only (REQUIRES: the row aligned for floats). Otherwise the row may be
+      // unaligned: vectors load unaligned, single values go through memcpy.
       const float* src = reinterpret_cast<const float*>(row);
-      return DecodeMaxBody([&](size_t i) { return hn::LoadU(df, src + i); },
-                           [&](size_t i) { return src[i]; }, out != nullptr ? out : src, begin, end,
-                           divisor, out, true, top);
+      const auto load_one = [&](size_t i) {
+        float x;
+        std::memcpy(&x, row + 4 * i, sizeof(x));
+        return x;
+      };
+      return DecodeMaxBody([&](size_t i) { return hn::LoadU(df, src + i); }, load_one,
+                           out != nullptr ? out : src, begin, end, divisor, out, true, top);
     }
     case DType::kBFloat16: {
       const uint16_t* src = reinterpret_cast<const uint16_t*>(row);
