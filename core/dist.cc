@@ -843,8 +843,27 @@ void Dist::Xtc(const tokensampler::Xtc& xtc) {
 
 int32_t Dist::Draw(double coin) {
   if (sparse_) {
-    const int32_t index = tokensampler::Draw(s_.sparse_values, coin, s_);
-    return s_.sparse_ids[static_cast<size_t>(index)];
+    const std::vector<float>& kept = s_.sparse_values;
+    if (static_cast<int64_t>(kept.size()) <= kSparseMax) {
+      const int32_t index = tokensampler::Draw(kept, coin, s_);
+      return s_.sparse_ids[static_cast<size_t>(index)];
+    }
+    // Many kept (typical_p keeps a band of the bulk): the reference's draw over them, with the
+    // weights by the SIMD kernel (the same bits as its scalar ExpF; the sum differs only in the
+    // order of its double additions, as on the dense row).
+    const float max = kernels::Max(kept.data(), 0, kept.size()).max;
+    const double total =
+        kernels::Weights(kept.data(), nullptr, s_.wf.data(), 0, kept.size(), 1.0f, max);
+    const double target = coin * total;
+    double cumulative = 0.0;
+    int64_t last_positive = -1;
+    for (size_t i = 0; i < kept.size(); ++i) {
+      if (s_.wf[i] <= 0.0f) continue;
+      cumulative += static_cast<double>(s_.wf[i]);
+      last_positive = static_cast<int64_t>(i);
+      if (cumulative > target) break;
+    }
+    return s_.sparse_ids[static_cast<size_t>(last_positive)];
   }
   // When nothing but the draw needs the weights, they are summed per block without being
   // stored (a pending temperature divides on the way, nothing is written), and only the blocks

@@ -234,9 +234,9 @@ Outcome RunExperiment(const Experiment& e) {
     prob_bytes[ni] = F32Bytes(probs);
   }
   const std::vector<uint8_t> bytes = F32Bytes(logits);
-  const LogitsView view =
-      *LogitsView::Create(DType::kFloat32, static_cast<uint32_t>(e.replicas * (k + 1)),
-                          static_cast<uint32_t>(v), bytes);
+  const LogitsView view = *LogitsView::Create(
+      DType::kFloat32, static_cast<uint32_t>(static_cast<size_t>(e.replicas) * (k + 1)),
+      static_cast<uint32_t>(v), bytes);
   for (int n = 0; n < e.replicas; ++n) {
     const size_t ni = static_cast<size_t>(n);
     VerifyRowRequest& row = rows[ni];
