@@ -33,7 +33,8 @@ void BM_Chain(benchmark::State& state, const std::string& spec) {
   for (auto _ : state) {
     auto view =
         LogitsView::Create(DType::kFloat32, 1, static_cast<uint32_t>(vocab),
-                           absl::MakeConstSpan(bytes.data() + static_cast<size_t>(row) * vocab * 4,
+                           absl::MakeConstSpan(bytes.data() + static_cast<size_t>(row) *
+                                                                  static_cast<size_t>(vocab) * 4,
                                                static_cast<size_t>(vocab) * 4));
     const RowRequest req{&chain.params, {}, history, std::nullopt};
     benchmark::DoNotOptimize(sampler.Run(*view, {&req, 1}));
@@ -112,7 +113,7 @@ void BM_DecodeMax(benchmark::State& state, DType dtype, float divisor) {
     benchmark::DoNotOptimize(
         kernels::DecodeMax(dtype, bytes.data(), 0, vocab, divisor, row.work.data()));
   }
-  state.SetBytesProcessed(static_cast<int64_t>(state.iterations() * bytes.size()));
+  state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(bytes.size()));
 }
 
 void BM_Weights(benchmark::State& state) {
@@ -122,7 +123,7 @@ void BM_Weights(benchmark::State& state) {
     benchmark::DoNotOptimize(
         kernels::Weights(row.work.data(), nullptr, row.weights.data(), 0, vocab, 1.0f, row.max));
   }
-  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
 
 void BM_SumExp(benchmark::State& state) {
@@ -132,7 +133,7 @@ void BM_SumExp(benchmark::State& state) {
   for (auto _ : state) {
     benchmark::DoNotOptimize(kernels::SumExp(row.work.data(), 0, vocab, 1.0f, row.max));
   }
-  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
 
 void BM_CutWeightBelow(benchmark::State& state) {
@@ -144,7 +145,7 @@ void BM_CutWeightBelow(benchmark::State& state) {
     benchmark::DoNotOptimize(kernels::CutWeightBelow(row.work.data(), row.work.data(),
                                                      row.weights.data(), 0, vocab, 0.0f));
   }
-  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
 
 void BM_MassInRanges(benchmark::State& state) {
@@ -163,7 +164,7 @@ void BM_MassInRanges(benchmark::State& state) {
                           ranges, sums.data(), counts.data());
     benchmark::DoNotOptimize(sums.data());
   }
-  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
 
 void BM_SelectRanges(benchmark::State& state) {
@@ -175,7 +176,7 @@ void BM_SelectRanges(benchmark::State& state) {
     benchmark::DoNotOptimize(kernels::SelectRanges(row.work.data(), 0, vocab, row.max - 8.0f, inf,
                                                    inf, -inf, row.ids.data()));
   }
-  state.SetItemsProcessed(static_cast<int64_t>(state.iterations() * vocab));
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
 
 void Register() {

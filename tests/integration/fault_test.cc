@@ -561,6 +561,10 @@ TEST_F(FaultTest, CancellationsAndDeadlinesUnderLoadLeaveEveryOtherCallCorrect) 
 TEST_F(FaultTest, SigtermUnderStreamAndUnaryLoadAnswersOrRefusesEveryRequestAndExitsZero) {
   StartDaemon({"--threads=2", "--drain_seconds=60"});
   constexpr int kVocab = 2048;
+  // The token each session step expects (its rows peak there).
+  const auto expected_token = [](int step, int s, size_t r) {
+    return (static_cast<size_t>(step * 31 + s * 7) + r) % static_cast<size_t>(kVocab);
+  };
   std::atomic<int> answered{0}, wrong{0};
   absl::Mutex mu;
   std::map<std::string, int> endings;  // how each client ended
@@ -589,7 +593,7 @@ TEST_F(FaultTest, SigtermUnderStreamAndUnaryLoadAnswersOrRefusesEveryRequestAndE
       for (int step = 0;; ++step) {
         std::vector<std::vector<float>> rows;
         for (size_t r = 0; r < ids.size(); ++r) {
-          rows.push_back(Peaked(static_cast<int>((step * 31 + s * 7 + r) % kVocab), kVocab));
+          rows.push_back(Peaked(static_cast<int>(expected_token(step, s, r)), kVocab));
         }
         v1::SessionRequest request;
         SetStep(request, rows, ids);
@@ -603,7 +607,7 @@ TEST_F(FaultTest, SigtermUnderStreamAndUnaryLoadAnswersOrRefusesEveryRequestAndE
         }
         for (size_t r = 0; r < ids.size(); ++r) {
           if (response->results(static_cast<int>(r)).token_id() !=
-              static_cast<int32_t>((step * 31 + s * 7 + r) % kVocab)) {
+              static_cast<int32_t>(expected_token(step, s, r))) {
             ++wrong;
           }
         }

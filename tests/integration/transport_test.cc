@@ -57,7 +57,8 @@ class TransportDaemonTest : public ::testing::Test {
   }
 
   Client Connect(int listener) {
-    absl::StatusOr<Client> client = Client::Create(daemon_->addresses()[listener]);
+    absl::StatusOr<Client> client =
+        Client::Create(daemon_->addresses()[static_cast<size_t>(listener)]);
     EXPECT_TRUE(client.ok());
     return *std::move(client);
   }

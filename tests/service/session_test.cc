@@ -266,7 +266,7 @@ TEST_F(SessionServiceTest, ForkedChildrenAreTheNSamplesOfSampleAtEveryStep) {
       fork.add_child_ids(2);
       fork.add_child_ids(3);
       fork.add_child_ids(4);
-      for (uint64_t child : {2, 3, 4}) refs[child] = refs[1];
+      for (uint64_t child : {2u, 3u, 4u}) refs[child] = refs[1];
     }
     if (step == 3) {
       // A later fork continues the family's sample indexes: child 5 of 2 is sample 4.
