@@ -168,6 +168,21 @@ absl::StatusOr<std::vector<SampledToken>> RunOn(int threads, const Sampler& fast
   return got;
 }
 
+// One request through the reference and through the fast sampler on 1 and 2 threads: the same
+// results.
+void ExpectFastMatchesReference(const LogitsView& view, const RowRequest& req,
+                                const std::string& where) {
+  const Sampler fast;
+  const ReferenceSampler reference;
+  const auto want = reference.Run(view, {&req, 1});
+  ASSERT_TRUE(want.ok()) << want.status();
+  for (int threads : {1, 2}) {
+    const auto got = RunOn(threads, fast, view, {&req, 1});
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectSame(*got, *want, absl::StrCat(where, " threads ", threads));
+  }
+}
+
 void RunCase(const Case& c) {
   std::mt19937_64 rng(c.seed);
   const int32_t vocab = static_cast<int32_t>(c.vocab);
@@ -286,8 +301,6 @@ TEST(FastTest, UnalignedAndSharedRowsSampleAlike) {
 TEST(FastTest, PenaltiesOnTheLargestTokensKeepTopKExact) {
   std::mt19937_64 rng(41);
   constexpr size_t kVocab = 20000;
-  const Sampler fast;
-  const ReferenceSampler reference;
   for (int trial = 0; trial < 60; ++trial) {
     std::vector<float> row =
         MakeRow(trial % 2 == 0 ? Shape::kRealistic : Shape::kTies, kVocab, rng);
@@ -317,15 +330,8 @@ TEST(FastTest, PenaltiesOnTheLargestTokensKeepTopKExact) {
     p.logprobs = -1;
     p.logprobs_mode = LogprobsMode::kProcessedLogits;
     const RowRequest req{&p, {}, history, std::nullopt};
-    const auto want = reference.Run(*view, {&req, 1});
-    ASSERT_TRUE(want.ok()) << want.status();
-    for (int threads : {1, 2}) {
-      const auto got = RunOn(threads, fast, *view, {&req, 1});
-      ASSERT_TRUE(got.ok()) << got.status();
-      ExpectSame(*got, *want,
-                 absl::StrCat("trial ", trial, " k ", p.top_k, " T ", p.temperature, " threads ",
-                              threads));
-    }
+    ExpectFastMatchesReference(*view, req,
+                               absl::StrCat("trial ", trial, " k ", p.top_k, " T ", p.temperature));
   }
 }
 
@@ -357,8 +363,6 @@ TEST(FastTest, TopKUnderAPendingTemperatureKeepsTheTiesDivisionMakes) {
   std::vector<float> overflowing = row;  // and one whose bulk divides to −inf
   for (size_t i = 0; i < kVocab; i += 2) overflowing[i] = -3e38f;
   const std::vector<int32_t> history = {7};
-  const Sampler fast;
-  const ReferenceSampler reference;
   for (const std::vector<float>* values : {&row, &sampled, &overflowing}) {
     const std::vector<uint8_t> bytes = testing::F32Bytes(*values);
     auto view = LogitsView::Create(DType::kFloat32, 1, kVocab, bytes);
@@ -374,13 +378,7 @@ TEST(FastTest, TopKUnderAPendingTemperatureKeepsTheTiesDivisionMakes) {
         p.logprobs = -1;
         p.logprobs_mode = LogprobsMode::kProcessedLogits;
         const RowRequest req{&p, {}, history, std::nullopt};
-        const auto want = reference.Run(*view, {&req, 1});
-        ASSERT_TRUE(want.ok()) << want.status();
-        for (int threads : {1, 2}) {
-          const auto got = RunOn(threads, fast, *view, {&req, 1});
-          ASSERT_TRUE(got.ok()) << got.status();
-          ExpectSame(*got, *want, absl::StrCat("k ", k, " T ", temperature, " threads ", threads));
-        }
+        ExpectFastMatchesReference(*view, req, absl::StrCat("k ", k, " T ", temperature));
       }
     }
   }
