@@ -622,7 +622,9 @@ void Dist::TopK(int32_t k) {
       TopK(k);
       return;
     }
-    DivisionTaken(max_ / d);
+    max_ /= d;
+    divisor_ = 1.0f;  // the sparse values below are divided; the row is not used again
+    weights_valid_ = false;
   }
   s_.sparse_ids.clear();
   s_.sparse_values.clear();
@@ -720,7 +722,9 @@ void Dist::MinP(float min_p) {
     }
     sparse_ = true;
     count_ = static_cast<int64_t>(m);
-    DivisionTaken(max);
+    max_ = max;
+    divisor_ = 1.0f;  // the sparse values are divided; the row is not used again
+    weights_valid_ = false;
   } else {
     ApplyDivision();
     CutValueBelow(hi);
@@ -850,8 +854,16 @@ int32_t Dist::Draw(double coin) {
     const float max = kernels::Max(kept.data(), 0, kept.size()).max;
     const double total =
         kernels::Weights(kept.data(), nullptr, s_.wf.data(), 0, kept.size(), 1.0f, max);
-    const int32_t index = DrawFromWeights(s_.wf.data(), kept.size(), total, coin);
-    return s_.sparse_ids[static_cast<size_t>(index)];
+    const double target = coin * total;
+    double cumulative = 0.0;
+    int64_t last_positive = -1;
+    for (size_t i = 0; i < kept.size(); ++i) {
+      if (s_.wf[i] <= 0.0f) continue;
+      cumulative += static_cast<double>(s_.wf[i]);
+      last_positive = static_cast<int64_t>(i);
+      if (cumulative > target) break;
+    }
+    return s_.sparse_ids[static_cast<size_t>(last_positive)];
   }
   // When nothing but the draw needs the weights, they are summed per block without being
   // stored (a pending temperature divides on the way, nothing is written), and only the blocks
