@@ -95,8 +95,8 @@ struct TopStream {
 
 // Decodes row bytes [begin, end) (element indexes) of `dtype` into out[begin, end), divided by
 // `divisor` when it is not 1, and finds the maximum and the first NaN. With out == null (float32
-// rows aligned for floats, divisor 1 only) the row is only read. With `top`, also streams the (decoded, divided)
-// values through it; calls for consecutive ranges continue one stream.
+// rows aligned for floats, divisor 1 only) the row is only read. With `top`, also streams the
+// (decoded, divided) values through it; calls for consecutive ranges continue one stream.
 MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
                     float* out, TopStream* top = nullptr);
 
