@@ -622,9 +622,7 @@ void Dist::TopK(int32_t k) {
       TopK(k);
       return;
     }
-    max_ /= d;
-    divisor_ = 1.0f;  // the sparse values below are divided; the row is not used again
-    weights_valid_ = false;
+    DivisionTaken(max_ / d);
   }
   s_.sparse_ids.clear();
   s_.sparse_values.clear();
@@ -722,9 +720,7 @@ void Dist::MinP(float min_p) {
     }
     sparse_ = true;
     count_ = static_cast<int64_t>(m);
-    max_ = max;
-    divisor_ = 1.0f;  // the sparse values are divided; the row is not used again
-    weights_valid_ = false;
+    DivisionTaken(max);
   } else {
     ApplyDivision();
     CutValueBelow(hi);
@@ -854,16 +850,8 @@ int32_t Dist::Draw(double coin) {
     const float max = kernels::Max(kept.data(), 0, kept.size()).max;
     const double total =
         kernels::Weights(kept.data(), nullptr, s_.wf.data(), 0, kept.size(), 1.0f, max);
-    const double target = coin * total;
-    double cumulative = 0.0;
-    int64_t last_positive = -1;
-    for (size_t i = 0; i < kept.size(); ++i) {
-      if (s_.wf[i] <= 0.0f) continue;
-      cumulative += static_cast<double>(s_.wf[i]);
-      last_positive = static_cast<int64_t>(i);
-      if (cumulative > target) break;
-    }
-    return s_.sparse_ids[static_cast<size_t>(last_positive)];
+    const int32_t index = DrawFromWeights(s_.wf.data(), kept.size(), total, coin);
+    return s_.sparse_ids[static_cast<size_t>(index)];
   }
   // When nothing but the draw needs the weights, they are summed per block without being
   // stored (a pending temperature divides on the way, nothing is written), and only the blocks

@@ -140,6 +140,13 @@ class Dist {
   }
   // Applies a pending temperature division (without computing weights).
   void ApplyDivision();
+  // A stage turned sparse with its kept values divided by the pending temperature: the division
+  // is done (the row is not used again); `max` is the divided maximum.
+  void DivisionTaken(float max) {
+    max_ = max;
+    divisor_ = 1.0f;
+    weights_valid_ = false;
+  }
   // Computes weights and block sums if they are not current (applies a pending division); with
   // `head`, also the ids of the tokens with w ≥ kHeadMin (head_ids_, in id order).
   void EnsureWeights(bool head = false);

@@ -426,15 +426,6 @@ HWY_INLINE VF DecodeF16(const uint16_t* p) {
 #endif
 }
 
-// Pass 1's loop: decodes each value (`load(i)`, a vector at i; `load_one(i)`, one value), divides
-// it by `divisor` unless that is 1, stores it at out[i] (unless out is null) and finds the
-// maximum, the first index holding it and whether any value is NaN (when `track_nan`). The index
-// costs no second pass over the row: the maximum of each chunk of kChunk values is kept as it is
-// reduced, the first chunk that reaches the row's maximum is the one where the running maximum
-// last rose strictly, and only that chunk is searched (`values`: the decoded row, out or the
-// source itself when that is fp32).
-constexpr size_t kChunk = 1024;
-
 // TopStream's compaction with the k-th largest held value found by bisection over the float
 // order, each step one SIMD count of the held values (they are in L1): ≈ 30 passes over at most
 // a few thousand floats, several times cheaper than a selection (nth_element).
@@ -464,6 +455,15 @@ void CompactTop(TopStream& s) {
   }
   scalar::RaiseTo(s, FromOrderedBits(lo));
 }
+
+// Pass 1's loop: decodes each value (`load(i)`, a vector at i; `load_one(i)`, one value), divides
+// it by `divisor` unless that is 1, stores it at out[i] (unless out is null) and finds the
+// maximum, the first index holding it and whether any value is NaN (when `track_nan`). The index
+// costs no second pass over the row: the maximum of each chunk of kChunk values is kept as it is
+// reduced, the first chunk that reaches the row's maximum is the one where the running maximum
+// last rose strictly, and only that chunk is searched (`values`: the decoded row, out or the
+// source itself when that is fp32).
+constexpr size_t kChunk = 1024;
 
 template <class Load, class LoadOne>
 MaxResult DecodeMaxBody(const Load& load, const LoadOne& load_one, const float* values,

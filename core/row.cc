@@ -236,18 +236,4 @@ float Normalizer::LogProb(float logit) const {
   return static_cast<float>(static_cast<double>(logit) - static_cast<double>(max) - log_total);
 }
 
-int32_t DrawFromWeights(const std::vector<double>& weights, size_t vocab_size, double total,
-                        double u) {
-  const double target = u * total;
-  double cumulative = 0.0;
-  int32_t last_positive = -1;
-  for (size_t i = 0; i < vocab_size; ++i) {
-    if (weights[i] <= 0.0) continue;
-    cumulative += weights[i];
-    last_positive = static_cast<int32_t>(i);
-    if (cumulative > target) return last_positive;
-  }
-  return last_positive;  // rounding left target ≥ the running sum: the last kept token
-}
-
 }  // namespace tokensampler

@@ -195,10 +195,22 @@ void FillLogprobs(const SamplingParams& p, const LogitsView& view, int row, int3
                   absl::Span<const float> processed, const Normalizer& raw_norm,
                   RowScratch& scratch, SampledToken& out);
 
-// The inverse-CDF draw: the first token (in id order) whose cumulative weight exceeds u · total.
+// The inverse-CDF draw over weights[0, n) (double, or the float weights of the SIMD kernels,
+// added in double): the first token (in id order) whose cumulative weight exceeds u · total.
 // REQUIRES: some weight > 0, 0 <= u < 1.
-int32_t DrawFromWeights(const std::vector<double>& weights, size_t vocab_size, double total,
-                        double u);
+template <typename W>
+int32_t DrawFromWeights(const W* weights, size_t n, double total, double u) {
+  const double target = u * total;
+  double cumulative = 0.0;
+  int32_t last_positive = -1;
+  for (size_t i = 0; i < n; ++i) {
+    if (weights[i] <= W{0}) continue;
+    cumulative += static_cast<double>(weights[i]);
+    last_positive = static_cast<int32_t>(i);
+    if (cumulative > target) return last_positive;
+  }
+  return last_positive;  // rounding left target ≥ the running sum: the last kept token
+}
 
 }  // namespace tokensampler
 

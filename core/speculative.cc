@@ -377,7 +377,7 @@ absl::Status VerifyOne(const Sampler& sampler, const LogitsView& logits, size_t 
       if (accepted < 0) {
         make_dense();
         const double u = UniformDouble(seed, step, sample, DrawPurpose::kRecover);
-        emitted = DrawFromWeights(s.residual, v, total, u);
+        emitted = DrawFromWeights(s.residual.data(), v, total, u);
       }
     }
     const int32_t token =

@@ -226,7 +226,7 @@ void Xtc::Apply(absl::Span<float> logits, RowScratch& scratch) const {
 int32_t Draw(absl::Span<const float> logits, double coin, RowScratch& scratch) {
   const float max = Argmax(logits).first;
   const double total = Weights(logits, max, scratch.weights);
-  return DrawFromWeights(scratch.weights, logits.size(), total, coin);
+  return DrawFromWeights(scratch.weights.data(), logits.size(), total, coin);
 }
 
 size_t Mirostat::KeepV1(absl::Span<const float> top, size_t n) const {
@@ -258,7 +258,7 @@ Mirostat::Result Mirostat::DrawKept(absl::Span<const float> logits, double coin,
   // Draw, and take the drawn token's renormalised probability from the same weights.
   const float max = Argmax(logits).first;
   const double total = Weights(logits, max, scratch.weights);
-  const int32_t token = DrawFromWeights(scratch.weights, logits.size(), total, coin);
+  const int32_t token = DrawFromWeights(scratch.weights.data(), logits.size(), total, coin);
   const double surprise = -std::log2(scratch.weights[static_cast<size_t>(token)] / total);
   return {token, static_cast<float>(static_cast<double>(mu) -
                                     static_cast<double>(eta) * (surprise - tau))};
