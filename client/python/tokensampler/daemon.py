@@ -5,11 +5,11 @@
 
 It listens on a Unix socket in a private temporary directory (plus 127.0.0.1:<free port> with
 tcp=True), learns the bound addresses from --port_file, and stops with SIGTERM (graceful drain).
-On Linux the daemon also gets SIGTERM when the thread that started it exits, so a killed test
-leaves no daemon behind. Every wait is bounded. Thread-compatible.
+On Linux the daemon also gets SIGTERM when the thread that started it exits (util-linux's
+`setpriv --pdeathsig`, where installed), so a killed test leaves no daemon behind. Every wait is
+bounded. Thread-compatible.
 """
 
-import ctypes
 import os
 import shutil
 import signal
@@ -22,9 +22,12 @@ from tokensampler.client import Client, TokenSamplerError
 
 
 def _term_with_parent():
-    """In the child before exec: SIGTERM when the parent thread exits (Linux prctl
-    PR_SET_PDEATHSIG = 1)."""
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    """The command prefix that makes the daemon get SIGTERM when the thread that started it exits
+    (Linux PR_SET_PDEATHSIG, set by setpriv before it execs the daemon), or [] where there is no
+    setpriv. Not a `preexec_fn`: that runs Python in the forked child of a process with threads
+    (gRPC's), and the child deadlocked on a lock a gRPC thread held at the fork."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "TERM"] if setpriv else []
 
 
 class Daemon:
@@ -71,9 +74,9 @@ class Daemon:
             listen.append("--listen=127.0.0.1:0")
         with open(os.path.join(self._dir, "stderr.txt"), "wb") as stderr:
             self._process = subprocess.Popen(
-                [self.binary, *listen, f"--port_file={port_file}", *self._args],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                preexec_fn=_term_with_parent if sys.platform.startswith("linux") else None)
+                [*_term_with_parent(), self.binary, *listen, f"--port_file={port_file}",
+                 *self._args],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr)
         deadline = time.monotonic() + self._timeout
         while not os.path.exists(port_file):
             if self._process.poll() is not None:
@@ -104,8 +107,16 @@ class Daemon:
         signal). Kills the daemon and raises RuntimeError when it outlives the timeout."""
         if self._process is None:
             raise RuntimeError("tokensamplerd is not running")
+        self._process.send_signal(sig)
+        return self.wait()
+
+    def wait(self):
+        """Waits for the daemon to exit (by a signal sent some other way) and returns the exit code
+        (negative: killed by that signal). Kills it and raises RuntimeError when it outlives the
+        timeout."""
+        if self._process is None:
+            raise RuntimeError("tokensamplerd is not running")
         try:
-            self._process.send_signal(sig)
             return self._process.wait(self._timeout)
         except subprocess.TimeoutExpired:
             self._process.kill()
