@@ -686,6 +686,55 @@ TEST(KernelsTest, KernelsThatChangeValuesWriteThemElsewhereOrInPlace) {
   });
 }
 
+TEST(KernelsTest, MassInRangesCountsExactlyAndSumsEveryRangeOnEveryTarget) {
+  // 1 to 16 ranges (the SIMD kernel takes them four per pass), with −inf, ties at the ends and
+  // a tail shorter than a vector: counts exact, sums within float rounding of the double sums.
+  float max = 0.0f;
+  const std::vector<float> v = [&] {
+    std::vector<float> row = NormalRow(7, 1037, 3.0f, 1.0f, &max);
+    row[5] = -kInf;
+    row[6] = row[7];  // a tie
+    return row;
+  }();
+  std::vector<float> w(v.size());
+  kernels::Weights(v.data(), nullptr, w.data(), 0, v.size(), 1.0f, max);
+  std::mt19937 rng(11);
+  for (int test = 0; test < 32; ++test) {
+    const int np = test % 16 + 1;
+    const bool open = test >= 16;  // every range open to +inf (top_p's): one comparison
+    std::vector<float> from(static_cast<size_t>(np)), to(static_cast<size_t>(np));
+    for (int j = 0; j < np; ++j) {
+      // Range ends on tokens' own values (ties at both ends), some open to +inf, one empty.
+      const size_t k = static_cast<size_t>(j);
+      from[k] = v[rng() % v.size()];
+      to[k] = open || j % 3 == 0 ? kInf : v[rng() % v.size()];
+      if (j == 5 && !open) from[k] = std::nextafter(to[k], kInf);  // empty
+    }
+    for (size_t begin : {size_t{0}, size_t{3}}) {
+      std::vector<double> want_sums(16, 0.0);
+      std::vector<int64_t> want_counts(16, 0);
+      for (size_t i = begin; i < v.size(); ++i) {
+        for (int j = 0; j < np; ++j) {
+          const size_t k = static_cast<size_t>(j);
+          if (v[i] >= from[k] && v[i] <= to[k]) {
+            want_sums[k] += static_cast<double>(w[i]);
+            ++want_counts[k];
+          }
+        }
+      }
+      OnEveryTarget([&] {
+        SCOPED_TRACE(absl::StrCat("np=", np, " open=", open, " begin=", begin));
+        std::vector<double> sums(16, 0.0);
+        std::vector<int64_t> counts(16, 0);
+        kernels::MassInRanges(v.data(), w.data(), begin, v.size(), from.data(), to.data(), np,
+                              sums.data(), counts.data());
+        EXPECT_EQ(counts, want_counts);
+        for (size_t k = 0; k < 16; ++k) EXPECT_NEAR(sums[k], want_sums[k], 1e-5 * want_sums[k]);
+      });
+    }
+  }
+}
+
 TEST(KernelsTest, PassOneStreamHoldsEveryTokenTopKKeeps) {
   // The stream's threshold never passes the k-th largest value and it holds every token at or
   // above that value (ties too), in id order; a row of ties beyond its room gives up (overflow).
