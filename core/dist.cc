@@ -106,6 +106,16 @@ Dist::Dist(absl::Span<const float> source, absl::Span<float> row, float max, Row
 
 // --- Dense machinery ------------------------------------------------------------------------
 
+void Dist::ApplyPatch() {
+  if (patch_ids_.empty()) return;
+  const absl::Span<const int32_t> ids = patch_ids_;
+  patch_ids_ = {};
+  const absl::Span<float> own = Own();
+  for (size_t i = 0; i < ids.size(); ++i) own[static_cast<size_t>(ids[i])] = patch_values_[i];
+  weights_valid_ = false;
+  head_valid_ = false;
+}
+
 absl::Span<float> Dist::Own() {
   s_.streamed = false;  // the caller changes values
   if (values_.data() != row_.data()) {
@@ -528,6 +538,7 @@ void Dist::Temperature(const tokensampler::Temperature& t) {
   }
   if (t.range > 0.0f) {
     // Dynamic temperature: the reference's formula over the kept set.
+    ApplyPatch();
     ApplyDivision();
     // The reference's entropy bit for bit (row.h): exact 128-bit sums per block, in any order,
     // from the SIMD weights (the same bits as the scalar ExpF); the same pass counts the kept.
@@ -563,6 +574,7 @@ void Dist::SetDivisor(float d) {
   // in the reference's Temperature and as for +inf input logits, the row is uniform over the
   // overflowed tokens.
   if (max_ / d != std::numeric_limits<float>::infinity()) return;
+  ApplyPatch();
   ApplyDivision();
   const absl::Span<float> own = Own();
   ForBlocks(own.size(), parallel_, [&](size_t, size_t begin, size_t end) {
@@ -588,14 +600,17 @@ void Dist::TopK(int32_t k) {
   size_t m = 0;
   if (s_.streamed) {
     // Pass 1 kept the tokens at or above a threshold ≤ the k-th largest value (kernels.h): they
-    // are the candidates, and the threshold is the pivot (none: every finite value is held).
+    // are the candidates (with their current values, patched ones included), and the threshold
+    // is the pivot (none: every finite value is held).
     const kernels::TopStream& stream = s_.stream;
     m = stream.count;
     std::copy(stream.ids, stream.ids + m, s_.ids.begin());
+    std::copy(stream.values, stream.values + m, cand.begin());
     if (stream.threshold != -std::numeric_limits<float>::max()) {
       pivot = static_cast<double>(stream.threshold);
     }
   } else {
+    ApplyPatch();
     pivot = TopKPivot(values_, k, s_.keys);
     m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
     // Fewer than k above the pivot: it was too high; take everything kept instead.
@@ -603,13 +618,17 @@ void Dist::TopK(int32_t k) {
       pivot = -kDoubleInf;
       m = Select(key, -kDoubleInf, kDoubleMax);
     }
+    for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])];
   }
   if (pivot == -kDoubleInf && m <= static_cast<size_t>(k)) {
     count_ = static_cast<int64_t>(m);  // k ≥ the kept tokens: nothing to cut
+    ApplyPatch();
     MaybeSparse();
     return;
   }
-  for (size_t i = 0; i < m; ++i) cand[i] = values_[static_cast<size_t>(s_.ids[i])] / d;
+  if (d != 1.0f) {
+    for (size_t i = 0; i < m; ++i) cand[i] /= d;
+  }
   // The k-th largest candidate value is the threshold; ties with it stay.
   std::vector<float>& vals = s_.band_values;
   vals.assign(cand.begin(), cand.begin() + static_cast<ptrdiff_t>(m));
@@ -622,6 +641,7 @@ void Dist::TopK(int32_t k) {
     const float outside =
         pivot == -kDoubleInf ? kNegInf : std::nextafter(static_cast<float>(pivot), kNegInf) / d;
     if (!(threshold > outside) || threshold == kNegInf) {
+      ApplyPatch();
       ApplyDivision();  // (which also drops the stream: it holds undivided values)
       TopK(k);
       return;
@@ -645,6 +665,7 @@ void Dist::TopP(float p) {
     tokensampler::TopP{p}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
+  ApplyPatch();
   if (p >= 1.0f) return;
   EnsureWeights(/*head=*/true);
   const Key key{};
@@ -697,6 +718,7 @@ void Dist::MinP(float min_p) {
     tokensampler::MinP{min_p}.Apply(absl::MakeSpan(s_.sparse_values));
     return;
   }
+  ApplyPatch();
   if (min_p <= 0.0f) return;
   if (weights_valid_) {
     CutWeightBelow(static_cast<double>(min_p));
@@ -736,6 +758,7 @@ void Dist::TypicalP(float mass) {
     tokensampler::TypicalP{mass}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
+  ApplyPatch();
   if (mass >= 1.0f) return;
   EnsureWeights(/*head=*/true);
   const double h = Entropy();
@@ -753,6 +776,7 @@ void Dist::EpsilonCutoff(float epsilon) {
     tokensampler::EpsilonCutoff{epsilon}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
+  ApplyPatch();
   if (epsilon <= 0.0f) return;
   CutBelowProbability(static_cast<double>(epsilon));
 }
@@ -762,6 +786,7 @@ void Dist::EtaCutoff(float eta) {
     tokensampler::EtaCutoff{eta}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
+  ApplyPatch();
   if (eta <= 0.0f) return;
   const double h = Entropy();
   const double e = static_cast<double>(eta);
@@ -773,6 +798,7 @@ void Dist::TopNSigma(float n) {
     tokensampler::TopNSigma{n}.Apply(absl::MakeSpan(s_.sparse_values));
     return;
   }
+  ApplyPatch();
   ApplyDivision();
   const size_t blocks = NumBlocks(values_.size());
   std::vector<double>& parts = s_.keys;
@@ -806,6 +832,7 @@ void Dist::Xtc(const tokensampler::Xtc& xtc) {
     xtc.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
+  ApplyPatch();
   if (!(xtc.coin < static_cast<double>(xtc.probability))) return;
   EnsureWeights();
   const float cut = kernels::RoundUp(static_cast<double>(xtc.threshold) * total_);
@@ -857,6 +884,7 @@ int32_t Dist::Draw(double coin) {
     const int32_t index = DrawFromWeights(s_.wf.data(), kept.size(), total, coin);
     return s_.sparse_ids[static_cast<size_t>(index)];
   }
+  ApplyPatch();
   // When nothing but the draw needs the weights, they are summed per block without being
   // stored (a pending temperature divides on the way, nothing is written), and only the blocks
   // the scan reaches are computed (normally one).
@@ -908,6 +936,7 @@ int32_t Dist::Draw(double coin) {
 void Dist::KeepFirst(size_t keep) {
   // The first `keep` kept tokens by (value descending, id ascending) — the reference's sorted
   // order — selected above a sampled pivot and ranked there; they become the sparse set.
+  ApplyPatch();
   const Key key{};
   const double pivot =
       TopKPivot(values_, static_cast<int32_t>(std::min<size_t>(keep, 1 << 30)), s_.keys);
@@ -944,6 +973,7 @@ tokensampler::Mirostat::Result Dist::Mirostat(const tokensampler::Mirostat& m, d
     r.token = s_.sparse_ids[static_cast<size_t>(r.token)];
     return r;
   }
+  ApplyPatch();
   {
     ApplyDivision();
     if (m.mode == 1) {
@@ -996,6 +1026,7 @@ absl::Span<const float> Dist::Processed() {
     }
     Wrote();
   } else {
+    ApplyPatch();
     ApplyDivision();
   }
   return values_;

@@ -91,6 +91,15 @@ class Dist {
   Dist(absl::Span<const float> source, absl::Span<float> row, float max, RowScratch& scratch,
        bool parallel);
 
+  // `source` lacks the penalties of these tokens (`values`: their processed values): SampleRow
+  // penalised a row it only read by patching pass 1's top-k stream. A streamed top_k reads the
+  // stream; any stage that reads the dense row first copies the source with the patch applied.
+  // The spans must outlive the Dist. REQUIRES: before any stage; max is the patched row's.
+  void Patched(absl::Span<const int32_t> ids, absl::Span<const float> values) {
+    patch_ids_ = ids;
+    patch_values_ = values;
+  }
+
   // The stages, with the semantics of their reference structs in stages.h.
   void Temperature(const tokensampler::Temperature& t);
   void TopK(int32_t k);
@@ -132,6 +141,9 @@ class Dist {
   // Makes the sample's own row current (copying the source if no stage has written yet), for a
   // change in place; returns it.
   absl::Span<float> Own();
+  // Makes the dense row complete if it lacks a patch (Patched): the source copied into row_ with
+  // the patch applied. Every dense stage calls it first.
+  void ApplyPatch();
   // After a pass wrote every value into row_: the row is current (and pass 1's top-k stream,
   // which holds the values the sample started from, no longer applies).
   void Wrote() {
@@ -178,7 +190,9 @@ class Dist {
   // Selects ids with lo < key ≤ hi into scratch.ids (in id order); returns how many.
   size_t Select(const Key& key, double lo, double hi);
 
-  absl::Span<const float> values_;  // the current values: the source, or row_ once written
+  absl::Span<const float> values_;       // the current values: the source, or row_ once written
+  absl::Span<const int32_t> patch_ids_;  // a patch values_ lacks (empty: none)
+  absl::Span<const float> patch_values_;
   absl::Span<float> row_;
   RowScratch& s_;
   const bool parallel_;

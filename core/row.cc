@@ -43,14 +43,30 @@ absl::Status CheckHistory(size_t row, absl::string_view field, absl::Span<const 
   return absl::OkStatus();
 }
 
-bool StepsOneTwoActive(const SamplingParams& p, absl::Span<const int32_t> output) {
+namespace {
+
+bool PenaltiesActive(const SamplingParams& p) {
+  return p.repetition_penalty != 1.0f || p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f;
+}
+
+// Masks, bans, biases, DRY and n-gram bans: every step but Penalties.
+bool OtherStepsActive(const SamplingParams& p, absl::Span<const int32_t> output) {
   const bool min_tokens_mask =
       static_cast<int64_t>(output.size()) < p.min_tokens &&
       (!p.stop_token_ids.empty() || (!p.ignore_eos && !p.eos_token_ids.empty()));
   return !p.allowed_token_ids.empty() || !p.bad_words.empty() || min_tokens_mask ||
-         !p.token_bitmask.empty() || !p.logit_bias.empty() || p.repetition_penalty != 1.0f ||
-         p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f ||
+         !p.token_bitmask.empty() || !p.logit_bias.empty() ||
          (p.dry_multiplier != 0.0f && p.dry_penalty_last_n != 0) || p.no_repeat_ngram_size > 0;
+}
+
+}  // namespace
+
+bool StepsOneTwoActive(const SamplingParams& p, absl::Span<const int32_t> output) {
+  return PenaltiesActive(p) || OtherStepsActive(p, output);
+}
+
+bool OnlyPenaltiesActive(const SamplingParams& p, absl::Span<const int32_t> output) {
+  return PenaltiesActive(p) && !OtherStepsActive(p, output);
 }
 
 void FillLogprobs(const SamplingParams& p, const LogitsView& view, int row, int32_t token,

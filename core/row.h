@@ -58,6 +58,9 @@ struct RowScratch {
   bool streamed = false;
   std::vector<int32_t> stream_ids;
   std::vector<float> stream_values, stream_scratch;
+  // Penalised tokens of a row that was only read (SampleRow): their ids and new values.
+  std::vector<int32_t> patch_ids;
+  std::vector<float> patch_values;
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
 
   // Sizes the per-vocabulary buffers for `vocab_size` (only ever grows).
@@ -70,6 +73,9 @@ absl::Status CheckHistory(size_t row, absl::string_view field, absl::Span<const 
 
 // Whether steps 1–2 (masks, biases, penalties) can change any logit of this row.
 bool StepsOneTwoActive(const SamplingParams& p, absl::Span<const int32_t> output);
+// Whether the only active step is Penalties (repetition, frequency, presence), which changes no
+// token outside prompt ∪ output.
+bool OnlyPenaltiesActive(const SamplingParams& p, absl::Span<const int32_t> output);
 
 // Decodes `row` of `view` into `out` (size vocab). Returns the first NaN position, or -1.
 int DecodeRow(const LogitsView& view, int row, absl::Span<float> out);

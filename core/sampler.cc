@@ -116,6 +116,60 @@ bool StepsOnlyLower(const SamplingParams& p) {
          p.presence_penalty >= 0.0f;
 }
 
+// Penalties on a float32 row that pass 1 only read, with top_k streamed: they change only prompt
+// and output tokens, so they are applied there — to `logits` at those tokens, seeded from
+// `source` — and to the stream (what fell under its threshold leaves it), and the changed tokens
+// go to scratch.patch_* for the Dist (Dist::Patched). The row is not copied. Returns false when
+// the whole row is needed after all: its maximum is +inf or its token was penalised, the stream
+// overflowed, or fewer than k of its tokens stay at or above the threshold (or every token is
+// −inf).
+bool PatchPenalties(const SamplingParams& p, const RowRequest& req, absl::Span<const float> source,
+                    absl::Span<float> logits, const kernels::MaxResult& top, RowScratch& scratch) {
+  if (!scratch.streamed || top.argmax < 0 || !(top.max < kPosInf)) return false;
+  const absl::Span<const int32_t> history[] = {req.prompt_token_ids, req.output_token_ids};
+  for (const auto& tokens : history) {
+    for (int32_t t : tokens) logits[static_cast<size_t>(t)] = source[static_cast<size_t>(t)];
+  }
+  Penalties{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
+  // marks (zero between uses): 1 = a history token seen, 2 = one whose value changed.
+  std::vector<uint8_t>& marks = scratch.marks;
+  scratch.patch_ids.clear();
+  scratch.patch_values.clear();
+  for (const auto& tokens : history) {
+    for (int32_t t : tokens) {
+      const size_t i = static_cast<size_t>(t);
+      if (marks[i] != 0) continue;
+      marks[i] = logits[i] != source[i] ? 2 : 1;
+      if (marks[i] == 2) {
+        scratch.patch_ids.push_back(t);
+        scratch.patch_values.push_back(logits[i]);
+      }
+    }
+  }
+  // Nothing rose, so the maximum stands unless its own token changed; and the tokens now at or
+  // above the stream's threshold are among those it holds.
+  bool ok = marks[static_cast<size_t>(top.argmax)] != 2;
+  if (ok) {
+    kernels::TopStream& held = scratch.stream;
+    size_t kept = 0;
+    for (size_t i = 0; i < held.count; ++i) {
+      const size_t id = static_cast<size_t>(held.ids[i]);
+      const float x = marks[id] == 2 ? logits[id] : held.values[i];
+      if (x >= held.threshold) {
+        held.ids[kept] = held.ids[i];
+        held.values[kept] = x;
+        ++kept;
+      }
+    }
+    held.count = kept;
+    ok = kept >= static_cast<size_t>(held.k);
+  }
+  for (const auto& tokens : history) {
+    for (int32_t t : tokens) marks[static_cast<size_t>(t)] = 0;
+  }
+  return ok;
+}
+
 // `processed_out` (empty, or size vocab with n == 1) receives the distribution the sample was drawn
 // from (Sampler::RunRow).
 absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
@@ -146,10 +200,20 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   // decoding and the temperature. So is a row in another process's memory (it could change
   // between two reads) unless one read is all it takes (greedy), and a row not aligned for
   // float reads.
+  // A small top_k that is the first stage to change values keeps its candidates while pass 1
+  // reads the row (one stream over the blocks in order), so it needs no second read. Steps 1–2
+  // that only lower logits leave it valid after a fix-up (below); penalties alone do even without
+  // a copy of the row (PatchPenalties).
+  const bool only_lower = StepsOnlyLower(p);
+  const bool streams = !parallel && (!steps || only_lower) && TopKFirst(p) &&
+                       static_cast<size_t>(p.top_k) <= kernels::TopStream::kMaxK;
   const bool aligned = reinterpret_cast<uintptr_t>(view.RowBytes(row)) % alignof(float) == 0;
   const bool read_once = p.greedy() && !wants_logprobs && processed_out.empty();
-  const bool read_only = view.dtype() == DType::kFloat32 && aligned &&
-                         (!view.shared() || read_once) && !steps && !(wants_logprobs && raw_mode);
+  const bool own_floats =
+      view.dtype() == DType::kFloat32 && aligned && !(wants_logprobs && raw_mode);
+  bool patched = own_floats && !view.shared() && steps && streams &&
+                 OnlyPenaltiesActive(p, req.output_token_ids);
+  bool read_only = own_floats && (!view.shared() || read_once) && (!steps || patched);
   const bool tempered =
       TemperatureFirst(p) && !read_only && !steps && !(wants_logprobs && raw_mode);
   const float divisor = tempered ? p.temperature : 1.0f;
@@ -159,14 +223,9 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   if (read_only) {
     source = absl::MakeConstSpan(reinterpret_cast<const float*>(view.RowBytes(row)), v);
   }
-  // A small top_k that is the first stage to change values keeps its candidates while pass 1
-  // reads the row (one stream over the blocks in order), so it needs no second read. Steps 1–2
-  // that only lower logits leave it valid after a fix-up (below).
-  const bool only_lower = StepsOnlyLower(p);
   scratch.streamed = false;
   kernels::TopStream* stream = nullptr;
-  if (!parallel && (!steps || only_lower) && TopKFirst(p) &&
-      static_cast<size_t>(p.top_k) <= kernels::TopStream::kMaxK) {
+  if (streams) {
     scratch.stream =
         kernels::TopStream::For(p.top_k, scratch.stream_ids.data(), scratch.stream_values.data(),
                                 scratch.stream_scratch.data());
@@ -201,7 +260,14 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   }
 
   // Steps 1–2 touch few tokens (or apply a mask); then the maximum may have changed.
-  if (steps) {
+  if (patched && !PatchPenalties(p, req, source, logits, top, scratch)) {
+    // The row is needed after all: the general way, on a copy.
+    std::copy(source.begin(), source.end(), logits.begin());
+    source = logits;
+    read_only = false;
+    patched = false;
+  }
+  if (steps && !patched) {
     MaskAndBias{p, req.output_token_ids}.Apply(logits, scratch);
     Penalties{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
     Dry{p, req.prompt_token_ids, req.output_token_ids}.Apply(logits, scratch);
@@ -268,6 +334,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
       out.token_id = argmax;
     } else {
       Dist dist(source, own, dist_max, scratch, parallel);
+      if (patched) dist.Patched(scratch.patch_ids, scratch.patch_values);
       out.token_id = SampleOne(p, dist, tempered, seed, step, out.sample_index, mu_in, &mu, vocab);
       if ((wants_logprobs && !raw_mode) || !processed_out.empty()) processed = dist.Processed();
     }

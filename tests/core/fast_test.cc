@@ -362,8 +362,17 @@ TEST(FastTest, TopKUnderAPendingTemperatureKeepsTheTiesDivisionMakes) {
   }
   std::vector<float> overflowing = row;  // and one whose bulk divides to −inf
   for (size_t i = 0; i < kVocab; i += 2) overflowing[i] = -3e38f;
-  const std::vector<int32_t> history = {7};
   for (const std::vector<float>* values : {&row, &sampled, &overflowing}) {
+    // Penalised: token 7, and the 2nd and 5th largest tokens (not the maximum's: that takes the
+    // general way), which leave the candidates — also when top_k has to divide the whole row and
+    // select again (Dist::ApplyPatch).
+    std::vector<int32_t> by_value(kVocab);
+    for (size_t i = 0; i < kVocab; ++i) by_value[i] = static_cast<int32_t>(i);
+    std::partial_sort(
+        by_value.begin(), by_value.begin() + 5, by_value.end(), [&](int32_t a, int32_t b) {
+          return (*values)[static_cast<size_t>(a)] > (*values)[static_cast<size_t>(b)];
+        });
+    const std::vector<int32_t> history = {7, by_value[1], by_value[4]};
     const std::vector<uint8_t> bytes = testing::F32Bytes(*values);
     auto view = LogitsView::Create(DType::kFloat32, 1, kVocab, bytes);
     ASSERT_TRUE(view.ok());
