@@ -284,15 +284,24 @@ void Dist::MaybeSparse() {
 Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double lo_cumulative,
                         int64_t lo_known) {
   const size_t n = values_.size();
-  // Sampled keys give the pivots.
+  // Sampled keys give the pivots: sorted when first needed (the head's estimate usually brackets
+  // the cut in one pass without them).
   std::vector<double>& sample = s_.keys;
   sample.clear();
   const size_t stride = std::max<size_t>(1, n / kSampleSize);
-  for (size_t i = stride / 2; i < n; i += stride) {
-    if (values_[i] != kNegInf) sample.push_back(KeyOf(key, values_[i]));
-  }
-  std::sort(sample.begin(), sample.end());
-  sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
+  bool sample_sorted = false;
+  const auto sorted_sample = [&]() -> const std::vector<double>& {
+    if (!sample_sorted) {
+      sample.clear();
+      for (size_t i = stride / 2; i < n; i += stride) {
+        if (values_[i] != kNegInf) sample.push_back(KeyOf(key, values_[i]));
+      }
+      std::sort(sample.begin(), sample.end());
+      sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
+      sample_sorted = true;
+    }
+    return sample;
+  };
 
   // Invariant: mass(key ≤ lo) < fraction·total ≤ mass(key ≤ hi) (with a margin for the order of
   // additions), so the cut lies in (lo, hi]. The tokens in (lo, hi] are `band`: at first the
@@ -347,6 +356,7 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
     }
   } else {
     // Geometric positions in the sample (most cuts fall in the first few).
+    sorted_sample();
     const size_t above_lo =
         static_cast<size_t>(std::upper_bound(sample.begin(), sample.end(), lo) - sample.begin());
     for (size_t pos = 0; above_lo + pos < sample.size() && pivots.size() + 2 < 8;
@@ -445,6 +455,7 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
     band_ids = s_.band_ids.data();
     band_size = s_.band_ids.size();
     // Next pivots: the sample's keys inside (lo, hi) where it has some, else evenly spaced.
+    sorted_sample();
     pivots.clear();
     const auto first = std::upper_bound(sample.begin(), sample.end(), lo);
     const auto last = std::lower_bound(sample.begin(), sample.end(), hi);
