@@ -79,8 +79,9 @@ inline void RaiseTo(TopStream& s, float t) {
   }
   s.count = out;
   s.threshold = t;
-  s.cap = 12 * static_cast<size_t>(s.k) + 256;
-  if (s.count > s.cap / 2) s.overflow = true;  // ties at t: holding them all narrows nothing
+  const size_t room = 12 * static_cast<size_t>(s.k) + 256;  // kCapacity holds it and a vector
+  s.cap = std::min(room, s.count + static_cast<size_t>(s.k) + 16);
+  if (s.count > room / 2) s.overflow = true;  // ties at t: holding them all narrows nothing
 }
 
 inline void Compact(TopStream& s) {
