@@ -425,24 +425,12 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
       // Narrow the gathered band in place (order kept); what leaves below lo joins the base.
       const Range keep = KeyRange(key, hi);
       const Range gone = KeyRange(key, lo);
-      // Branch-free (which side a token falls on is a coin flip to the predictor), with four
-      // sums so that the double additions do not wait for each other.
       size_t out = 0;
-      double gone_sum[4] = {0.0, 0.0, 0.0, 0.0};
-      for (size_t i = 0; i < band_size; ++i) {
-        const float x = s_.band_values[i];
-        const float w = s_.band_weights[i];
-        const int32_t id = s_.band_ids[i];
-        const bool below_lo = (x >= gone.from) & (x <= gone.to);
-        const bool kept = !below_lo & (x >= keep.from) & (x <= keep.to);
-        gone_sum[i & 3] += below_lo ? static_cast<double>(w) : 0.0;
-        band_base_count += below_lo;
-        s_.band_values[out] = x;
-        s_.band_weights[out] = w;
-        s_.band_ids[out] = id;
-        out += kept;
-      }
-      band_base += (gone_sum[0] + gone_sum[1]) + (gone_sum[2] + gone_sum[3]);
+      const kernels::SumCount left =
+          kernels::NarrowBand(s_.band_values.data(), s_.band_weights.data(), s_.band_ids.data(),
+                              band_size, keep.from, keep.to, gone.from, gone.to, &out);
+      band_base += left.sum;
+      band_base_count += left.count;
       s_.band_values.resize(out);
       s_.band_weights.resize(out);
       s_.band_ids.resize(out);

@@ -212,6 +212,28 @@ inline size_t SelectRanges(const float* v, size_t begin, size_t end, float in_fr
   return out;
 }
 
+inline SumCount NarrowBand(float* v, float* w, int32_t* ids, size_t n, float keep_from,
+                           float keep_to, float gone_from, float gone_to, size_t* kept) {
+  // Branch-free: which side an entry falls on is a coin flip to the predictor.
+  SumCount gone{0.0, 0};
+  size_t out = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const float x = v[i];
+    const float e = w[i];
+    const int32_t id = ids[i];
+    const bool below = (x >= gone_from) & (x <= gone_to);
+    const bool keep = !below & (x >= keep_from) & (x <= keep_to);
+    gone.sum += below ? static_cast<double>(e) : 0.0;
+    gone.count += below;
+    v[out] = x;
+    w[out] = e;
+    ids[out] = id;
+    out += keep;
+  }
+  *kept = out;
+  return gone;
+}
+
 inline SumCount SumValues(const float* v, size_t begin, size_t end) {
   SumCount r{0.0, 0};
   for (size_t i = begin; i < end; ++i) {
@@ -325,6 +347,10 @@ double MassInRangeImpl(const float* v, const float* w, size_t begin, size_t end,
 size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from, float in_to,
                         float out_from, float out_to, int32_t* ids) {
   return scalar::SelectRanges(v, begin, end, in_from, in_to, out_from, out_to, ids);
+}
+SumCount NarrowBandImpl(float* v, float* w, int32_t* ids, size_t n, float keep_from, float keep_to,
+                        float gone_from, float gone_to, size_t* kept) {
+  return scalar::NarrowBand(v, w, ids, n, keep_from, keep_to, gone_from, gone_to, kept);
 }
 const char* TargetNameImpl() { return hwy::TargetName(HWY_TARGET); }
 
@@ -996,6 +1022,46 @@ size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from,
   return out + scalar::SelectRanges(v, i, end, in_from, in_to, out_from, out_to, ids + out);
 }
 
+SumCount NarrowBandImpl(float* v, float* w, int32_t* ids, size_t n, float keep_from, float keep_to,
+                        float gone_from, float gone_to, size_t* kept) {
+  const DF df;
+  const DD dd;
+  const DI di;
+  const size_t lanes = hn::Lanes(df);
+  const VF kf = hn::Set(df, keep_from), kt = hn::Set(df, keep_to);
+  const VF gf = hn::Set(df, gone_from), gt = hn::Set(df, gone_to);
+  VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
+  size_t gone_count = 0, out = 0, i = 0;
+  for (; i + lanes <= n; i += lanes) {
+    const VF x = hn::LoadU(df, v + i);
+    const VF e = hn::LoadU(df, w + i);
+    const auto id = hn::LoadU(di, ids + i);
+    const auto gone = hn::And(hn::Ge(x, gf), hn::Le(x, gt));
+    const auto keep = hn::AndNot(gone, hn::And(hn::Ge(x, kf), hn::Le(x, kt)));
+    const VF ge = hn::IfThenElseZero(gone, e);
+    acc0 = hn::Add(acc0, Lower(ge));
+    acc1 = hn::Add(acc1, Upper(ge));
+    gone_count += hn::CountTrue(df, gone);
+    // out ≤ i: the whole vectors stored at out overwrite only entries already loaded.
+    AppendSelected(df, x, keep, v + out);
+    AppendSelected(df, e, keep, w + out);
+    out += AppendSelected(di, id, hn::RebindMask(di, keep), ids + out);
+  }
+  // The tail, moved down to out first so that the scalar loop compacts it in place after.
+  const size_t tail = n - i;
+  if (out != i) {
+    std::copy(v + i, v + n, v + out);
+    std::copy(w + i, w + n, w + out);
+    std::copy(ids + i, ids + n, ids + out);
+  }
+  size_t tail_kept = 0;
+  const SumCount rest = scalar::NarrowBand(v + out, w + out, ids + out, tail, keep_from, keep_to,
+                                           gone_from, gone_to, &tail_kept);
+  *kept = out + tail_kept;
+  return SumCount{SumD(hn::Add(acc0, acc1)) + rest.sum,
+                  static_cast<int64_t>(gone_count) + rest.count};
+}
+
 #endif  // HWY_TARGET == HWY_SCALAR
 
 // NOLINTNEXTLINE(google-readability-namespace-comments)
@@ -1051,6 +1117,7 @@ HWY_EXPORT(TargetNameImpl);
 HWY_EXPORT(MassInRangesImpl);
 HWY_EXPORT(MassInRangeImpl);
 HWY_EXPORT(SelectRangesImpl);
+HWY_EXPORT(NarrowBandImpl);
 HWY_EXPORT(ScaleImpl);
 HWY_EXPORT(StreamingReadImpl);
 HWY_EXPORT(SelectWeightAtLeastImpl);
@@ -1074,6 +1141,11 @@ size_t SelectRanges(const float* v, size_t begin, size_t end, float in_from, flo
                                                 ids);
 }
 
+SumCount NarrowBand(float* v, float* w, int32_t* ids, size_t n, float keep_from, float keep_to,
+                    float gone_from, float gone_to, size_t* kept) {
+  return HWY_DYNAMIC_DISPATCH(NarrowBandImpl)(v, w, ids, n, keep_from, keep_to, gone_from, gone_to,
+                                              kept);
+}
 MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
                     float* out, TopStream* top) {
   return HWY_DYNAMIC_DISPATCH(DecodeMaxImpl)(dtype, row, begin, end, divisor, out, top);

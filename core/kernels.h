@@ -156,6 +156,13 @@ double MassInRange(const float* v, const float* w, size_t begin, size_t end, flo
 size_t SelectRanges(const float* v, size_t begin, size_t end, float in_from, float in_to,
                     float out_from, float out_to, int32_t* ids);
 
+// Narrows a gathered band of n entries (v[i], w[i], ids[i]) in place: keeps, in order, those
+// with keep_from ≤ v ≤ keep_to and not gone_from ≤ v ≤ gone_to, and sets *kept to how many.
+// Returns Σ w (in double, exact up to the order of additions) and the count of the entries with
+// gone_from ≤ v ≤ gone_to.
+SumCount NarrowBand(float* v, float* w, int32_t* ids, size_t n, float keep_from, float keep_to,
+                    float gone_from, float gone_to, size_t* kept);
+
 // Writes the ids of tokens with w ≥ t (and w > 0) to ids (in id order); returns how many.
 size_t SelectWeightAtLeast(const float* w, size_t begin, size_t end, float t, int32_t* ids);
 

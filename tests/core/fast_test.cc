@@ -11,6 +11,8 @@
 #include <random>
 #include <set>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -739,6 +741,64 @@ TEST(KernelsTest, MassInRangesCountsExactlyAndSumsEveryRangeOnEveryTarget) {
                               sums.data(), counts.data());
         EXPECT_EQ(counts, want_counts);
         for (size_t k = 0; k < 16; ++k) EXPECT_NEAR(sums[k], want_sums[k], 1e-5 * want_sums[k]);
+      });
+    }
+  }
+}
+
+TEST(KernelsTest, NarrowBandKeepsOrderAndSumsWhatLeavesOnEveryTarget) {
+  // Band sizes around the vector widths, ends on the band's own values (ties), a "gone" range
+  // that is empty, open to −inf or inside the kept one: the kept entries in order, the rest
+  // summed and counted, against a plain loop.
+  std::mt19937 rng(13);
+  for (size_t n :
+       {size_t{0}, size_t{1}, size_t{15}, size_t{16}, size_t{17}, size_t{100}, size_t{1031}}) {
+    for (int test = 0; test < 6; ++test) {
+      float unused_max = 0.0f;
+      std::vector<float> v = NormalRow(static_cast<uint64_t>(100 + test), std::max<size_t>(n, 2),
+                                       2.0f, 1.0f, &unused_max);
+      v.resize(n);
+      std::vector<float> w(n);
+      std::vector<int32_t> ids(n);
+      for (size_t i = 0; i < n; ++i) {
+        w[i] = static_cast<float>(rng() % 1000) / 997.0f;
+        ids[i] = static_cast<int32_t>(3 * i + 1);
+      }
+      const auto pick = [&] { return n == 0 ? 0.0f : v[rng() % n]; };
+      float keep_from = std::min(pick(), pick()), keep_to = test % 2 == 0 ? kInf : pick();
+      float gone_from = -kInf, gone_to = pick();
+      if (test == 3) gone_from = kInf;  // nothing leaves
+      if (test == 4) std::tie(gone_from, gone_to) = std::pair(keep_from, keep_from);
+      std::vector<float> want_v, want_w;
+      std::vector<int32_t> want_ids;
+      double want_sum = 0.0;
+      int64_t want_count = 0;
+      for (size_t i = 0; i < n; ++i) {
+        if (v[i] >= gone_from && v[i] <= gone_to) {
+          want_sum += static_cast<double>(w[i]);
+          ++want_count;
+        } else if (v[i] >= keep_from && v[i] <= keep_to) {
+          want_v.push_back(v[i]);
+          want_w.push_back(w[i]);
+          want_ids.push_back(ids[i]);
+        }
+      }
+      OnEveryTarget([&] {
+        SCOPED_TRACE(absl::StrCat("n=", n, " test=", test));
+        std::vector<float> gv = v, gw = w;
+        std::vector<int32_t> gids = ids;
+        size_t kept = 12345;
+        const kernels::SumCount gone = kernels::NarrowBand(
+            gv.data(), gw.data(), gids.data(), n, keep_from, keep_to, gone_from, gone_to, &kept);
+        ASSERT_EQ(kept, want_v.size());
+        gv.resize(kept);
+        gw.resize(kept);
+        gids.resize(kept);
+        EXPECT_EQ(gv, want_v);
+        EXPECT_EQ(gw, want_w);
+        EXPECT_EQ(gids, want_ids);
+        EXPECT_EQ(gone.count, want_count);
+        EXPECT_NEAR(gone.sum, want_sum, 1e-12 * (1.0 + want_sum));
       });
     }
   }
