@@ -998,7 +998,13 @@ double MassInRangeImpl(const float* v, const float* w, size_t begin, size_t end,
   return SumD(acc) + scalar::MassInRange(v, w, i, end, from, to);
 }
 
-size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from, float in_to,
+// SelectRanges with the comparisons the call needs, chosen at compile time: `kOpen` (in_to =
+// +inf: one comparison for "in") and `kOut` (an out range to leave out: two more). Vectors with
+// nothing selected skip the append. (Appending on every vector instead, branch-free, was 2×
+// faster when half the tokens are selected and slower on rows that select few: typical_p's
+// median row got 4 % slower, its mean 3–8 % faster.)
+template <bool kOpen, bool kOut>
+size_t SelectRangesBody(const float* v, size_t begin, size_t end, float in_from, float in_to,
                         float out_from, float out_to, int32_t* ids) {
   const DF df;
   const DI di;
@@ -1006,20 +1012,32 @@ size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from,
   const size_t n = hn::Lanes(df);
   const VF a = hn::Set(df, in_from), b = hn::Set(df, in_to);
   const VF c = hn::Set(df, out_from), d = hn::Set(df, out_to);
-  const bool one_sided = in_to == kPosInf && out_from > out_to;
   size_t out = 0;
   size_t i = begin;
   for (; i + n <= end; i += n) {
     const VF x = hn::LoadU(df, v + i);
-    // "v ≥ from" alone (top_k's candidates): one comparison.
-    const auto in = one_sided ? hn::Ge(x, a) : hn::And(hn::Ge(x, a), hn::Le(x, b));
-    if (hn::AllFalse(df, in)) continue;
-    const auto m = one_sided ? in : hn::AndNot(hn::And(hn::Ge(x, c), hn::Le(x, d)), in);
+    auto m = kOpen ? hn::Ge(x, a) : hn::And(hn::Ge(x, a), hn::Le(x, b));
+    if (hn::AllFalse(df, m)) continue;
+    if (kOut) m = hn::AndNot(hn::And(hn::Ge(x, c), hn::Le(x, d)), m);
     // out ≤ i − begin, so a whole vector at ids + out stays within the caller's end − begin.
     out += AppendSelected(di, hn::Add(iota0, hn::Set(di, static_cast<int32_t>(i))),
                           hn::RebindMask(di, m), ids + out);
   }
   return out + scalar::SelectRanges(v, i, end, in_from, in_to, out_from, out_to, ids + out);
+}
+
+size_t SelectRangesImpl(const float* v, size_t begin, size_t end, float in_from, float in_to,
+                        float out_from, float out_to, int32_t* ids) {
+  const bool open = in_to == kPosInf, left_out = out_from <= out_to;
+  if (open) {
+    return left_out
+               ? SelectRangesBody<true, true>(v, begin, end, in_from, in_to, out_from, out_to, ids)
+               : SelectRangesBody<true, false>(v, begin, end, in_from, in_to, out_from, out_to,
+                                               ids);
+  }
+  return left_out
+             ? SelectRangesBody<false, true>(v, begin, end, in_from, in_to, out_from, out_to, ids)
+             : SelectRangesBody<false, false>(v, begin, end, in_from, in_to, out_from, out_to, ids);
 }
 
 SumCount NarrowBandImpl(float* v, float* w, int32_t* ids, size_t n, float keep_from, float keep_to,

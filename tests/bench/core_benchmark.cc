@@ -179,6 +179,21 @@ void BM_SelectRanges(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
 
+void BM_SelectBand(benchmark::State& state, bool excluded) {
+  // A band of the bulk, as typical_p's cut selects it (two-sided), with or without an inner
+  // range left out (FindCut's band gather; its final selection has none).
+  const size_t vocab = static_cast<size_t>(state.range(0));
+  KernelRow row(vocab);
+  const float out_from = excluded ? row.max - 9.0f : 1.0f,
+              out_to = excluded ? row.max - 7.0f : 0.0f;
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(kernels::SelectRanges(row.work.data(), 0, vocab, row.max - 12.0f,
+                                                   row.max - 4.0f, out_from, out_to,
+                                                   row.ids.data()));
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
+}
+
 void Register() {
   for (DType dtype : {DType::kFloat32, DType::kBFloat16, DType::kFloat16}) {
     benchmark::RegisterBenchmark(
@@ -209,6 +224,13 @@ void Register() {
   benchmark::RegisterBenchmark("kernel/SelectRanges", BM_SelectRanges)
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);
+  for (bool excluded : {false, true}) {
+    benchmark::RegisterBenchmark(
+        excluded ? "kernel/SelectRanges/band_minus_inner" : "kernel/SelectRanges/band",
+        [excluded](benchmark::State& s) { BM_SelectBand(s, excluded); })
+        ->Arg(128256)
+        ->Unit(benchmark::kMicrosecond);
+  }
   for (const auto& [name, accepted, temperature] :
        {std::tuple{"verify/k4_accepted_T0.8_top_p0.95", true, 0.8f},
         std::tuple{"verify/k4_rejected_T0.8_top_p0.95", false, 0.8f},

@@ -804,6 +804,41 @@ TEST(KernelsTest, NarrowBandKeepsOrderAndSumsWhatLeavesOnEveryTarget) {
   }
 }
 
+TEST(KernelsTest, SelectRangesWritesTheIdsInOrderOnEveryTarget) {
+  // In-ranges open to +inf or closed, with and without an out-range, selecting few or many,
+  // ends on the row's own values (ties), a start inside a vector and a tail.
+  float max = 0.0f;
+  const std::vector<float> v = NormalRow(17, 2053, 3.0f, 1.0f, &max);
+  std::mt19937 rng(19);
+  for (int test = 0; test < 40; ++test) {
+    const auto pick = [&] { return v[rng() % v.size()]; };
+    const float a = pick(), b = pick();
+    const float in_from = std::min(a, b);
+    const float in_to = test % 2 == 0 ? kInf : std::max(a, b);
+    float out_from = kInf, out_to = -kInf;  // none
+    if (test % 4 >= 2) {
+      const float c = pick(), d = pick();
+      out_from = std::min(c, d);
+      out_to = std::max(c, d);
+    }
+    const size_t begin = static_cast<size_t>(test % 3) * 5;
+    std::vector<int32_t> want;
+    for (size_t i = begin; i < v.size(); ++i) {
+      if (v[i] >= in_from && v[i] <= in_to && !(v[i] >= out_from && v[i] <= out_to)) {
+        want.push_back(static_cast<int32_t>(i));
+      }
+    }
+    OnEveryTarget([&] {
+      SCOPED_TRACE(absl::StrCat("test ", test));
+      std::vector<int32_t> ids(v.size() - begin, -1);
+      const size_t m = kernels::SelectRanges(v.data(), begin, v.size(), in_from, in_to, out_from,
+                                             out_to, ids.data());
+      ids.resize(m);
+      EXPECT_EQ(ids, want);
+    });
+  }
+}
+
 TEST(KernelsTest, PassOneStreamHoldsEveryTokenTopKKeeps) {
   // The stream's threshold never passes the k-th largest value and it holds every token at or
   // above that value (ties too), in id order; a row of ties beyond its room gives up (overflow).
