@@ -106,12 +106,21 @@ Dist::Dist(absl::Span<const float> source, absl::Span<float> row, float max, Row
 
 // --- Dense machinery ------------------------------------------------------------------------
 
-void Dist::ApplyPatch() {
-  if (patch_ids_.empty()) return;
-  const absl::Span<const int32_t> ids = patch_ids_;
-  patch_ids_ = {};
+void Dist::Materialize() {
+  if (!pending_) return;
+  pending_ = false;
+  if (deferred_view_ != nullptr) {
+    const uint8_t* bytes = deferred_view_->RowBytes(deferred_row_);
+    const DType dtype = deferred_view_->dtype();
+    ForBlocks(row_.size(), parallel_, [&](size_t, size_t begin, size_t end) {
+      kernels::DecodeMax(dtype, bytes, begin, end, deferred_divisor_, row_.data());
+    });
+    Wrote();
+  }
   const absl::Span<float> own = Own();
-  for (size_t i = 0; i < ids.size(); ++i) own[static_cast<size_t>(ids[i])] = patch_values_[i];
+  for (size_t i = 0; i < patch_ids_.size(); ++i) {
+    own[static_cast<size_t>(patch_ids_[i])] = patch_values_[i];
+  }
   weights_valid_ = false;
   head_valid_ = false;
 }
@@ -537,7 +546,7 @@ void Dist::Temperature(const tokensampler::Temperature& t) {
   }
   if (t.range > 0.0f) {
     // Dynamic temperature: the reference's formula over the kept set.
-    ApplyPatch();
+    Materialize();
     ApplyDivision();
     // The reference's entropy bit for bit (row.h): exact 128-bit sums per block, in any order,
     // from the SIMD weights (the same bits as the scalar ExpF); the same pass counts the kept.
@@ -573,7 +582,7 @@ void Dist::SetDivisor(float d) {
   // in the reference's Temperature and as for +inf input logits, the row is uniform over the
   // overflowed tokens.
   if (max_ / d != std::numeric_limits<float>::infinity()) return;
-  ApplyPatch();
+  Materialize();
   ApplyDivision();
   const absl::Span<float> own = Own();
   ForBlocks(own.size(), parallel_, [&](size_t, size_t begin, size_t end) {
@@ -609,7 +618,7 @@ void Dist::TopK(int32_t k) {
       pivot = static_cast<double>(stream.threshold);
     }
   } else {
-    ApplyPatch();
+    Materialize();
     pivot = TopKPivot(values_, k, s_.keys);
     m = Select(key, -kDoubleInf, pivot == -kDoubleInf ? kDoubleMax : -pivot);
     // Fewer than k above the pivot: it was too high; take everything kept instead.
@@ -621,7 +630,7 @@ void Dist::TopK(int32_t k) {
   }
   if (pivot == -kDoubleInf && m <= static_cast<size_t>(k)) {
     count_ = static_cast<int64_t>(m);  // k ≥ the kept tokens: nothing to cut
-    ApplyPatch();
+    Materialize();
     MaybeSparse();
     return;
   }
@@ -640,7 +649,7 @@ void Dist::TopK(int32_t k) {
     const float outside =
         pivot == -kDoubleInf ? kNegInf : std::nextafter(static_cast<float>(pivot), kNegInf) / d;
     if (!(threshold > outside) || threshold == kNegInf) {
-      ApplyPatch();
+      Materialize();
       ApplyDivision();  // (which also drops the stream: it holds undivided values)
       TopK(k);
       return;
@@ -664,7 +673,7 @@ void Dist::TopP(float p) {
     tokensampler::TopP{p}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  ApplyPatch();
+  Materialize();
   if (p >= 1.0f) return;
   EnsureWeights(/*head=*/true);
   const Key key{};
@@ -717,7 +726,7 @@ void Dist::MinP(float min_p) {
     tokensampler::MinP{min_p}.Apply(absl::MakeSpan(s_.sparse_values));
     return;
   }
-  ApplyPatch();
+  Materialize();
   if (min_p <= 0.0f) return;
   if (weights_valid_) {
     CutWeightBelow(static_cast<double>(min_p));
@@ -757,7 +766,7 @@ void Dist::TypicalP(float mass) {
     tokensampler::TypicalP{mass}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  ApplyPatch();
+  Materialize();
   if (mass >= 1.0f) return;
   EnsureWeights(/*head=*/true);
   const double h = Entropy();
@@ -775,7 +784,7 @@ void Dist::EpsilonCutoff(float epsilon) {
     tokensampler::EpsilonCutoff{epsilon}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  ApplyPatch();
+  Materialize();
   if (epsilon <= 0.0f) return;
   CutBelowProbability(static_cast<double>(epsilon));
 }
@@ -785,7 +794,7 @@ void Dist::EtaCutoff(float eta) {
     tokensampler::EtaCutoff{eta}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  ApplyPatch();
+  Materialize();
   if (eta <= 0.0f) return;
   const double h = Entropy();
   const double e = static_cast<double>(eta);
@@ -797,7 +806,7 @@ void Dist::TopNSigma(float n) {
     tokensampler::TopNSigma{n}.Apply(absl::MakeSpan(s_.sparse_values));
     return;
   }
-  ApplyPatch();
+  Materialize();
   ApplyDivision();
   const size_t blocks = NumBlocks(values_.size());
   std::vector<double>& parts = s_.keys;
@@ -831,7 +840,7 @@ void Dist::Xtc(const tokensampler::Xtc& xtc) {
     xtc.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  ApplyPatch();
+  Materialize();
   if (!(xtc.coin < static_cast<double>(xtc.probability))) return;
   EnsureWeights();
   const float cut = kernels::RoundUp(static_cast<double>(xtc.threshold) * total_);
@@ -883,7 +892,7 @@ int32_t Dist::Draw(double coin) {
     const int32_t index = DrawFromWeights(s_.wf.data(), kept.size(), total, coin);
     return s_.sparse_ids[static_cast<size_t>(index)];
   }
-  ApplyPatch();
+  Materialize();
   // When nothing but the draw needs the weights, they are summed per block without being
   // stored (a pending temperature divides on the way, nothing is written), and only the blocks
   // the scan reaches are computed (normally one).
@@ -935,7 +944,7 @@ int32_t Dist::Draw(double coin) {
 void Dist::KeepFirst(size_t keep) {
   // The first `keep` kept tokens by (value descending, id ascending) — the reference's sorted
   // order — selected above a sampled pivot and ranked there; they become the sparse set.
-  ApplyPatch();
+  Materialize();
   const Key key{};
   const double pivot =
       TopKPivot(values_, static_cast<int32_t>(std::min<size_t>(keep, 1 << 30)), s_.keys);
@@ -972,7 +981,7 @@ tokensampler::Mirostat::Result Dist::Mirostat(const tokensampler::Mirostat& m, d
     r.token = s_.sparse_ids[static_cast<size_t>(r.token)];
     return r;
   }
-  ApplyPatch();
+  Materialize();
   {
     ApplyDivision();
     if (m.mode == 1) {
@@ -1025,7 +1034,7 @@ absl::Span<const float> Dist::Processed() {
     }
     Wrote();
   } else {
-    ApplyPatch();
+    Materialize();
     ApplyDivision();
   }
   return values_;

@@ -25,6 +25,7 @@
 #include "core/kernels.h"
 #include "core/row.h"
 #include "core/stages.h"
+#include "core/tensor.h"
 #include "tbb/blocked_range.h"
 #include "tbb/parallel_for.h"
 #include "tbb/task_arena.h"
@@ -98,6 +99,18 @@ class Dist {
   void Patched(absl::Span<const int32_t> ids, absl::Span<const float> values) {
     patch_ids_ = ids;
     patch_values_ = values;
+    pending_ = true;
+  }
+  // `source` is not filled: pass 1 read row `row` of `view` (bf16 / fp16, divided by `divisor`)
+  // without storing it, and kept only its top-k stream. A streamed top_k reads the stream; any
+  // stage that reads the dense row first decodes the row into the sample's own buffer, as pass 1
+  // did. `view` must outlive the Dist. REQUIRES: before any stage; view not shared (it is read
+  // twice).
+  void Deferred(const LogitsView* view, int row, float divisor) {
+    deferred_view_ = view;
+    deferred_row_ = row;
+    deferred_divisor_ = divisor;
+    pending_ = true;
   }
 
   // The stages, with the semantics of their reference structs in stages.h.
@@ -141,9 +154,10 @@ class Dist {
   // Makes the sample's own row current (copying the source if no stage has written yet), for a
   // change in place; returns it.
   absl::Span<float> Own();
-  // Makes the dense row complete if it lacks a patch (Patched): the source copied into row_ with
-  // the patch applied. Every dense stage calls it first.
-  void ApplyPatch();
+  // Makes the dense row complete if it is not (Patched, Deferred): the source copied into row_
+  // with the patch applied, or the deferred row decoded into row_. Every dense stage calls it
+  // first.
+  void Materialize();
   // After a pass wrote every value into row_: the row is current (and pass 1's top-k stream,
   // which holds the values the sample started from, no longer applies).
   void Wrote() {
@@ -191,8 +205,12 @@ class Dist {
   size_t Select(const Key& key, double lo, double hi);
 
   absl::Span<const float> values_;       // the current values: the source, or row_ once written
-  absl::Span<const int32_t> patch_ids_;  // a patch values_ lacks (empty: none)
+  bool pending_ = false;                 // values_ is not complete yet: see Materialize
+  absl::Span<const int32_t> patch_ids_;  // a patch values_ lacks
   absl::Span<const float> patch_values_;
+  const LogitsView* deferred_view_ = nullptr;  // a row values_ does not hold yet
+  int deferred_row_ = 0;
+  float deferred_divisor_ = 1.0f;
   absl::Span<float> row_;
   RowScratch& s_;
   const bool parallel_;

@@ -101,7 +101,7 @@ inline void Offer(TopStream& s, size_t i, float x) {
 inline MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
                            float* out, TopStream* top) {
   float max = kNegInf;
-  bool nan = false;
+  int64_t argmax = -1, nan = -1;
   for (size_t i = begin; i < end; ++i) {
     uint16_t bits = 0;
     float x = 0.0f;
@@ -121,11 +121,15 @@ inline MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t
     if (divisor != 1.0f) x /= divisor;
     if (out != nullptr) out[i] = x;
     if (top != nullptr) Offer(*top, i, x);
-    if (std::isnan(x)) nan = true;
-    if (x > max) max = x;
+    if (std::isnan(x)) {
+      if (nan < 0) nan = static_cast<int64_t>(i);
+    } else if (x > max) {
+      max = x;
+      argmax = static_cast<int64_t>(i);
+    }
   }
-  const float* values = out != nullptr ? out : reinterpret_cast<const float*>(row);
-  return Finish(values, begin, end, nan ? kNegInf : max, nan);
+  if (nan >= 0) return MaxResult{kNegInf, -1, nan};
+  return MaxResult{max, argmax, -1};
 }
 
 inline double SumExp(const float* v, size_t begin, size_t end, float divisor, float max) {
@@ -489,7 +493,7 @@ void CompactTop(TopStream& s) {
 // costs no second pass over the row: the maximum of each chunk of kChunk values is kept as it is
 // reduced, the first chunk that reaches the row's maximum is the one where the running maximum
 // last rose strictly, and only that chunk is searched (`values`: the decoded row, out or the
-// source itself when that is fp32).
+// source itself when that is fp32 and undivided; null: that chunk is decoded again).
 constexpr size_t kChunk = 1024;
 
 template <class Load, class LoadOne>
@@ -555,13 +559,32 @@ MaxResult DecodeMaxBody(const Load& load, const LoadOne& load_one, const float* 
       max_chunk = c;
     }
   }
+  // The first index of the maximum (or of a NaN) in [from, to): in `values`, or, when the
+  // decoded row was not stored, by decoding again (the same operations give the same bits).
+  const auto first = [&](size_t from, size_t to, bool find_nan) -> int64_t {
+    if (values != nullptr) return FindFirstEqual(values, from, to, max, find_nan);
+    const VF vmax = hn::Set(df, max);
+    size_t i = from;
+    for (; i + n <= to; i += n) {
+      VF x = load(i);
+      if (divide) x = hn::Div(x, vdiv);
+      const intptr_t hit = hn::FindFirstTrue(df, find_nan ? hn::IsNaN(x) : hn::Eq(x, vmax));
+      if (hit >= 0) return static_cast<int64_t>(i) + hit;
+    }
+    for (; i < to; ++i) {
+      float x = load_one(i);
+      if (divide) x /= divisor;
+      if (find_nan ? std::isnan(x) : x == max) return static_cast<int64_t>(i);
+    }
+    return -1;
+  };
   MaxResult r{max, -1, -1};
   if (track_nan && (snan || !hn::AllFalse(df, nan))) {
     // With a NaN the maximum is meaningless; the caller fails the row anyway.
     r.max = kNegInf;
-    r.nan = FindFirstEqual(values, begin, end, 0.0f, true);
+    r.nan = first(begin, end, true);
   } else if (max != kNegInf) {
-    r.argmax = FindFirstEqual(values, max_chunk, std::min(end, max_chunk + kChunk), max, false);
+    r.argmax = first(max_chunk, std::min(end, max_chunk + kChunk), false);
   }
   return r;
 }
@@ -579,8 +602,10 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
         std::memcpy(&x, row + 4 * i, sizeof(x));
         return x;
       };
-      return DecodeMaxBody([&](size_t i) { return hn::LoadU(df, src + i); }, load_one,
-                           out != nullptr ? out : src, begin, end, divisor, out, true, top);
+      // Not stored and not divided: the source itself holds the decoded values.
+      const float* values = out != nullptr ? out : divisor == 1.0f ? src : nullptr;
+      return DecodeMaxBody([&](size_t i) { return hn::LoadU(df, src + i); }, load_one, values,
+                           begin, end, divisor, out, true, top);
     }
     case DType::kBFloat16: {
       const uint16_t* src = reinterpret_cast<const uint16_t*>(row);

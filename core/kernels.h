@@ -97,8 +97,9 @@ struct TopStream {
 };
 
 // Decodes row bytes [begin, end) (element indexes) of `dtype` into out[begin, end), divided by
-// `divisor` when it is not 1, and finds the maximum and the first NaN. With out == null (float32
-// rows aligned for floats, divisor 1 only) the row is only read. With `top`, also streams the
+// `divisor` when it is not 1, and finds the maximum and the first NaN. With out == null the
+// decoded values are not stored (the row is only read; float32 rows must be aligned for floats),
+// and the maximum's index is found by decoding its chunk again. With `top`, also streams the
 // (decoded, divided) values through it; calls for consecutive ranges continue one stream.
 MaxResult DecodeMax(DType dtype, const uint8_t* row, size_t begin, size_t end, float divisor,
                     float* out, TopStream* top = nullptr);

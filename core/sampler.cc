@@ -214,6 +214,11 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   bool patched = own_floats && !view.shared() && steps && streams &&
                  OnlyPenaltiesActive(p, req.output_token_ids);
   bool read_only = own_floats && (!view.shared() || read_once) && (!steps || patched);
+  // A bf16 / fp16 row whose top_k is streamed is not stored either: the stream keeps every value
+  // top_k needs, and a stage that needs the whole row after all decodes it again
+  // (Dist::Deferred). Not a row in shared memory, which could change between the two reads.
+  bool deferred = view.dtype() != DType::kFloat32 && !view.shared() && streams && !steps &&
+                  !(wants_logprobs && raw_mode);
   const bool tempered =
       TemperatureFirst(p) && !read_only && !steps && !(wants_logprobs && raw_mode);
   const float divisor = tempered ? p.temperature : 1.0f;
@@ -233,7 +238,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   }
   ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
     blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor,
-                                   read_only ? nullptr : logits.data(), stream);
+                                   read_only || deferred ? nullptr : logits.data(), stream);
   });
   scratch.streamed = stream != nullptr && !stream->overflow;
   kernels::MaxResult top{kNegInf, -1, -1};
@@ -243,6 +248,13 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
           absl::StrCat("logits.data is NaN at row ", row, ", token ", block.nan));
     }
     if (block.argmax >= 0 && (top.argmax < 0 || block.max > top.max)) top = block;
+  }
+  if (deferred && !scratch.streamed) {
+    // The stream overflowed (ties): the row is needed after all.
+    ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
+      kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, logits.data());
+    });
+    deferred = false;
   }
 
   // Raw logprobs are taken before any stage touches the row.
@@ -307,12 +319,13 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   if (max == kPosInf) {
     // +inf logits dominate: the row is uniform over them.
     ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
-      if (read_only) {
+      if (read_only || deferred) {
         kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, 1.0f, logits.data());
       }
       kernels::InfToUniform(logits.data(), begin, end);
     });
     source = logits;
+    deferred = false;
     dist_max = 0.0f;
     scratch.streamed = false;  // the values it holds are gone
   }
@@ -335,6 +348,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
     } else {
       Dist dist(source, own, dist_max, scratch, parallel);
       if (patched) dist.Patched(scratch.patch_ids, scratch.patch_values);
+      if (deferred) dist.Deferred(&view, row, divisor);
       out.token_id = SampleOne(p, dist, tempered, seed, step, out.sample_index, mu_in, &mu, vocab);
       if ((wants_logprobs && !raw_mode) || !processed_out.empty()) processed = dist.Processed();
     }
