@@ -200,6 +200,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   // decoding and the temperature. So is a row in another process's memory (it could change
   // between two reads) unless one read is all it takes (greedy), and a row not aligned for
   // float reads.
+  //
   // A small top_k that is the first stage to change values keeps its candidates while pass 1
   // reads the row (one stream over the blocks in order), so it needs no second read. Steps 1–2
   // that only lower logits leave it valid after a fix-up (below); penalties alone do even without
