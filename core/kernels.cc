@@ -1117,6 +1117,12 @@ namespace tokensampler::kernels {
 
 using internal::kNegInf;
 
+// Two clones, picked once at load time: with FMA instructions each std::fma below is one
+// instruction; the portable default calls libm's fmaf for each (≈ 20–35 ns per ExpF). Both
+// round each fused operation once, so they give the same bits.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("fma", "default")))
+#endif
 float ExpF(float x) {
   using namespace internal;  // NOLINT
   if (x < kExpMin) return 0.0f;
