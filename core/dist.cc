@@ -117,12 +117,11 @@ void Dist::Materialize() {
     });
     Wrote();
   }
+  // (No weights exist yet: every stage that computes them calls this first.)
   const absl::Span<float> own = Own();
   for (size_t i = 0; i < patch_ids_.size(); ++i) {
     own[static_cast<size_t>(patch_ids_[i])] = patch_values_[i];
   }
-  weights_valid_ = false;
-  head_valid_ = false;
 }
 
 absl::Span<float> Dist::Own() {
@@ -296,20 +295,17 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
   // Sampled keys give the pivots: sorted when first needed (the head's estimate usually brackets
   // the cut in one pass without them).
   std::vector<double>& sample = s_.keys;
-  sample.clear();
   const size_t stride = std::max<size_t>(1, n / kSampleSize);
   bool sample_sorted = false;
-  const auto sorted_sample = [&]() -> const std::vector<double>& {
-    if (!sample_sorted) {
-      sample.clear();
-      for (size_t i = stride / 2; i < n; i += stride) {
-        if (values_[i] != kNegInf) sample.push_back(KeyOf(key, values_[i]));
-      }
-      std::sort(sample.begin(), sample.end());
-      sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
-      sample_sorted = true;
+  const auto sort_sample = [&] {
+    if (sample_sorted) return;
+    sample.clear();
+    for (size_t i = stride / 2; i < n; i += stride) {
+      if (values_[i] != kNegInf) sample.push_back(KeyOf(key, values_[i]));
     }
-    return sample;
+    std::sort(sample.begin(), sample.end());
+    sample.erase(std::unique(sample.begin(), sample.end()), sample.end());
+    sample_sorted = true;
   };
 
   // Invariant: mass(key ≤ lo) < fraction·total ≤ mass(key ≤ hi) (with a margin for the order of
@@ -365,7 +361,7 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
     }
   } else {
     // Geometric positions in the sample (most cuts fall in the first few).
-    sorted_sample();
+    sort_sample();
     const size_t above_lo =
         static_cast<size_t>(std::upper_bound(sample.begin(), sample.end(), lo) - sample.begin());
     for (size_t pos = 0; above_lo + pos < sample.size() && pivots.size() + 2 < 8;
@@ -452,7 +448,7 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
     band_ids = s_.band_ids.data();
     band_size = s_.band_ids.size();
     // Next pivots: the sample's keys inside (lo, hi) where it has some, else evenly spaced.
-    sorted_sample();
+    sort_sample();
     pivots.clear();
     const auto first = std::upper_bound(sample.begin(), sample.end(), lo);
     const auto last = std::lower_bound(sample.begin(), sample.end(), hi);
@@ -673,8 +669,8 @@ void Dist::TopP(float p) {
     tokensampler::TopP{p}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  Materialize();
   if (p >= 1.0f) return;
+  Materialize();
   EnsureWeights(/*head=*/true);
   const Key key{};
   double lo = -kDoubleInf, lo_cumulative = 0.0;
@@ -726,8 +722,8 @@ void Dist::MinP(float min_p) {
     tokensampler::MinP{min_p}.Apply(absl::MakeSpan(s_.sparse_values));
     return;
   }
-  Materialize();
   if (min_p <= 0.0f) return;
+  Materialize();
   if (weights_valid_) {
     CutWeightBelow(static_cast<double>(min_p));
     return;
@@ -766,8 +762,8 @@ void Dist::TypicalP(float mass) {
     tokensampler::TypicalP{mass}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  Materialize();
   if (mass >= 1.0f) return;
+  Materialize();
   EnsureWeights(/*head=*/true);
   const double h = Entropy();
   Key key;
@@ -784,8 +780,8 @@ void Dist::EpsilonCutoff(float epsilon) {
     tokensampler::EpsilonCutoff{epsilon}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  Materialize();
   if (epsilon <= 0.0f) return;
+  Materialize();
   CutBelowProbability(static_cast<double>(epsilon));
 }
 
@@ -794,8 +790,8 @@ void Dist::EtaCutoff(float eta) {
     tokensampler::EtaCutoff{eta}.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  Materialize();
   if (eta <= 0.0f) return;
+  Materialize();
   const double h = Entropy();
   const double e = static_cast<double>(eta);
   CutBelowProbability(std::min(e, std::sqrt(e) * std::exp(-h)));
@@ -840,8 +836,8 @@ void Dist::Xtc(const tokensampler::Xtc& xtc) {
     xtc.Apply(absl::MakeSpan(s_.sparse_values), s_);
     return;
   }
-  Materialize();
   if (!(xtc.coin < static_cast<double>(xtc.probability))) return;
+  Materialize();
   EnsureWeights();
   const float cut = kernels::RoundUp(static_cast<double>(xtc.threshold) * total_);
   // Few tokens can reach the threshold (at most 1 / threshold): select them per block.

@@ -155,8 +155,8 @@ class Dist {
   // change in place; returns it.
   absl::Span<float> Own();
   // Makes the dense row complete if it is not (Patched, Deferred): the source copied into row_
-  // with the patch applied, or the deferred row decoded into row_. Every dense stage calls it
-  // first.
+  // with the patch applied, or the deferred row decoded into row_. Every stage calls it before
+  // its first read of the dense row (a stage with nothing to do returns before).
   void Materialize();
   // After a pass wrote every value into row_: the row is current (and pass 1's top-k stream,
   // which holds the values the sample started from, no longer applies).
