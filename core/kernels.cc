@@ -13,23 +13,27 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 
-// Constants of ExpF (Cephes' expf: Cody–Waite reduction and a degree-5 polynomial), shared by
-// the scalar and the SIMD code so both evaluate the same operations.
+// Constants of ExpF, shared by the scalar and the SIMD code so both evaluate the same
+// operations: e^x = 2^(n/16) · e^r with n = round(x·16/log 2) and r = x − n·log 2/16 (|r| ≤
+// 0.0217, in two parts), 2^(n/16) = 2^⌊n/16⌋ · kExpTable[n mod 16], and e^r − 1 by a degree-3
+// polynomial (its error, r⁴/24 ≤ 1e-8 of the result, is below a tenth of an ulp).
 #ifndef TOKENSAMPLER_CORE_KERNELS_CONSTANTS_
 #define TOKENSAMPLER_CORE_KERNELS_CONSTANTS_
 namespace tokensampler::kernels::internal {
-constexpr float kExpMin = -87.33654f;  // below this e^x is under FLT_MIN: the weight is 0
-constexpr float kExpMax = 88.72283f;
-constexpr float kLog2e = 1.44269504088896341f;
+// Below this e^x would be under FLT_MIN: the weight is 0. At and above it every result and every
+// 2^⌊n/16⌋ · kExpTable[…] is a normal float, so the scale is built by adding to the exponent bits.
+constexpr float kExpMin = -87.3f;
+constexpr float kExpMax = 88.7f;             // the largest n (2047) whose result is finite
+constexpr float kExpScale = 0x1.715476p+4f;  // 16 / log 2
 constexpr float kMagic = 12582912.0f;  // 1.5·2^23: adding it rounds to an integer in the low bits
-constexpr float kLn2Hi = 0.693359375f;
-constexpr float kLn2Lo = -2.12194440e-4f;
-constexpr float kP0 = 1.9875691500e-4f;
-constexpr float kP1 = 1.3981999507e-3f;
-constexpr float kP2 = 8.3334519073e-3f;
-constexpr float kP3 = 4.1665795894e-2f;
-constexpr float kP4 = 1.6666665459e-1f;
-constexpr float kP5 = 5.0000001201e-1f;
+constexpr float kLn2Over16Hi = 0x1.62ep-5f;  // log 2 / 16 in 12 bits: n·hi is exact
+constexpr float kLn2Over16Lo = 0x1.0bfbe8p-19f;
+constexpr float kExpC3 = 1.0f / 6.0f;
+// 2^(j/16) rounded to float, j = 0…15; aligned for one 512-bit load.
+alignas(64) constexpr float kExpTable[16] = {
+    0x1.000000p+0f, 0x1.0b5586p+0f, 0x1.172b84p+0f, 0x1.2387a6p+0f, 0x1.306fe0p+0f, 0x1.3dea64p+0f,
+    0x1.4bfdaep+0f, 0x1.5ab07ep+0f, 0x1.6a09e6p+0f, 0x1.7a1148p+0f, 0x1.8ace54p+0f, 0x1.9c4918p+0f,
+    0x1.ae89fap+0f, 0x1.c199bep+0f, 0x1.d5818ep+0f, 0x1.ea4afap+0f};
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
 }  // namespace tokensampler::kernels::internal
@@ -369,34 +373,46 @@ using VD = hn::Vec<DD>;
 
 // e^x of N vectors at once, for x ≤ 0 or −inf (a value minus the row's maximum): the same IEEE
 // operations as the scalar ExpF, which there never reaches its kExpMax clamp. Each step runs across
-// the N vectors before the next, so the core overlaps N independent dependency chains (≈ 15
-// operations deep) instead of waiting one out at a time.
+// the N vectors before the next, so the core overlaps N independent dependency chains instead of
+// waiting one out at a time. Seven multiply-adds per vector (Cephes' degree-5 e^x took eleven).
 template <size_t N>
 HWY_INLINE void ExpN(DF df, VF (&x)[N]) {
-  VF t[N], r[N], z[N], p[N];
+  const DI di;
+  VF t[N], n[N], r[N], q[N];
   hn::Mask<DF> kept[N];
   for (size_t j = 0; j < N; ++j) kept[j] = hn::Ge(x[j], hn::Set(df, kExpMin));
-  for (size_t j = 0; j < N; ++j) t[j] = hn::MulAdd(x[j], hn::Set(df, kLog2e), hn::Set(df, kMagic));
-  for (size_t j = 0; j < N; ++j) t[j] = hn::Sub(t[j], hn::Set(df, kMagic));  // k = round(x·log2 e)
-  for (size_t j = 0; j < N; ++j) r[j] = hn::NegMulAdd(t[j], hn::Set(df, kLn2Hi), x[j]);
-  for (size_t j = 0; j < N; ++j) r[j] = hn::NegMulAdd(t[j], hn::Set(df, kLn2Lo), r[j]);
-  for (size_t j = 0; j < N; ++j) z[j] = hn::Mul(r[j], r[j]);
-  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(hn::Set(df, kP0), r[j], hn::Set(df, kP1));
-  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(p[j], r[j], hn::Set(df, kP2));
-  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(p[j], r[j], hn::Set(df, kP3));
-  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(p[j], r[j], hn::Set(df, kP4));
-  for (size_t j = 0; j < N; ++j) p[j] = hn::MulAdd(p[j], r[j], hn::Set(df, kP5));
-  for (size_t j = 0; j < N; ++j) p[j] = hn::Add(hn::MulAdd(p[j], z[j], r[j]), hn::Set(df, 1.0f));
-  // y·2^k with k ∈ [−126, 0] where kept: 2^k is a normal float, so this is one rounding of the
-  // exact product either way. Below kExpMin the weight is 0.
+  for (size_t j = 0; j < N; ++j)
+    t[j] = hn::MulAdd(x[j], hn::Set(df, kExpScale), hn::Set(df, kMagic));
+  for (size_t j = 0; j < N; ++j) n[j] = hn::Sub(t[j], hn::Set(df, kMagic));
+  for (size_t j = 0; j < N; ++j) r[j] = hn::NegMulAdd(n[j], hn::Set(df, kLn2Over16Hi), x[j]);
+  for (size_t j = 0; j < N; ++j) r[j] = hn::NegMulAdd(n[j], hn::Set(df, kLn2Over16Lo), r[j]);
   for (size_t j = 0; j < N; ++j) {
+    const VF a = hn::MulAdd(r[j], hn::Set(df, kExpC3), hn::Set(df, 0.5f));
+    q[j] = hn::MulAdd(hn::Mul(r[j], r[j]), a, r[j]);
+  }
+  // scale = 2^⌊n/16⌋ · kExpTable[n mod 16], by adding ⌊n/16⌋ to the table entry's exponent (a
+  // normal float where kept); then e^x = scale + scale·q in one rounding. Below kExpMin: 0.
+  for (size_t j = 0; j < N; ++j) {
+    const auto bits = hn::BitCast(di, t[j]);
 #if HWY_TARGET <= HWY_AVX3
-    x[j] = VF{_mm512_maskz_scalef_ps(kept[j].raw, p[j].raw, t[j].raw)};
+    // vpermps takes the low 4 bits of each index: n mod 16.
+    const VF entry = VF{_mm512_permutexvar_ps(bits.raw, _mm512_load_ps(kExpTable))};
+#elif HWY_TARGET == HWY_AVX2
+    // Two 8-entry lookups (the low 3 bits), the upper half where bit 3 is set.
+    const __m256 lo = _mm256_permutevar8x32_ps(_mm256_load_ps(kExpTable), bits.raw);
+    const __m256 hi = _mm256_permutevar8x32_ps(_mm256_load_ps(kExpTable + 8), bits.raw);
+    const VF entry =
+        VF{_mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(bits.raw, 28)))};
 #else
-    const DI di;
-    const auto k = hn::ConvertTo(di, t[j]);
-    const VF scale = hn::BitCast(df, hn::ShiftLeft<23>(hn::Add(k, hn::Set(di, 127))));
-    x[j] = hn::IfThenElseZero(kept[j], hn::Mul(p[j], scale));
+    const VF entry = hn::GatherIndex(df, kExpTable, hn::And(bits, hn::Set(di, 15)));
+#endif
+    const auto exponent =
+        hn::ShiftLeft<23>(hn::BitCast(di, hn::ShiftRight<4>(hn::BitCast(DU(), bits))));
+    const VF scale = hn::BitCast(df, hn::Add(hn::BitCast(di, entry), exponent));
+#if HWY_TARGET <= HWY_AVX3
+    x[j] = VF{_mm512_maskz_fmadd_ps(kept[j].raw, scale.raw, q[j].raw, scale.raw)};
+#else
+    x[j] = hn::IfThenElseZero(kept[j], hn::MulAdd(scale, q[j], scale));
 #endif
   }
 }
@@ -1124,29 +1140,26 @@ using internal::kNegInf;
 __attribute__((target_clones("fma", "default")))
 #endif
 float ExpF(float x) {
-  using namespace internal;  // NOLINT
-  if (x < kExpMin) return 0.0f;
+  using namespace internal;          // NOLINT
+  if (!(x >= kExpMin)) return 0.0f;  // and NaN, as the SIMD code's mask
   if (x > kExpMax) x = kExpMax;
-  // e^x = 2^k · e^r, k = round(x·log2 e), r = x − k·ln 2 (in two parts), e^r by Cephes'
-  // polynomial; the same fused operations as the SIMD Exp.
-  const float t = std::fma(x, kLog2e, kMagic);
-  const float fx = t - kMagic;
-  float r = std::fma(-fx, kLn2Hi, x);
-  r = std::fma(-fx, kLn2Lo, r);
-  const float z = r * r;
-  float p = std::fma(kP0, r, kP1);
-  p = std::fma(p, r, kP2);
-  p = std::fma(p, r, kP3);
-  p = std::fma(p, r, kP4);
-  p = std::fma(p, r, kP5);
-  const float y = std::fma(p, z, r) + 1.0f;
-  int32_t t_bits, magic_bits;
+  // The same fused operations as the SIMD ExpN (see the constants).
+  const float t = std::fma(x, kExpScale, kMagic);  // n in the low bits
+  const float n = t - kMagic;
+  float r = std::fma(-n, kLn2Over16Hi, x);
+  r = std::fma(-n, kLn2Over16Lo, r);
+  const float a = std::fma(r, kExpC3, 0.5f);
+  const float q = std::fma(r * r, a, r);  // e^r − 1
+  uint32_t t_bits;
   std::memcpy(&t_bits, &t, sizeof(t));
-  std::memcpy(&magic_bits, &kMagic, sizeof(kMagic));
-  const uint32_t bits = static_cast<uint32_t>(t_bits - magic_bits + 127) << 23;
+  // t's bits are kMagic's plus n: the low 4 bits are n mod 16, and ⌊n/16⌋ · 2^23 is
+  // (t_bits >> 4) << 23 (kMagic's part shifts out).
+  uint32_t scale_bits;
+  std::memcpy(&scale_bits, &kExpTable[t_bits & 15u], sizeof(scale_bits));
+  scale_bits += (t_bits >> 4) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return y * scale;
+  std::memcpy(&scale, &scale_bits, sizeof(scale));
+  return std::fma(scale, q, scale);
 }
 
 float RoundUp(double t) { return scalar::RoundUp(t); }

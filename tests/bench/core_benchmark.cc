@@ -126,12 +126,14 @@ void BM_Weights(benchmark::State& state) {
   state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
 
-void BM_SumExp(benchmark::State& state) {
-  // The normaliser alone (the draw of a row nothing truncates: weights summed, not stored).
+void BM_SumExp(benchmark::State& state, float divisor) {
+  // The normaliser alone (the draw of a row nothing truncates: weights summed, not stored); with a
+  // divisor, the draw of chain b, whose temperature is still pending on a float32 row.
   const size_t vocab = static_cast<size_t>(state.range(0));
   KernelRow row(vocab);
   for (auto _ : state) {
-    benchmark::DoNotOptimize(kernels::SumExp(row.work.data(), 0, vocab, 1.0f, row.max));
+    benchmark::DoNotOptimize(
+        kernels::SumExp(row.work.data(), 0, vocab, divisor, row.max / divisor));
   }
   state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
@@ -207,7 +209,11 @@ void Register() {
                                [](benchmark::State& s) { BM_DecodeMax(s, DType::kFloat32, 0.8f); })
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);
-  benchmark::RegisterBenchmark("kernel/SumExp", BM_SumExp)
+  benchmark::RegisterBenchmark("kernel/SumExp", [](benchmark::State& s) { BM_SumExp(s, 1.0f); })
+      ->Arg(128256)
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("kernel/SumExp/temperature",
+                               [](benchmark::State& s) { BM_SumExp(s, 0.8f); })
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("kernel/Weights", BM_Weights)
