@@ -150,20 +150,33 @@ void Dist::ApplyDivision() {
   head_valid_ = false;
 }
 
-void Dist::EnsureWeights(bool head) {
-  if (weights_valid_ && (!head || head_valid_)) return;
+void Dist::EnsureWeights(bool head, double* weighted) {
+  std::vector<double>& parts = s_.keys;
+  if (weights_valid_ && (!head || head_valid_)) {
+    if (weighted != nullptr) {
+      parts.assign(s_.block_sums.size(), 0.0);
+      ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+        parts[b] = kernels::WeightedLogits(values_.data(), s_.wf.data(), begin, end, max_);
+      });
+      *weighted = 0.0;
+      for (double part : parts) *weighted += part;
+    }
+    return;
+  }
   const float d = divisor_;
   const float max = d == 1.0f ? max_ : max_ / d;
   std::vector<int64_t>& heads = s_.block_counts;
   heads.assign(s_.block_sums.size(), 0);
+  if (weighted != nullptr) parts.assign(s_.block_sums.size(), 0.0);
   int32_t* head_ids = s_.head_ids.data();
   // A pending division is applied on the way: the divided values go to the own row.
   float* divided = d == 1.0f ? nullptr : row_.data();
   ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-    if (head) {
+    if (head || weighted != nullptr) {
       size_t count = 0;
-      s_.block_sums[b] = kernels::WeightsAndHead(values_.data(), divided, s_.wf.data(), begin, end,
-                                                 d, max, kHeadMin, head_ids + begin, &count);
+      s_.block_sums[b] = kernels::WeightsAndHead(
+          values_.data(), divided, s_.wf.data(), begin, end, d, max, kHeadMin,
+          head ? head_ids + begin : nullptr, &count, weighted != nullptr ? &parts[b] : nullptr);
       heads[b] = static_cast<int64_t>(count);
     } else {
       s_.block_sums[b] =
@@ -176,6 +189,10 @@ void Dist::EnsureWeights(bool head) {
   total_ = 0.0;
   for (double sum : s_.block_sums) total_ += sum;
   weights_valid_ = true;
+  if (weighted != nullptr) {
+    *weighted = 0.0;
+    for (double part : parts) *weighted += part;
+  }
   if (head) {
     head_size_ = 0;
     for (size_t b = 0; b < heads.size(); ++b) {
@@ -239,15 +256,9 @@ void Dist::CutBelowProbability(double cut) {
   CutWeightBelow(cut * total_);
 }
 
-double Dist::Entropy() {
-  EnsureWeights();
-  std::vector<double>& parts = s_.keys;
-  parts.assign(s_.block_sums.size(), 0.0);
-  ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-    parts[b] = kernels::WeightedLogits(values_.data(), s_.wf.data(), begin, end, max_);
-  });
+double Dist::Entropy(bool head) {
   double weighted = 0.0;
-  for (double part : parts) weighted += part;
+  EnsureWeights(head, &weighted);
   // H = −Σ q (v − max − log Σ) = log Σ − Σ w (v − max) / Σ.
   return std::log(total_) - weighted / total_;
 }
@@ -764,8 +775,7 @@ void Dist::TypicalP(float mass) {
   }
   if (mass >= 1.0f) return;
   Materialize();
-  EnsureWeights(/*head=*/true);
-  const double h = Entropy();
+  const double h = Entropy(/*head=*/true);
   Key key;
   key.kind = Key::kTypical;
   key.max = static_cast<double>(max_);

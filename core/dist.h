@@ -174,8 +174,10 @@ class Dist {
     weights_valid_ = false;
   }
   // Computes weights and block sums if they are not current (applies a pending division); with
-  // `head`, also the ids of the tokens with w ≥ kHeadMin (head_ids_, in id order).
-  void EnsureWeights(bool head = false);
+  // `head`, also the ids of the tokens with w ≥ kHeadMin (head_ids_, in id order); with
+  // `weighted`, also Σ w·(v − max) over the row (in the same pass when the weights are computed
+  // now, else in a pass of its own).
+  void EnsureWeights(bool head = false, double* weighted = nullptr);
   // Stores per-block (sum, count) results and totals them.
   void TotalBlocks();
   // Cuts by value / weight over all blocks; turns sparse when few remain.
@@ -185,8 +187,9 @@ class Dist {
   void KeepMax();
   // The reference's CutBelowProbability on the dense row.
   void CutBelowProbability(double cut);
-  // Shannon entropy (nats) of the current weights.
-  double Entropy();
+  // Shannon entropy (nats) of the current weights (computing them, with the head when `head`,
+  // if they are not current).
+  double Entropy(bool head = false);
   // The smallest cut key whose kept mass reaches `fraction` of the total (ties at the cut kept),
   // with the reference's cumulative rule, given that the tokens with key ≤ lo (lo_count of them)
   // hold the cumulative fraction lo_cumulative < fraction. REQUIRES: weights current.

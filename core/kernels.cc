@@ -153,8 +153,9 @@ inline MaxResult Max(const float* v, size_t begin, size_t end) {
 
 inline double Weights(const float* v, float* v_out, float* w, size_t begin, size_t end,
                       float divisor, float max, float head_min = 0.0f, int32_t* head = nullptr,
-                      size_t* head_count = nullptr) {
+                      size_t* head_count = nullptr, double* weighted = nullptr) {
   double sum = 0.0;
+  double weighted_sum = 0.0;
   size_t heads = 0;
   for (size_t i = begin; i < end; ++i) {
     float x = v[i];
@@ -165,8 +166,12 @@ inline double Weights(const float* v, float* v_out, float* w, size_t begin, size
     w[i] = ExpF(x - max);
     sum += static_cast<double>(w[i]);
     if (head != nullptr && w[i] >= head_min) head[heads++] = static_cast<int32_t>(i);
+    if (weighted != nullptr && w[i] > 0.0f) {
+      weighted_sum += static_cast<double>(w[i]) * (static_cast<double>(x) - max);
+    }
   }
   if (head_count != nullptr) *head_count = heads;
+  if (weighted != nullptr) *weighted = weighted_sum;
   return sum;
 }
 
@@ -312,8 +317,9 @@ double SumExpImpl(const float* v, size_t begin, size_t end, float divisor, float
 }
 double WeightsAndHeadImpl(const float* v, float* v_out, float* w, size_t begin, size_t end,
                           float divisor, float max, float head_min, int32_t* head,
-                          size_t* head_count) {
-  return scalar::Weights(v, v_out, w, begin, end, divisor, max, head_min, head, head_count);
+                          size_t* head_count, double* weighted) {
+  return scalar::Weights(v, v_out, w, begin, end, divisor, max, head_min, head, head_count,
+                         weighted);
 }
 SumCount CutValueBelowImpl(const float* v, float* out, float* w, size_t begin, size_t end,
                            float t) {
@@ -649,11 +655,15 @@ MaxResult MaxImpl(const float* v, size_t begin, size_t end) {
                        [&](size_t i) { return v[i]; }, v, begin, end, 1.0f, nullptr, false);
 }
 
+// With kWeighted, also *weighted = Σ w·(x − max) over the tokens with w > 0, in double (the
+// entropy's sum, which otherwise takes a pass of its own: WeightedLogits).
+template <bool kWeighted>
 double WeightsBody(const float* v, float* v_out, float* w, size_t begin, size_t end, float divisor,
-                   float max, float head_min, int32_t* head, size_t* head_count) {
+                   float max, float head_min, int32_t* head, size_t* head_count, double* weighted) {
 #if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
   // No fused multiply-add: the vector ExpF would round differently from the scalar one.
-  return scalar::Weights(v, v_out, w, begin, end, divisor, max, head_min, head, head_count);
+  return scalar::Weights(v, v_out, w, begin, end, divisor, max, head_min, head, head_count,
+                         weighted);
 #endif
   const DF df;
   const DI di;
@@ -663,27 +673,39 @@ double WeightsBody(const float* v, float* v_out, float* w, size_t begin, size_t 
   const VF vmax = hn::Set(df, max);
   const VF vdiv = hn::Set(df, divisor);
   const VF vhead = hn::Set(df, head_min);
+  const VD vmax_d = hn::Set(dd, static_cast<double>(max));
   const bool divide = divisor != 1.0f;
-  VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd);
+  VD acc0 = hn::Zero(dd), acc1 = hn::Zero(dd), acc_weighted = hn::Zero(dd);
   size_t heads = 0;
   size_t i = begin;
   // Two vectors per step (see ExpN), then one at a time.
   const auto step = [&](auto unroll) {
     constexpr size_t kU = decltype(unroll)::value;
-    VF e[kU];
+    VF e[kU], xs[kU];
     for (size_t j = 0; j < kU; ++j) {
       VF x = hn::LoadU(df, v + i + j * n);
       if (divide) {
         x = hn::Div(x, vdiv);
         if (v_out != nullptr) hn::StoreU(x, df, v_out + i + j * n);
       }
+      xs[j] = x;
       e[j] = hn::Sub(x, vmax);
     }
     ExpN(df, e);
     for (size_t j = 0; j < kU; ++j) {
       hn::StoreU(e[j], df, w + i + j * n);
-      acc0 = hn::Add(acc0, Lower(e[j]));
-      acc1 = hn::Add(acc1, Upper(e[j]));
+      const VD w0 = Lower(e[j]), w1 = Upper(e[j]);
+      acc0 = hn::Add(acc0, w0);
+      acc1 = hn::Add(acc1, w1);
+      if constexpr (kWeighted) {
+        // WeightedLogits skips the tokens with w = 0. Here their terms are −0 (x − max ≤ 0),
+        // which leaves a sum unchanged, once −inf (whose w·(x − max) would be NaN) is clamped to
+        // the lowest float: one operation instead of a compare and a select per half.
+        const VF x = hn::Max(xs[j], hn::Set(df, std::numeric_limits<float>::lowest()));
+        const VD t0 = hn::Mul(w0, hn::Sub(Lower(x), vmax_d));
+        const VD t1 = hn::Mul(w1, hn::Sub(Upper(x), vmax_d));
+        acc_weighted = hn::Add(acc_weighted, hn::Add(t0, t1));
+      }
       if (head != nullptr) {
         const auto m = hn::Ge(e[j], vhead);
         if (!hn::AllFalse(df, m)) {
@@ -697,6 +719,7 @@ double WeightsBody(const float* v, float* v_out, float* w, size_t begin, size_t 
   for (; i + 2 * n <= end; i += 2 * n) step(std::integral_constant<size_t, 2>());
   for (; i + n <= end; i += n) step(std::integral_constant<size_t, 1>());
   double sum = SumD(hn::Add(acc0, acc1));
+  double weighted_sum = kWeighted ? SumD(acc_weighted) : 0.0;
   for (; i < end; ++i) {
     float x = v[i];
     if (divide) {
@@ -706,8 +729,12 @@ double WeightsBody(const float* v, float* v_out, float* w, size_t begin, size_t 
     w[i] = ExpF(x - max);
     sum += static_cast<double>(w[i]);
     if (head != nullptr && w[i] >= head_min) head[heads++] = static_cast<int32_t>(i);
+    if (kWeighted && w[i] > 0.0f) {
+      weighted_sum += static_cast<double>(w[i]) * (static_cast<double>(x) - max);
+    }
   }
   if (head_count != nullptr) *head_count = heads;
+  if (kWeighted) *weighted = weighted_sum;
   return sum;
 }
 
@@ -745,13 +772,18 @@ double SumExpImpl(const float* v, size_t begin, size_t end, float divisor, float
 
 double WeightsImpl(const float* v, float* v_out, float* w, size_t begin, size_t end, float divisor,
                    float max) {
-  return WeightsBody(v, v_out, w, begin, end, divisor, max, 0.0f, nullptr, nullptr);
+  return WeightsBody<false>(v, v_out, w, begin, end, divisor, max, 0.0f, nullptr, nullptr, nullptr);
 }
 
 double WeightsAndHeadImpl(const float* v, float* v_out, float* w, size_t begin, size_t end,
                           float divisor, float max, float head_min, int32_t* head,
-                          size_t* head_count) {
-  return WeightsBody(v, v_out, w, begin, end, divisor, max, head_min, head, head_count);
+                          size_t* head_count, double* weighted) {
+  if (weighted != nullptr) {
+    return WeightsBody<true>(v, v_out, w, begin, end, divisor, max, head_min, head, head_count,
+                             weighted);
+  }
+  return WeightsBody<false>(v, v_out, w, begin, end, divisor, max, head_min, head, head_count,
+                            nullptr);
 }
 
 // Shared body of the cuts: `removed(x, e)` is the mask of tokens to remove.
@@ -1232,9 +1264,10 @@ double SumExp(const float* v, size_t begin, size_t end, float divisor, float max
   return HWY_DYNAMIC_DISPATCH(SumExpImpl)(v, begin, end, divisor, max);
 }
 double WeightsAndHead(const float* v, float* v_out, float* w, size_t begin, size_t end,
-                      float divisor, float max, float head_min, int32_t* head, size_t* head_count) {
+                      float divisor, float max, float head_min, int32_t* head, size_t* head_count,
+                      double* weighted) {
   return HWY_DYNAMIC_DISPATCH(WeightsAndHeadImpl)(v, v_out, w, begin, end, divisor, max, head_min,
-                                                  head, head_count);
+                                                  head, head_count, weighted);
 }
 SumCount CutValueBelow(const float* v, float* out, float* w, size_t begin, size_t end, float t) {
   return HWY_DYNAMIC_DISPATCH(CutValueBelowImpl)(v, out, w, begin, end, t);

@@ -125,9 +125,12 @@ double Weights(const float* v, float* v_out, float* w, size_t begin, size_t end,
 double SumExp(const float* v, size_t begin, size_t end, float divisor, float max);
 
 // Weights, and also writes to head[0…] the ids of the tokens with w ≥ head_min (in id order);
-// `*head_count` receives how many. head has room for end − begin ids.
+// `*head_count` receives how many. head has room for end − begin ids. head may be null (no
+// head). With `weighted`, also *weighted = Σ w·(x − max) over the tokens with w > 0, in double:
+// WeightedLogits of the result, without a pass of its own.
 double WeightsAndHead(const float* v, float* v_out, float* w, size_t begin, size_t end,
-                      float divisor, float max, float head_min, int32_t* head, size_t* head_count);
+                      float divisor, float max, float head_min, int32_t* head, size_t* head_count,
+                      double* weighted = nullptr);
 
 // out[i] = v[i] / divisor.
 void Scale(const float* v, float* out, size_t begin, size_t end, float divisor);

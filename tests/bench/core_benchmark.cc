@@ -138,6 +138,28 @@ void BM_SumExp(benchmark::State& state, float divisor) {
   state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
 }
 
+void BM_WeightedLogits(benchmark::State& state, bool fused) {
+  // typical_p's and eta's Σ w·(v − max): in the weights pass (fused) against weights and then a
+  // pass of its own.
+  const size_t vocab = static_cast<size_t>(state.range(0));
+  KernelRow row(vocab);
+  double weighted = 0.0;
+  for (auto _ : state) {
+    size_t count = 0;
+    if (fused) {
+      benchmark::DoNotOptimize(kernels::WeightsAndHead(row.work.data(), nullptr, row.weights.data(),
+                                                       0, vocab, 1.0f, row.max, 0.0f, nullptr,
+                                                       &count, &weighted));
+    } else {
+      benchmark::DoNotOptimize(
+          kernels::Weights(row.work.data(), nullptr, row.weights.data(), 0, vocab, 1.0f, row.max));
+      weighted = kernels::WeightedLogits(row.work.data(), row.weights.data(), 0, vocab, row.max);
+    }
+    benchmark::DoNotOptimize(weighted);
+  }
+  state.SetItemsProcessed(state.iterations() * static_cast<int64_t>(vocab));
+}
+
 void BM_CutWeightBelow(benchmark::State& state) {
   const size_t vocab = static_cast<size_t>(state.range(0));
   KernelRow row(vocab);
@@ -217,6 +239,14 @@ void Register() {
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("kernel/Weights", BM_Weights)
+      ->Arg(128256)
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("kernel/Weights/entropy/fused",
+                               [](benchmark::State& s) { BM_WeightedLogits(s, true); })
+      ->Arg(128256)
+      ->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark("kernel/Weights/entropy/two_passes",
+                               [](benchmark::State& s) { BM_WeightedLogits(s, false); })
       ->Arg(128256)
       ->Unit(benchmark::kMicrosecond);
   benchmark::RegisterBenchmark("kernel/CutWeightBelow", BM_CutWeightBelow)

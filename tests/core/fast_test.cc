@@ -949,6 +949,46 @@ TEST(KernelsTest, SimdWeightsDivideByTheTemperatureFirst) {
   });
 }
 
+TEST(KernelsTest, WeightsPassSumsTheEntropyTermsAsTheirOwnPassWould) {
+  // typical_p and eta take Σ w·(v − max) from the weights pass (WeightsAndHead with `weighted`):
+  // WeightedLogits over what the pass wrote, up to the order of double additions (the same order
+  // on AVX-512 and AVX2; SSE4 and SSSE3 run the scalar weights), with and without a divisor,
+  // with a −inf token (w = 0 there: its term is 0, not NaN), odd lengths and offsets, with and
+  // without a head, and the weights, sum and head unchanged by asking for it.
+  for (const float divisor : {1.0f, 0.7f}) {
+    for (const size_t n : {size_t{5}, size_t{1003}, size_t{4096}}) {
+      float max = 0.0f;
+      const std::vector<float> v = NormalRow(11 + n, n, 6.0f, divisor, &max);
+      OnEveryTarget([&] {
+        for (const bool head : {false, true}) {
+          std::vector<float> work = v, w(n), plain_work = v, plain_w(n);
+          std::vector<int32_t> ids(n), plain_ids(n);
+          size_t count = 0, plain_count = 0;
+          double weighted = 0.0;
+          const double sum = kernels::WeightsAndHead(
+              v.data(), divisor == 1.0f ? nullptr : work.data(), w.data(), 1, n, divisor, max,
+              1e-3f, head ? ids.data() : nullptr, &count, &weighted);
+          const double plain = kernels::WeightsAndHead(
+              v.data(), divisor == 1.0f ? nullptr : plain_work.data(), plain_w.data(), 1, n,
+              divisor, max, 1e-3f, head ? plain_ids.data() : nullptr, &plain_count);
+          const std::vector<float>& x = divisor == 1.0f ? v : work;
+          const double want = kernels::WeightedLogits(x.data(), w.data(), 1, n, max);
+          ASSERT_NEAR(weighted, want, 1e-12 * std::abs(want))
+              << "n " << n << " divisor " << divisor << " head " << head;
+          ASSERT_EQ(sum, plain);
+          ASSERT_EQ(w, plain_w);
+          ASSERT_EQ(work, plain_work);
+          ASSERT_EQ(count, plain_count);
+          ASSERT_EQ(ids, plain_ids);
+          if (!head) {
+            ASSERT_EQ(count, 0u);
+          }
+        }
+      });
+    }
+  }
+}
+
 TEST(KernelsTest, PassOneFindsTheFirstMaximumAndTheFirstNaNOnEveryTarget) {
   // Pass 1 finds the maximum's first index from per-chunk maxima (kernels.cc): the maximum at
   // chunk edges, repeated later or earlier in its chunk, ±0 ties, all −inf, NaN anywhere, every
