@@ -112,10 +112,16 @@ void Dist::Materialize() {
   if (deferred_view_ != nullptr) {
     const uint8_t* bytes = deferred_view_->RowBytes(deferred_row_);
     const DType dtype = deferred_view_->dtype();
-    ForBlocks(row_.size(), parallel_, [&](size_t, size_t begin, size_t end) {
-      kernels::DecodeMax(dtype, bytes, begin, end, deferred_divisor_, row_.data());
+    std::vector<kernels::MaxResult>& blocks = s_.block_max;
+    blocks.resize(NumBlocks(row_.size()));
+    ForBlocks(row_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
+      blocks[b] = kernels::DecodeMax(dtype, bytes, begin, end, deferred_divisor_, row_.data());
     });
     Wrote();
+    if (!SameMaximum(blocks, max_)) {
+      std::fill(row_.begin(), row_.end(), max_);
+      s_.source_changed = true;
+    }
   }
   // (No weights exist yet: every stage that computes them calls this first.)
   const absl::Span<float> own = Own();

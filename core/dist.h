@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "absl/types/span.h"
@@ -36,6 +37,18 @@ namespace tokensampler {
 constexpr size_t kBlock = 4096;
 
 inline size_t NumBlocks(size_t n) { return (n + kBlock - 1) / kBlock; }
+
+// Whether a second read of a row (per-block results of kernels::DecodeMax) found what pass 1 did:
+// the maximum `max` (+inf included) and no NaN. A row in shared memory can fail this when its
+// client writes the region during the call; a row the request carries cannot.
+inline bool SameMaximum(absl::Span<const kernels::MaxResult> blocks, float max) {
+  float seen = -std::numeric_limits<float>::infinity();
+  for (const kernels::MaxResult& block : blocks) {
+    if (block.nan >= 0) return false;
+    if (block.argmax >= 0) seen = std::max(seen, block.max);
+  }
+  return seen == max;
+}
 
 // Runs fn(block, begin, end) for every block of a row of n tokens, on several threads when
 // `parallel`. Callers store per-block results and combine them in block order.
@@ -101,11 +114,13 @@ class Dist {
     patch_values_ = values;
     pending_ = true;
   }
-  // `source` is not filled: pass 1 read row `row` of `view` (bf16 / fp16, divided by `divisor`)
-  // without storing it, and kept only its top-k stream. A streamed top_k reads the stream; any
-  // stage that reads the dense row first decodes the row into the sample's own buffer, as pass 1
-  // did. `view` must outlive the Dist. REQUIRES: before any stage; view not shared (it is read
-  // twice).
+  // `source` is not filled: pass 1 read row `row` of `view` (divided by `divisor`) without
+  // storing it, and kept only its top-k stream. A streamed top_k reads the stream; any stage that
+  // reads the dense row first decodes the row into the sample's own buffer, as pass 1 did. A row
+  // in shared memory may read differently the second time (the client wrote it, or a SIGBUS
+  // turned it to zeros): unless that read has pass 1's maximum (the Dist's `max`) and no NaN, the
+  // row becomes uniform at `max` — every stage stays safe — and scratch.source_changed is set
+  // for SampleRow to fail the row. `view` must outlive the Dist. REQUIRES: before any stage.
   void Deferred(const LogitsView* view, int row, float divisor) {
     deferred_view_ = view;
     deferred_row_ = row;

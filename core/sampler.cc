@@ -170,6 +170,15 @@ bool PatchPenalties(const SamplingParams& p, const RowRequest& req, absl::Span<c
   return ok;
 }
 
+// A second read of a row in shared memory differed from pass 1 (see Dist::Deferred).
+absl::Status SharedRowChanged(size_t row) {
+  return absl::AbortedError(absl::StrCat(
+      "rows[", row,
+      "]: the logits changed while the row was being sampled (read twice, they differed): a "
+      "shared-memory region must not be written until the response to the call that reads it "
+      "has arrived"));
+}
+
 // `processed_out` (empty, or size vocab with n == 1) receives the distribution the sample was drawn
 // from (Sampler::RunRow).
 absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
@@ -187,6 +196,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   }
 
   scratch.Reserve(vocab);
+  scratch.source_changed = false;
   const size_t v = static_cast<size_t>(vocab);
   const absl::Span<float> logits(scratch.logits.data(), v);
   const bool wants_logprobs = p.logprobs.has_value();
@@ -215,11 +225,13 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   bool patched = own_floats && !view.shared() && steps && streams &&
                  OnlyPenaltiesActive(p, req.output_token_ids);
   bool read_only = own_floats && (!view.shared() || read_once) && (!steps || patched);
-  // A bf16 / fp16 row whose top_k is streamed is not stored either: the stream keeps every value
-  // top_k needs, and a stage that needs the whole row after all decodes it again
-  // (Dist::Deferred). Not a row in shared memory, which could change between the two reads.
-  bool deferred = view.dtype() != DType::kFloat32 && !view.shared() && streams && !steps &&
-                  !(wants_logprobs && raw_mode);
+  // Nor is any other row whose top_k is streamed (bf16 / fp16, or float32 in shared memory): the
+  // stream keeps every value top_k needs, and a stage that needs the whole row after all decodes
+  // it again (Dist::Deferred). A row in shared memory may read differently the second time (its
+  // client wrote the region during the call): every second read is checked against pass 1, and
+  // the row fails if it differs.
+  bool deferred = !read_only && streams && !steps && !(wants_logprobs && raw_mode) &&
+                  (view.dtype() != DType::kFloat32 || aligned);
   const bool tempered =
       TemperatureFirst(p) && !read_only && !steps && !(wants_logprobs && raw_mode);
   const float divisor = tempered ? p.temperature : 1.0f;
@@ -252,9 +264,11 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   }
   if (deferred && !scratch.streamed) {
     // The stream overflowed (ties): the row is needed after all.
-    ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
-      kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, logits.data());
+    ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
+      blocks[b] =
+          kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, logits.data());
     });
+    if (!SameMaximum(blocks, top.max)) return SharedRowChanged(r);
     deferred = false;
   }
 
@@ -319,10 +333,14 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   float dist_max = max;
   if (max == kPosInf) {
     // +inf logits dominate: the row is uniform over them.
+    if (read_only || deferred) {
+      ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
+        blocks[b] =
+            kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, 1.0f, logits.data());
+      });
+      if (!SameMaximum(blocks, kPosInf)) return SharedRowChanged(r);
+    }
     ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
-      if (read_only || deferred) {
-        kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, 1.0f, logits.data());
-      }
       kernels::InfToUniform(logits.data(), begin, end);
     });
     source = logits;
@@ -352,6 +370,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
       if (deferred) dist.Deferred(&view, row, divisor);
       out.token_id = SampleOne(p, dist, tempered, seed, step, out.sample_index, mu_in, &mu, vocab);
       if ((wants_logprobs && !raw_mode) || !processed_out.empty()) processed = dist.Processed();
+      if (scratch.source_changed) return SharedRowChanged(r);
     }
     if (!processed_out.empty())
       std::copy(processed.begin(), processed.end(), processed_out.begin());

@@ -68,7 +68,8 @@ class LogitsView {
   // Returns a view, or INVALID_ARGUMENT naming the field when vocab_size is 0 or
   // bytes.size() != rows × vocab_size × DTypeSize(dtype). `shared`: the bytes are another
   // process's memory (a shared-memory region), which may change while they are read; the
-  // sampler then reads each row only once, into its own copy.
+  // sampler then copies each row as it reads it, or reads it twice only when it checks the
+  // second read against the first (Dist::Deferred).
   static absl::StatusOr<LogitsView> Create(DType dtype, uint32_t rows, uint32_t vocab_size,
                                            absl::Span<const uint8_t> bytes, bool shared = false);
 

@@ -170,9 +170,12 @@ absl::Status SamplerService::SampleInArena(const v1::SampleRequest& request,
                                       batch.rows[i].output_token_ids));
     }
   }
-  ASSIGN_OR_RETURN(std::vector<SampledToken> tokens,
-                   sampler_.Run(batch.logits, batch.rows, &cancelled));
+  absl::StatusOr<std::vector<SampledToken>> sampled =
+      sampler_.Run(batch.logits, batch.rows, &cancelled);
+  // A region truncated during the read explains whatever the read made fail: its error first.
   RETURN_IF_ERROR(logits.CheckAfterRead());
+  if (!sampled.ok()) return sampled.status();
+  std::vector<SampledToken> tokens = *std::move(sampled);
   if (sparse != nullptr) {
     for (SampledToken& token : tokens) sparse->FixLogprobs(batch.params[token.row_index], token);
   }

@@ -404,7 +404,12 @@ absl::Status SessionStream::Apply(const v1::SessionRequest& request,
   } else {
     steps = table_.Step(*env_.sampler, logits->view(), ids, &cancelled_);
   }
-  if (!steps.ok()) return Prefixed("step: ", steps.status());
+  if (!steps.ok()) {
+    // A region truncated during the read explains whatever the read made fail (and nothing has
+    // advanced): its error first.
+    if (absl::Status read = logits->CheckAfterRead(); !read.ok()) return Prefixed("step.", read);
+    return Prefixed("step: ", steps.status());
+  }
   RETURN_IF_ERROR(check_read());
   SessionResultsToProto(*steps, response);
   return absl::OkStatus();

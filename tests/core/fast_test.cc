@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "core/dist.h"
 #include "core/kernels.h"
 #include "core/reference.h"
 #include "core/row.h"
@@ -488,7 +489,8 @@ TEST(FastTest, DynamicTemperatureEntropyIsOrderFree) {
 }
 
 // Samples `row` as bf16 and as fp16 bytes and as float32 bytes of the values those decode to,
-// and expects the same results (or the same error).
+// each also as a row in shared memory (read twice when top_k is streamed, and checked), and
+// expects the same results (or the same error).
 void ExpectHalfMatchesFloat(const std::vector<float>& row, const SamplingParams& p,
                             const std::string& where) {
   const uint32_t vocab = static_cast<uint32_t>(row.size());
@@ -503,15 +505,82 @@ void ExpectHalfMatchesFloat(const std::vector<float>& row, const SamplingParams&
     auto a = LogitsView::Create(dtype, 1, vocab, half);
     auto b = LogitsView::Create(DType::kFloat32, 1, vocab, full);
     ASSERT_TRUE(a.ok() && b.ok());
+    auto a_shared = LogitsView::Create(dtype, 1, vocab, half, /*shared=*/true);
+    auto b_shared = LogitsView::Create(DType::kFloat32, 1, vocab, full, /*shared=*/true);
+    ASSERT_TRUE(a_shared.ok() && b_shared.ok());
     const Sampler sampler;
-    const auto x = sampler.Run(*a, {&req, 1});
     const auto y = sampler.Run(*b, {&req, 1});
-    ASSERT_EQ(x.ok(), y.ok()) << x.status() << " / " << y.status();
-    if (!x.ok()) {
-      EXPECT_EQ(x.status(), y.status());
-      continue;
+    for (const LogitsView* view : {&*a, &*a_shared, &*b_shared}) {
+      const auto x = sampler.Run(*view, {&req, 1});
+      ASSERT_EQ(x.ok(), y.ok()) << x.status() << " / " << y.status();
+      if (!x.ok()) {
+        EXPECT_EQ(x.status(), y.status());
+        continue;
+      }
+      ExpectSame(*x, *y,
+                 absl::StrCat(where, " dtype ", static_cast<int>(view->dtype()),
+                              view->shared() ? " shared" : ""));
     }
-    ExpectSame(*x, *y, absl::StrCat(where, " dtype ", static_cast<int>(dtype)));
+  }
+}
+
+// A row in shared memory that reads differently the second time (its client wrote the region
+// during the call; here the Dist is told a maximum the bytes do not have, or they hold a NaN):
+// the row turns uniform at the maximum, every stage still runs safely, and the scratch says so
+// (SampleRow then fails the row with ABORTED). A second read that agrees changes nothing.
+TEST(FastTest, ASharedRowThatChangedBetweenReadsIsCaughtSafely) {
+  std::mt19937_64 rng(71);
+  constexpr size_t kVocab = 9000;
+  std::vector<float> row = MakeRow(Shape::kRealistic, kVocab, rng);
+  const float max = *std::max_element(row.begin(), row.end());
+  std::vector<float> with_nan = row;
+  with_nan[4321] = std::numeric_limits<float>::quiet_NaN();
+  SamplingParams p;
+  p.top_p = 0.9f;
+  p.min_p = 0.01f;
+  p.typical_p = 0.95f;
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    for (int variant = 0; variant < 3; ++variant) {
+      const std::vector<float>& values = variant == 2 ? with_nan : row;
+      const std::vector<uint8_t> bytes = dtype == DType::kFloat32
+                                             ? testing::F32Bytes(values)
+                                             : testing::Half16Bytes(values, dtype);
+      auto view = LogitsView::Create(dtype, 1, kVocab, bytes, /*shared=*/true);
+      ASSERT_TRUE(view.ok());
+      float decoded_max = max;
+      if (dtype != DType::kFloat32) decoded_max = Bf16ToFloat(FloatToBf16(max));
+      // Variant 0: the maximum pass 1 saw; 1: a lower one (the bytes rose since); 2: a NaN.
+      const float told = variant == 1 ? decoded_max - 1.0f : decoded_max;
+      RowScratch scratch;
+      scratch.Reserve(static_cast<int>(kVocab));
+      scratch.source_changed = false;
+      Dist dist(absl::MakeConstSpan(scratch.logits.data(), kVocab),
+                absl::MakeSpan(scratch.logits.data(), kVocab), told, scratch, false);
+      dist.Deferred(&*view, 0, 1.0f);
+      dist.TopP(p.top_p);
+      dist.MinP(p.min_p);
+      dist.TypicalP(p.typical_p);
+      const int32_t token = dist.Draw(0.37);
+      const std::string where =
+          absl::StrCat("dtype ", static_cast<int>(dtype), " variant ", variant);
+      EXPECT_EQ(scratch.source_changed, variant != 0) << where;
+      EXPECT_GE(token, 0) << where;
+      EXPECT_LT(token, static_cast<int32_t>(kVocab)) << where;
+      if (variant == 0) {
+        // Agreeing reads: the same token as a Dist over the decoded row.
+        auto local = LogitsView::Create(dtype, 1, kVocab, bytes);
+        ASSERT_TRUE(local.ok());
+        std::vector<float> decoded(kVocab);
+        ASSERT_EQ(DecodeRow(*local, 0, absl::MakeSpan(decoded)), -1);
+        RowScratch other;
+        other.Reserve(static_cast<int>(kVocab));
+        Dist plain(decoded, absl::MakeSpan(other.logits.data(), kVocab), decoded_max, other, false);
+        plain.TopP(p.top_p);
+        plain.MinP(p.min_p);
+        plain.TypicalP(p.typical_p);
+        EXPECT_EQ(plain.Draw(0.37), token) << where;
+      }
+    }
   }
 }
 
