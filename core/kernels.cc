@@ -72,6 +72,16 @@ inline MaxResult Finish(const float* v, size_t begin, size_t end, float max, boo
 }
 
 // TopStream: `t` (the k-th largest held value) becomes the threshold; what is below it goes.
+// The stream's threshold is now t, and it holds `count` values (all ≥ t): its room until the
+// next rise.
+inline void RoseTo(TopStream& s, float t, size_t count) {
+  s.count = count;
+  s.threshold = t;
+  const size_t room = 12 * static_cast<size_t>(s.k) + 256;  // kCapacity holds it and a vector
+  s.cap = std::min(room, s.count + static_cast<size_t>(s.k) + 16);
+  if (s.count > room / 2) s.overflow = true;  // ties at t: holding them all narrows nothing
+}
+
 inline void RaiseTo(TopStream& s, float t) {
   size_t out = 0;
   for (size_t i = 0; i < s.count; ++i) {
@@ -81,11 +91,7 @@ inline void RaiseTo(TopStream& s, float t) {
       ++out;
     }
   }
-  s.count = out;
-  s.threshold = t;
-  const size_t room = 12 * static_cast<size_t>(s.k) + 256;  // kCapacity holds it and a vector
-  s.cap = std::min(room, s.count + static_cast<size_t>(s.k) + 16);
-  if (s.count > room / 2) s.overflow = true;  // ties at t: holding them all narrows nothing
+  RoseTo(s, t, out);
 }
 
 inline void Compact(TopStream& s) {
@@ -493,8 +499,11 @@ void CompactTop(TopStream& s) {
     for (; i < s.count; ++i) count += s.values[i] >= t ? 1 : 0;
     return count;
   };
-  float top = s.threshold;
-  for (size_t i = 0; i < s.count; ++i) top = std::max(top, s.values[i]);
+  VF vtop = hn::Set(df, s.threshold);
+  size_t i = 0;
+  for (; i + n <= s.count; i += n) vtop = hn::Max(vtop, hn::LoadU(df, s.values + i));
+  float top = hn::GetLane(hn::MaxOfLanes(df, vtop));
+  for (; i < s.count; ++i) top = std::max(top, s.values[i]);
   // The largest t with at least k held values ≥ t: every held value is ≥ the threshold.
   uint32_t lo = OrderedBits(s.threshold), hi = OrderedBits(top);
   const size_t k = static_cast<size_t>(s.k);
@@ -506,7 +515,28 @@ void CompactTop(TopStream& s) {
       hi = mid - 1;
     }
   }
-  scalar::RaiseTo(s, FromOrderedBits(lo));
+  // scalar::RaiseTo's filter, compressed a vector at a time (its branch on each held value was
+  // mispredicted about half the time).
+  const float t = FromOrderedBits(lo);
+  const DI di;
+  const VF vt = hn::Set(df, t);
+  size_t out = 0;
+  i = 0;
+  for (; i + n <= s.count; i += n) {
+    const VF x = hn::LoadU(df, s.values + i);
+    const auto m = hn::Ge(x, vt);
+    // out ≤ i: the whole vectors stored at out overwrite only entries already loaded.
+    AppendSelected(di, hn::LoadU(di, s.ids + i), hn::RebindMask(di, m), s.ids + out);
+    out += AppendSelected(df, x, m, s.values + out);
+  }
+  for (; i < s.count; ++i) {
+    if (s.values[i] >= t) {
+      s.ids[out] = s.ids[i];
+      s.values[out] = s.values[i];
+      ++out;
+    }
+  }
+  scalar::RoseTo(s, t, out);
 }
 
 // Pass 1's loop: decodes each value (`load(i)`, a vector at i; `load_one(i)`, one value), divides
