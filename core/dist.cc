@@ -5,6 +5,7 @@
 #include <cstring>
 #include <iterator>
 #include <limits>
+#include <numeric>
 
 namespace tokensampler {
 namespace {
@@ -110,15 +111,10 @@ void Dist::Materialize() {
   if (!pending_) return;
   pending_ = false;
   if (deferred_view_ != nullptr) {
-    const uint8_t* bytes = deferred_view_->RowBytes(deferred_row_);
-    const DType dtype = deferred_view_->dtype();
-    std::vector<kernels::MaxResult>& blocks = s_.block_max;
-    blocks.resize(NumBlocks(row_.size()));
-    ForBlocks(row_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
-      blocks[b] = kernels::DecodeMax(dtype, bytes, begin, end, deferred_divisor_, row_.data());
-    });
+    const bool same = ReadAgain(*deferred_view_, deferred_row_, deferred_divisor_, max_,
+                                row_.data(), parallel_, s_.block_max);
     Wrote();
-    if (!SameMaximum(blocks, max_)) {
+    if (!same) {
       std::fill(row_.begin(), row_.end(), max_);
       s_.source_changed = true;
     }
@@ -164,8 +160,7 @@ void Dist::EnsureWeights(bool head, double* weighted) {
       ForBlocks(values_.size(), parallel_, [&](size_t b, size_t begin, size_t end) {
         parts[b] = kernels::WeightedLogits(values_.data(), s_.wf.data(), begin, end, max_);
       });
-      *weighted = 0.0;
-      for (double part : parts) *weighted += part;
+      *weighted = std::accumulate(parts.begin(), parts.end(), 0.0);
     }
     return;
   }
@@ -195,10 +190,7 @@ void Dist::EnsureWeights(bool head, double* weighted) {
   total_ = 0.0;
   for (double sum : s_.block_sums) total_ += sum;
   weights_valid_ = true;
-  if (weighted != nullptr) {
-    *weighted = 0.0;
-    for (double part : parts) *weighted += part;
-  }
+  if (weighted != nullptr) *weighted = std::accumulate(parts.begin(), parts.end(), 0.0);
   if (head) {
     head_size_ = 0;
     for (size_t b = 0; b < heads.size(); ++b) {

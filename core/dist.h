@@ -38,18 +38,6 @@ constexpr size_t kBlock = 4096;
 
 inline size_t NumBlocks(size_t n) { return (n + kBlock - 1) / kBlock; }
 
-// Whether a second read of a row (per-block results of kernels::DecodeMax) found what pass 1 did:
-// the maximum `max` (+inf included) and no NaN. A row in shared memory can fail this when its
-// client writes the region during the call; a row the request carries cannot.
-inline bool SameMaximum(absl::Span<const kernels::MaxResult> blocks, float max) {
-  float seen = -std::numeric_limits<float>::infinity();
-  for (const kernels::MaxResult& block : blocks) {
-    if (block.nan >= 0) return false;
-    if (block.argmax >= 0) seen = std::max(seen, block.max);
-  }
-  return seen == max;
-}
-
 // Runs fn(block, begin, end) for every block of a row of n tokens, on several threads when
 // `parallel`. Callers store per-block results and combine them in block order.
 template <typename Fn>
@@ -87,6 +75,32 @@ struct Key {
 
 // The key of one value.
 double KeyOf(const Key& key, float v);
+
+// Reads row `row` of `view` a second time: decodes it (divided by `divisor`) into out, runs
+// then(begin, end) on each block once it is decoded, and returns whether this read found what
+// pass 1 did — the maximum `max` (+inf included) and no NaN. A row in shared memory can fail
+// this when its client writes the region during the call; a row the request carries cannot.
+// `blocks` is scratch for the per-block results.
+template <typename Then>
+bool ReadAgain(const LogitsView& view, int row, float divisor, float max, float* out, bool parallel,
+               std::vector<kernels::MaxResult>& blocks, Then then) {
+  const size_t n = static_cast<size_t>(view.vocab_size());
+  blocks.resize(NumBlocks(n));
+  ForBlocks(n, parallel, [&](size_t b, size_t begin, size_t end) {
+    blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, out);
+    then(begin, end);
+  });
+  float seen = -std::numeric_limits<float>::infinity();
+  for (const kernels::MaxResult& block : blocks) {
+    if (block.nan >= 0) return false;
+    if (block.argmax >= 0) seen = std::max(seen, block.max);
+  }
+  return seen == max;
+}
+inline bool ReadAgain(const LogitsView& view, int row, float divisor, float max, float* out,
+                      bool parallel, std::vector<kernels::MaxResult>& blocks) {
+  return ReadAgain(view, row, divisor, max, out, parallel, blocks, [](size_t, size_t) {});
+}
 
 class Dist {
  public:

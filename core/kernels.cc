@@ -72,8 +72,19 @@ inline MaxResult Finish(const float* v, size_t begin, size_t end, float max, boo
 }
 
 // TopStream: `t` (the k-th largest held value) becomes the threshold; what is below it goes.
-// The stream's threshold is now t, and it holds `count` values (all ≥ t): its room until the
-// next rise.
+// KeepFrom moves the held entries i… that are ≥ t down to out… (out ≤ i) and returns the new end;
+// RoseTo then sets the threshold, the count and the room until the next rise.
+inline size_t KeepFrom(TopStream& s, float t, size_t i, size_t out) {
+  for (; i < s.count; ++i) {
+    if (s.values[i] >= t) {
+      s.ids[out] = s.ids[i];
+      s.values[out] = s.values[i];
+      ++out;
+    }
+  }
+  return out;
+}
+
 inline void RoseTo(TopStream& s, float t, size_t count) {
   s.count = count;
   s.threshold = t;
@@ -82,17 +93,7 @@ inline void RoseTo(TopStream& s, float t, size_t count) {
   if (s.count > room / 2) s.overflow = true;  // ties at t: holding them all narrows nothing
 }
 
-inline void RaiseTo(TopStream& s, float t) {
-  size_t out = 0;
-  for (size_t i = 0; i < s.count; ++i) {
-    if (s.values[i] >= t) {
-      s.ids[out] = s.ids[i];
-      s.values[out] = s.values[i];
-      ++out;
-    }
-  }
-  RoseTo(s, t, out);
-}
+inline void RaiseTo(TopStream& s, float t) { RoseTo(s, t, KeepFrom(s, t, 0, 0)); }
 
 inline void Compact(TopStream& s) {
   std::copy(s.values, s.values + s.count, s.scratch);
@@ -516,7 +517,7 @@ void CompactTop(TopStream& s) {
     }
   }
   // scalar::RaiseTo's filter, compressed a vector at a time (its branch on each held value was
-  // mispredicted about half the time).
+  // mispredicted about half the time); the tail by the scalar filter.
   const float t = FromOrderedBits(lo);
   const DI di;
   const VF vt = hn::Set(df, t);
@@ -529,14 +530,7 @@ void CompactTop(TopStream& s) {
     AppendSelected(di, hn::LoadU(di, s.ids + i), hn::RebindMask(di, m), s.ids + out);
     out += AppendSelected(df, x, m, s.values + out);
   }
-  for (; i < s.count; ++i) {
-    if (s.values[i] >= t) {
-      s.ids[out] = s.ids[i];
-      s.values[out] = s.values[i];
-      ++out;
-    }
-  }
-  scalar::RoseTo(s, t, out);
+  scalar::RoseTo(s, t, scalar::KeepFrom(s, t, i, out));
 }
 
 // Pass 1's loop: decodes each value (`load(i)`, a vector at i; `load_one(i)`, one value), divides

@@ -264,11 +264,9 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   }
   if (deferred && !scratch.streamed) {
     // The stream overflowed (ties): the row is needed after all.
-    ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
-      blocks[b] =
-          kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor, logits.data());
-    });
-    if (!SameMaximum(blocks, top.max)) return SharedRowChanged(r);
+    if (!ReadAgain(view, row, divisor, top.max, logits.data(), parallel, blocks)) {
+      return SharedRowChanged(r);
+    }
     deferred = false;
   }
 
@@ -333,16 +331,17 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   float dist_max = max;
   if (max == kPosInf) {
     // +inf logits dominate: the row is uniform over them.
-    if (read_only || deferred) {
-      ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
-        blocks[b] =
-            kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, 1.0f, logits.data());
-      });
-      if (!SameMaximum(blocks, kPosInf)) return SharedRowChanged(r);
-    }
-    ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) {
+    const auto uniform = [&](size_t begin, size_t end) {
       kernels::InfToUniform(logits.data(), begin, end);
-    });
+    };
+    if (read_only || deferred) {
+      // Decoded and made uniform block by block, in one pass.
+      if (!ReadAgain(view, row, 1.0f, kPosInf, logits.data(), parallel, blocks, uniform)) {
+        return SharedRowChanged(r);
+      }
+    } else {
+      ForBlocks(v, parallel, [&](size_t, size_t begin, size_t end) { uniform(begin, end); });
+    }
     source = logits;
     deferred = false;
     dist_max = 0.0f;
