@@ -92,7 +92,9 @@ class Client {
   // row-major. `timeout` bounds the whole call; absl::InfiniteDuration() sets no deadline.
   // Returns the server's status otherwise, e.g. INVALID_ARGUMENT naming the bad field and value,
   // RESOURCE_EXHAUSTED over a message-size limit, UNAVAILABLE when the server is unreachable or
-  // shutting down, DEADLINE_EXCEEDED when `timeout` passes first.
+  // shutting down, DEADLINE_EXCEEDED when `timeout` passes first. Logits bytes of 1 MiB or more
+  // are sent from `request`'s own memory, not copied into the message (the server reads the same
+  // message); the call returns once gRPC has let go of them.
   absl::StatusOr<v1::SampleResponse> Sample(const v1::SampleRequest& request,
                                             absl::Duration timeout) const;
 
