@@ -15,6 +15,11 @@ constexpr double kDoubleInf = std::numeric_limits<double>::infinity();
 constexpr int kMaxPivots = 16;
 constexpr size_t kBandMax = 512;  // tokens sorted around a cut
 constexpr size_t kSampleSize = 256;
+// FindCut's list (the tokens with key ≤ the upper pivot) is gathered for top_p up to this many
+// tokens (more than kSparseMax: the kept set becomes sparse, and the list serves only the
+// tokens around the cut and the mass below them), and for typical_p up to this share of the row.
+constexpr int64_t kTopPListMax = 4096;
+constexpr size_t kTypicalListShare = 2;
 
 // Bisection over the float order for a predicate that is false, then true (First) or true, then
 // false (Last) on [from, to]: the first float where it holds (REQUIRES: it holds at `to`), or the
@@ -294,12 +299,31 @@ void Dist::ToSparse(const Key& key, double cut) {
   count_ = static_cast<int64_t>(m);
 }
 
+void Dist::ToSparseFromList(const Key& key, const Cut& cut) {
+  if (divisor_ != 1.0f) {  // not after FindCut, whose weights applied any division
+    ToSparse(key, cut.key);
+    return;
+  }
+  // The list narrowed in place to key ≤ cut (SIMD; nothing else reads it) becomes the sparse set.
+  const Range keep = KeyRange(key, cut.key);
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  size_t kept = 0;
+  kernels::NarrowBand(s_.list_values.data(), s_.list_weights.data(), s_.list_ids.data(),
+                      s_.list_ids.size(), keep.from, keep.to, kInf, -kInf, &kept);
+  s_.list_ids.resize(kept);
+  s_.list_values.resize(kept);
+  std::swap(s_.sparse_ids, s_.list_ids);
+  std::swap(s_.sparse_values, s_.list_values);
+  sparse_ = true;
+  count_ = static_cast<int64_t>(kept);
+}
+
 void Dist::MaybeSparse() {
   if (count_ >= 0 && count_ <= kSparseMax) ToSparse(Key{}, kDoubleMax);
 }
 
 Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double lo_cumulative,
-                        int64_t lo_known) {
+                        int64_t lo_known, size_t list_max) {
   const size_t n = values_.size();
   // Sampled keys give the pivots: sorted when first needed (the head's estimate usually brackets
   // the cut in one pass without them).
@@ -336,6 +360,41 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
   int64_t band_base_count = 0;
   bool lo_moved = false;
 
+  // The list: every token with key ≤ list_hi, gathered from one selection over the row. The band
+  // (lo, hi] is then a copy of it narrowed in place, which also sums what lies at or below lo
+  // (the exact mass the band's base needs, in double, in id order).
+  bool listed = false;
+  double list_hi = -kDoubleInf;
+  const auto band_from_list = [&] {
+    const size_t m = Select(key, -kDoubleInf, hi);
+    s_.list_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
+    s_.list_values.resize(m);
+    s_.list_weights.resize(m);
+    for (size_t i = 0; i < m; ++i) {
+      const size_t id = static_cast<size_t>(s_.list_ids[i]);
+      s_.list_values[i] = values_[id];
+      s_.list_weights[i] = s_.wf[id];
+    }
+    listed = true;
+    list_hi = hi;
+    s_.band_ids = s_.list_ids;
+    s_.band_values = s_.list_values;
+    s_.band_weights = s_.list_weights;
+    const Range keep = KeyRange(key, hi);
+    const Range gone = KeyRange(key, lo);
+    size_t out = 0;
+    const kernels::SumCount below_lo =
+        kernels::NarrowBand(s_.band_values.data(), s_.band_weights.data(), s_.band_ids.data(), m,
+                            keep.from, keep.to, gone.from, gone.to, &out);
+    s_.band_ids.resize(out);
+    s_.band_values.resize(out);
+    s_.band_weights.resize(out);
+    return below_lo.sum;
+  };
+  const auto list_fits = [&] {
+    return hi_count >= 0 && static_cast<uint64_t>(hi_count) <= list_max;
+  };
+
   std::vector<double>& pivots = s_.pivots;
   pivots.clear();
   if (head_valid_ && head_size_ <= kHeadMax) {
@@ -358,12 +417,16 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
       est_w.push_back(static_cast<double>(s_.wf[i]) * static_cast<double>(stride));
     }
     std::sort(est.begin(), est.end());
-    constexpr double kDeltas[] = {-0.3, -0.1, -0.03, -0.01, 0.01, 0.03, 0.1, 0.3};
+    constexpr double kDeltas[] = {-0.1, -0.03, 0.03, 0.1};
+    // Against the estimate's own total: the sample's error in the bulk's mass moves every
+    // crossing alike, and the pivots above the target would otherwise be missing whenever the
+    // estimate falls short of the total by more than the largest δ.
+    const double est_total = std::accumulate(est_w.begin(), est_w.end(), 0.0);
     double cumulative = 0.0;
     size_t d = 0;
     for (const auto& [k, index] : est) {
       cumulative += est_w[static_cast<size_t>(index)];
-      while (d < std::size(kDeltas) && cumulative >= fraction * total_ * (1.0 + kDeltas[d])) {
+      while (d < std::size(kDeltas) && cumulative >= fraction * est_total * (1.0 + kDeltas[d])) {
         if (k > lo && (pivots.empty() || pivots.back() != k)) pivots.push_back(k);
         ++d;
       }
@@ -421,7 +484,13 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
     if (hi_count < 0 || static_cast<size_t>(hi_count - lo_count) <= kBandMax) break;
     if (lo == old_lo && hi == old_hi && pass > 0) break;  // no progress (ties): sort what is left
     // Gather the band (lo, hi] so that the next passes read only it.
-    if (band_ids == nullptr) {
+    if (band_ids == nullptr && list_fits()) {
+      const double below_lo = band_from_list();
+      band_base = lo_moved ? below_lo : lo_sum;
+      band_base_count = lo_count;
+      lo_sum = band_base;
+      lo_moved = false;
+    } else if (band_ids == nullptr) {
       const size_t m = Select(key, lo, hi);
       s_.band_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
       s_.band_values.resize(m);
@@ -490,6 +559,15 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
         pivots.end());
     if (pivots.empty()) break;
   }
+  if (band_ids == nullptr && list_fits()) {
+    // The first pass bracketed the cut closely: the band from the list.
+    const double below_lo = band_from_list();
+    if (lo_moved) lo_sum = below_lo;
+    lo_moved = false;
+    band_v = s_.band_values.data();
+    band_ids = s_.band_ids.data();
+    band_size = s_.band_ids.size();
+  }
   if (lo_moved) {
     // lo came from a bracketing pass: its exact mass, in double.
     lo_sum = band_ids == nullptr ? ExactMass(key, lo) : band_base + BandMass(key, lo, band_size);
@@ -517,11 +595,13 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
     if (cumulative >= fraction) {
       size_t last = i;
       while (last + 1 < band.size() && band[last + 1].first == band[i].first) ++last;
-      return {band[i].first, lo_count + static_cast<int64_t>(last + 1)};
+      return {band[i].first, lo_count + static_cast<int64_t>(last + 1),
+              listed && band[i].first <= list_hi};
     }
   }
   // Rounding left the cumulative mass short of the fraction: keep everything (the reference).
-  return {kDoubleMax, lo_count + static_cast<int64_t>(band.size())};
+  return {kDoubleMax, lo_count + static_cast<int64_t>(band.size()),
+          listed && list_hi >= kDoubleMax};
 }
 
 double Dist::ExactMass(const Key& key, double lo) {
@@ -718,9 +798,15 @@ void Dist::TopP(float p) {
       lo_count = static_cast<int64_t>(band.size());
     }
   }
-  const Cut cut = FindCut(key, static_cast<double>(p), lo, lo_cumulative, lo_count);
+  // A kept set this small becomes sparse, so the list saves the selection of it.
+  const Cut cut = FindCut(key, static_cast<double>(p), lo, lo_cumulative, lo_count,
+                          static_cast<size_t>(kTopPListMax));
   if (cut.count <= kSparseMax) {
-    ToSparse(Key{}, cut.key);
+    if (cut.listed) {
+      ToSparseFromList(key, cut);
+    } else {
+      ToSparse(key, cut.key);
+    }
   } else if (cut.key != kDoubleMax) {
     CutValueBelow(static_cast<float>(-cut.key));
   }
@@ -779,8 +865,14 @@ void Dist::TypicalP(float mass) {
   key.max = static_cast<double>(max_);
   key.log_total = std::log(total_);
   key.entropy = h;
-  const Cut cut = FindCut(key, static_cast<double>(mass), -kDoubleInf, 0.0, 0);
-  ToSparse(key, cut.key);
+  // The kept set always becomes sparse (often thousands of tokens of the bulk).
+  const Cut cut = FindCut(key, static_cast<double>(mass), -kDoubleInf, 0.0, 0,
+                          values_.size() / kTypicalListShare);
+  if (cut.listed) {
+    ToSparseFromList(key, cut);
+  } else {
+    ToSparse(key, cut.key);
+  }
 }
 
 void Dist::EpsilonCutoff(float epsilon) {

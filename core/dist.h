@@ -178,6 +178,9 @@ class Dist {
   struct Cut {
     double key;     // keep tokens with key ≤ this
     int64_t count;  // how many that is
+    // scratch.list_* holds every token with key ≤ `key` (and perhaps more above it), in id order
+    // with its value and weight: ToSparseFromList need not read the row.
+    bool listed = false;
   };
 
   // Makes the sample's own row current (copying the source if no stage has written yet), for a
@@ -221,11 +224,18 @@ class Dist {
   double Entropy(bool head = false);
   // The smallest cut key whose kept mass reaches `fraction` of the total (ties at the cut kept),
   // with the reference's cumulative rule, given that the tokens with key ≤ lo (lo_count of them)
-  // hold the cumulative fraction lo_cumulative < fraction. REQUIRES: weights current.
-  Cut FindCut(const Key& key, double fraction, double lo, double lo_cumulative, int64_t lo_count);
+  // hold the cumulative fraction lo_cumulative < fraction. Once a pass has bracketed the cut
+  // between pivots lo < hi with at most `list_max` tokens at key ≤ hi, those tokens are gathered
+  // once (scratch.list_*): the tokens around the cut and the exact mass below lo come from them,
+  // not from more passes over the row, and the result says whether the list holds the kept set.
+  // REQUIRES: weights current.
+  Cut FindCut(const Key& key, double fraction, double lo, double lo_cumulative, int64_t lo_count,
+              size_t list_max);
   // Turns sparse, keeping the tokens with key ≤ `cut` (for kNegValue keys and the default cut:
   // every kept token).
   void ToSparse(const Key& key, double cut);
+  // The same from the list of `cut` (REQUIRES: cut.listed, and nothing changed since FindCut).
+  void ToSparseFromList(const Key& key, const Cut& cut);
   // Sets the pending temperature division (divisor_ must be 1). When it overflows the maximum
   // to +inf, applies it at once and keeps only the overflowed tokens (uniform), as the
   // reference does.

@@ -47,6 +47,8 @@ struct RowScratch {
   std::vector<std::pair<double, int32_t>> band;  // (key, id) of the tokens around a cut
   std::vector<float> band_values, band_weights;  // the tokens between two pivots, gathered
   std::vector<int32_t> band_ids, band_picks;
+  std::vector<int32_t> list_ids;  // the tokens with key ≤ a cut's upper pivot (Dist::FindCut)
+  std::vector<float> list_values, list_weights;
   std::vector<int32_t> head_ids;   // tokens near the maximum (Dist::kHeadMin)
   std::vector<double> pivot_sums;  // per block × pivot
   std::vector<int64_t> pivot_counts;
