@@ -175,6 +175,9 @@ ReferenceSampler::~ReferenceSampler() = default;
 
 absl::StatusOr<std::vector<SampledToken>> ReferenceSampler::Run(
     const LogitsView& logits, absl::Span<const RowRequest> rows) const {
+  if (logits.in_pieces()) {
+    return absl::InvalidArgumentError("the reference sampler needs a contiguous view");
+  }
   if (rows.size() != static_cast<size_t>(logits.rows())) {
     return absl::InvalidArgumentError(
         absl::StrCat("rows has ", rows.size(), " entries but logits.rows is ", logits.rows()));

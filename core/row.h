@@ -64,6 +64,7 @@ struct RowScratch {
   std::vector<int32_t> patch_ids;
   std::vector<float> patch_values;
   std::vector<kernels::MaxResult> block_max;  // per-block maxima of pass 1
+  std::vector<float> staged;  // a row of a view in pieces, copied whole (Sampler::Run)
   // A second read of a row in shared memory found other values than pass 1 (Dist::Materialize):
   // the client wrote its region during the call. SampleRow fails the row.
   bool source_changed = false;

@@ -181,11 +181,13 @@ absl::Status SharedRowChanged(size_t row) {
 
 // `processed_out` (empty, or size vocab with n == 1) receives the distribution the sample was drawn
 // from (Sampler::RunRow).
-absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, RowScratch& scratch,
-                       bool parallel, SampledToken* results, absl::Span<float> processed_out = {}) {
+// Samples row `row` of `view`, which is row `index` of the request (for messages and results).
+absl::Status SampleRow(const LogitsView& view, int row, size_t index, const RowRequest& req,
+                       RowScratch& scratch, bool parallel, SampledToken* results,
+                       absl::Span<float> processed_out = {}) {
   const SamplingParams& p = *req.params;
   const int32_t vocab = view.vocab_size();
-  const size_t r = static_cast<size_t>(row);
+  const size_t r = index;
   RETURN_IF_ERROR(CheckHistory(r, "prompt_token_ids", req.prompt_token_ids, vocab));
   RETURN_IF_ERROR(CheckHistory(r, "output_token_ids", req.output_token_ids, vocab));
   if (p.max_tokens.has_value() &&
@@ -258,7 +260,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   for (const kernels::MaxResult& block : blocks) {
     if (block.nan >= 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat("logits.data is NaN at row ", row, ", token ", block.nan));
+          absl::StrCat("logits.data is NaN at row ", r, ", token ", block.nan));
     }
     if (block.argmax >= 0 && (top.argmax < 0 || block.max > top.max)) top = block;
   }
@@ -357,7 +359,7 @@ absl::Status SampleRow(const LogitsView& view, int row, const RowRequest& req, R
   const float mu_in = req.mirostat_mu.value_or(2.0f * p.mirostat_tau);
   for (int32_t s = 0; s < p.n; ++s) {
     SampledToken& out = results[s];
-    out.row_index = static_cast<uint32_t>(row);
+    out.row_index = static_cast<uint32_t>(r);
     out.sample_index = req.first_sample_index + static_cast<uint32_t>(s);
     absl::Span<const float> processed = source;
     float mu = mu_in;
@@ -405,19 +407,33 @@ absl::StatusOr<std::vector<SampledToken>> Sampler::Run(const LogitsView& logits,
   const bool split_rows =
       logits.vocab_size() >= static_cast<int32_t>(2 * kBlock) &&
       rows.size() < static_cast<size_t>(tbb::this_task_arena::max_concurrency());
-  tbb::parallel_for(tbb::blocked_range<size_t>(0, rows.size()),
-                    [&](const tbb::blocked_range<size_t>& range) {
-                      RowScratch& scratch = scratch_->per_thread.local();
-                      for (size_t r = range.begin(); r != range.end(); ++r) {
-                        if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
-                          statuses[r] = absl::CancelledError("the call was cancelled before rows[" +
-                                                             std::to_string(r) + "] was sampled");
-                          continue;
-                        }
-                        statuses[r] = SampleRow(logits, static_cast<int>(r), rows[r], scratch,
-                                                split_rows, results.data() + offsets[r]);
-                      }
-                    });
+  tbb::parallel_for(
+      tbb::blocked_range<size_t>(0, rows.size()), [&](const tbb::blocked_range<size_t>& range) {
+        RowScratch& scratch = scratch_->per_thread.local();
+        for (size_t r = range.begin(); r != range.end(); ++r) {
+          if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
+            statuses[r] = absl::CancelledError("the call was cancelled before rows[" +
+                                               std::to_string(r) + "] was sampled");
+            continue;
+          }
+          if (!logits.in_pieces()) {
+            statuses[r] = SampleRow(logits, static_cast<int>(r), r, rows[r], scratch, split_rows,
+                                    results.data() + offsets[r]);
+            continue;
+          }
+          // A row in pieces is copied whole into this thread's scratch (in L2,
+          // where pass 1 then reads it) and sampled from there.
+          scratch.staged.resize((logits.RowSize() + sizeof(float) - 1) / sizeof(float));
+          auto* staged = reinterpret_cast<uint8_t*>(scratch.staged.data());
+          logits.CopyRow(static_cast<int>(r), staged);
+          const absl::StatusOr<LogitsView> row_view =
+              LogitsView::Create(logits.dtype(), 1, static_cast<uint32_t>(logits.vocab_size()),
+                                 absl::MakeConstSpan(staged, logits.RowSize()));
+          statuses[r] = row_view.ok() ? SampleRow(*row_view, 0, r, rows[r], scratch, split_rows,
+                                                  results.data() + offsets[r])
+                                      : row_view.status();
+        }
+      });
   if (cancelled != nullptr && cancelled->load(std::memory_order_relaxed)) {
     return absl::CancelledError("the call was cancelled");
   }
@@ -430,9 +446,12 @@ absl::StatusOr<std::vector<SampledToken>> Sampler::Run(const LogitsView& logits,
 absl::StatusOr<SampledToken> Sampler::RunRow(const LogitsView& logits, int row,
                                              const RowRequest& request, bool split,
                                              absl::Span<float> processed) const {
+  if (logits.in_pieces()) {
+    return absl::InvalidArgumentError("Sampler::RunRow needs a contiguous view, not one in pieces");
+  }
   SampledToken result;
-  RETURN_IF_ERROR(
-      SampleRow(logits, row, request, scratch_->per_thread.local(), split, &result, processed));
+  RETURN_IF_ERROR(SampleRow(logits, row, static_cast<size_t>(row), request,
+                            scratch_->per_thread.local(), split, &result, processed));
   return result;
 }
 

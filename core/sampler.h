@@ -57,7 +57,9 @@ class Sampler {
   Sampler(const Sampler&) = delete;
   Sampler& operator=(const Sampler&) = delete;
 
-  // Samples every row of `logits` with the matching entry of `rows`.
+  // Samples every row of `logits` with the matching entry of `rows`. A view in pieces
+  // (LogitsView::CreateFromPieces) is sampled row by row from a contiguous copy of each row in
+  // per-thread scratch; the other entry points (RunRow, Verifier, Session) take contiguous views.
   // Returns Σ n results, row-major (all samples of row 0, then row 1, …), or
   //   INVALID_ARGUMENT  rows.size() != logits.rows(), a token id out of [0, vocab_size) in a
   //                     history, NaN logits, every token of a row masked, a finished sequence

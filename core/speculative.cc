@@ -168,6 +168,9 @@ Verifier::~Verifier() = default;
 absl::StatusOr<std::vector<VerifyResult>> Verifier::Run(const LogitsView& logits,
                                                         absl::Span<const VerifyRowRequest> rows,
                                                         const std::atomic<bool>* cancelled) const {
+  if (logits.in_pieces()) {
+    return absl::InvalidArgumentError("Verifier::Run needs a contiguous view, not one in pieces");
+  }
   const int32_t vocab = logits.vocab_size();
   std::vector<int> first_rows(rows.size());
   size_t needed = 0;

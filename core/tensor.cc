@@ -1,9 +1,11 @@
 #include "core/tensor.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 
 namespace tokensampler {
 
@@ -77,6 +79,51 @@ absl::StatusOr<LogitsView> LogitsView::Create(DType dtype, uint32_t rows, uint32
   view.vocab_size_ = static_cast<int>(vocab_size);
   view.shared_ = shared;
   return view;
+}
+
+absl::StatusOr<LogitsView> LogitsView::CreateFromPieces(DType dtype, uint32_t rows,
+                                                        uint32_t vocab_size,
+                                                        absl::Span<const Piece> pieces) {
+  size_t total = 0;
+  for (const Piece& piece : pieces) {
+    if (piece.offset != total) {
+      return absl::InternalError(absl::StrCat("logits: a piece starts at byte ", piece.offset,
+                                              " where the previous ones end at ", total));
+    }
+    total += piece.bytes.size();
+  }
+  // The shape checks and their messages, on a stand-in of the pieces' total size.
+  ASSIGN_OR_RETURN(LogitsView view,
+                   Create(dtype, rows, vocab_size, absl::Span<const uint8_t>(nullptr, total)));
+  if (pieces.size() == 1) {
+    view.data_ = pieces[0].bytes.data();
+  } else {
+    view.data_ = nullptr;
+    view.pieces_ = pieces;
+  }
+  return view;
+}
+
+void LogitsView::CopyRow(int row, uint8_t* out) const {
+  const size_t size = RowSize();
+  const size_t begin = static_cast<size_t>(row) * size;
+  if (pieces_.empty()) {
+    std::memcpy(out, data_ + begin, size);
+    return;
+  }
+  // The last piece that starts at or before `begin`, then forward.
+  auto it = std::upper_bound(pieces_.begin(), pieces_.end(), begin,
+                             [](size_t at, const Piece& piece) { return at < piece.offset; });
+  --it;
+  size_t at = begin, left = size;
+  for (; left > 0; ++it) {
+    const size_t skip = at - it->offset;
+    const size_t n = std::min(left, it->bytes.size() - skip);
+    std::memcpy(out, it->bytes.data() + skip, n);
+    out += n;
+    at += n;
+    left -= n;
+  }
 }
 
 }  // namespace tokensampler

@@ -73,8 +73,24 @@ class LogitsView {
   static absl::StatusOr<LogitsView> Create(DType dtype, uint32_t rows, uint32_t vocab_size,
                                            absl::Span<const uint8_t> bytes, bool shared = false);
 
+  // Consecutive bytes of a tensor held in pieces: `offset` is where `bytes` starts in the tensor.
+  struct Piece {
+    size_t offset = 0;
+    absl::Span<const uint8_t> bytes;
+  };
+  // A view over bytes in pieces, as gRPC hands a request to its handler (slices of at most
+  // 64 KiB): `pieces` in order, each starting where the previous ends, together rows ×
+  // vocab_size × DTypeSize(dtype) bytes (the same error as Create otherwise). The pieces are
+  // borrowed like Create's bytes. Rows straddle pieces: only Sampler::Run takes such a view, and
+  // copies each row into contiguous scratch when it samples it (CopyRow); RowBytes and At need a
+  // view from Create.
+  static absl::StatusOr<LogitsView> CreateFromPieces(DType dtype, uint32_t rows,
+                                                     uint32_t vocab_size,
+                                                     absl::Span<const Piece> pieces);
+
   DType dtype() const { return dtype_; }
   bool shared() const { return shared_; }
+  bool in_pieces() const { return !pieces_.empty(); }
   int rows() const { return rows_; }
   int vocab_size() const { return vocab_size_; }
 
@@ -95,10 +111,14 @@ class LogitsView {
     return 0.0f;
   }
 
-  // The raw bytes of one row. REQUIRES: 0 <= row < rows().
-  const uint8_t* RowBytes(int row) const {
-    return data_ + static_cast<size_t>(row) * static_cast<size_t>(vocab_size_) * DTypeSize(dtype_);
-  }
+  // The raw bytes of one row. REQUIRES: 0 <= row < rows(), !in_pieces().
+  const uint8_t* RowBytes(int row) const { return data_ + static_cast<size_t>(row) * RowSize(); }
+
+  // Bytes per row.
+  size_t RowSize() const { return static_cast<size_t>(vocab_size_) * DTypeSize(dtype_); }
+
+  // Copies row `row`'s RowSize() bytes to `out`, from any view. REQUIRES: 0 <= row < rows().
+  void CopyRow(int row, uint8_t* out) const;
 
  private:
   static uint16_t Load16(const uint8_t* p) {
@@ -107,7 +127,8 @@ class LogitsView {
     return v;
   }
 
-  const uint8_t* data_ = nullptr;
+  const uint8_t* data_ = nullptr;   // null when in pieces
+  absl::Span<const Piece> pieces_;  // empty unless in pieces
   DType dtype_ = DType::kFloat32;
   int rows_ = 0;
   int vocab_size_ = 0;

@@ -250,6 +250,11 @@ absl::StatusOr<DType> DTypeFromProto(v1::DType dtype) {
 }
 
 absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits) {
+  return LogitsFromProto(logits, {});
+}
+
+absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits,
+                                           absl::Span<const LogitsView::Piece> data_pieces) {
   if (logits.source_case() == v1::Logits::kSharedMemory) {
     return absl::InvalidArgumentError(
         "logits.shared_memory is not accepted here; send the logits as bytes (data)");
@@ -259,6 +264,9 @@ absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits) {
         "logits.sparse is not accepted here; send dense logits (data)");
   }
   ASSIGN_OR_RETURN(const DType dtype, DTypeFromProto(logits.dtype()));
+  if (!data_pieces.empty()) {
+    return LogitsView::CreateFromPieces(dtype, logits.rows(), logits.vocab_size(), data_pieces);
+  }
   const std::string& data = logits.data();
   return LogitsView::Create(
       dtype, logits.rows(), logits.vocab_size(),

@@ -30,6 +30,10 @@ absl::StatusOr<DType> DTypeFromProto(v1::DType dtype);
 // shared_memory / sparse source (RequestLogits resolves those, service/request_logits.h).
 // Ownership: the view borrows `logits.data()`; `logits` must outlive it and stay unmodified.
 absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits);
+// The same with the bytes of `data` in pieces (`data` itself left empty) when `data_pieces` is
+// not empty (ReceivedSampleRequest).
+absl::StatusOr<LogitsView> LogitsFromProto(const v1::Logits& logits,
+                                           absl::Span<const LogitsView::Piece> data_pieces);
 
 // Returns the core parameters of `proto` for a vocabulary of `vocab_size` tokens, validated with
 // ValidateParams(). Built from PresetParams(proto.preset()) when a preset is named, else from the

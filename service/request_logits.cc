@@ -9,9 +9,9 @@
 
 namespace tokensampler::service {
 
-absl::StatusOr<RequestLogits> RequestLogits::Resolve(const v1::Logits& logits,
-                                                     const SharedMemoryAccess& access,
-                                                     bool allow_sparse, int64_t max_tensor_bytes) {
+absl::StatusOr<RequestLogits> RequestLogits::Resolve(
+    const v1::Logits& logits, const SharedMemoryAccess& access, bool allow_sparse,
+    int64_t max_tensor_bytes, absl::Span<const LogitsView::Piece> data_pieces) {
   RequestLogits out;
   if (logits.source_case() == v1::Logits::kSharedMemory ||
       logits.source_case() == v1::Logits::kSparse) {
@@ -29,7 +29,7 @@ absl::StatusOr<RequestLogits> RequestLogits::Resolve(const v1::Logits& logits,
   switch (logits.source_case()) {
     case v1::Logits::kData:
     case v1::Logits::SOURCE_NOT_SET: {
-      ASSIGN_OR_RETURN(out.view_, LogitsFromProto(logits));
+      ASSIGN_OR_RETURN(out.view_, LogitsFromProto(logits, data_pieces));
       return out;
     }
     case v1::Logits::kSharedMemory: {

@@ -39,9 +39,11 @@ class RequestLogits {
   // size limit, which keeps a small request from making the server allocate without limit.
   // Ownership: borrows `logits` (must outlive this) for `data`; holds the region for
   // `shared_memory`; owns the dense copy for `sparse`.
-  static absl::StatusOr<RequestLogits> Resolve(const v1::Logits& logits,
-                                               const SharedMemoryAccess& access, bool allow_sparse,
-                                               int64_t max_tensor_bytes);
+  // `data_pieces`, when not empty, are the bytes of `data` (left empty in `logits`) where the
+  // request was received (ReceivedSampleRequest); they must outlive this.
+  static absl::StatusOr<RequestLogits> Resolve(
+      const v1::Logits& logits, const SharedMemoryAccess& access, bool allow_sparse,
+      int64_t max_tensor_bytes, absl::Span<const LogitsView::Piece> data_pieces = {});
 
   RequestLogits(RequestLogits&&) = default;
   RequestLogits& operator=(RequestLogits&&) = default;

@@ -1,5 +1,6 @@
 #include "service/sampler_service.h"
 
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -58,14 +59,26 @@ SharedMemoryAccess SamplerService::AccessFor(const grpc::CallbackServerContext& 
 }
 
 grpc::ServerUnaryReactor* SamplerService::Sample(grpc::CallbackServerContext* context,
-                                                 const v1::SampleRequest* request,
-                                                 v1::SampleResponse* response) {
-  SharedMemoryAccess access = AccessFor(*context, request->logits());
+                                                 const grpc::ByteBuffer* request,
+                                                 grpc::ByteBuffer* response) {
+  // Parsing leaves the logits bytes in gRPC's slices: it copies only the few hundred other bytes.
+  absl::StatusOr<ReceivedSampleRequest> received = ReceivedSampleRequest::Parse(*request);
+  if (!received.ok()) {
+    return StartUnaryCall(
+        context, guard_, arena_, sample_metrics_, static_cast<int64_t>(request->Length()), 0,
+        [status = received.status()](const std::atomic<bool>&) { return status; });
+  }
+  auto parsed = std::make_shared<const ReceivedSampleRequest>(*std::move(received));
+  SharedMemoryAccess access = AccessFor(*context, parsed->message().logits());
+  const int64_t rows = parsed->message().rows_size();
   return StartUnaryCall(
-      context, guard_, arena_, sample_metrics_, static_cast<int64_t>(request->ByteSizeLong()),
-      request->rows_size(),
-      [this, request, response, access = std::move(access)](const std::atomic<bool>& cancelled) {
-        return SampleInArena(*request, *response, access, cancelled);
+      context, guard_, arena_, sample_metrics_, static_cast<int64_t>(parsed->wire_bytes()), rows,
+      [this, parsed, response, access = std::move(access)](const std::atomic<bool>& cancelled) {
+        v1::SampleResponse proto;
+        RETURN_IF_ERROR(SampleInArena(*parsed, proto, access, cancelled));
+        grpc::Slice bytes(proto.SerializeAsString());
+        *response = grpc::ByteBuffer(&bytes, 1);
+        return absl::OkStatus();
       });
 }
 
@@ -154,13 +167,14 @@ grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SamplerService
                                                  .max_tensor_bytes = max_tensor_bytes_});
 }
 
-absl::Status SamplerService::SampleInArena(const v1::SampleRequest& request,
+absl::Status SamplerService::SampleInArena(const ReceivedSampleRequest& received,
                                            v1::SampleResponse& response,
                                            const SharedMemoryAccess& access,
                                            const std::atomic<bool>& cancelled) const {
-  ASSIGN_OR_RETURN(
-      const RequestLogits logits,
-      RequestLogits::Resolve(request.logits(), access, /*allow_sparse=*/true, max_tensor_bytes_));
+  const v1::SampleRequest& request = received.message();
+  ASSIGN_OR_RETURN(const RequestLogits logits,
+                   RequestLogits::Resolve(request.logits(), access, /*allow_sparse=*/true,
+                                          max_tensor_bytes_, received.data_pieces()));
   ASSIGN_OR_RETURN(Batch batch, BatchFromProto(request, logits.view()));
   const SparseBatch* sparse = logits.sparse();
   if (sparse != nullptr) {

@@ -20,6 +20,7 @@
 #include "oneapi/tbb/task_arena.h"
 #include "service/call_guard.h"
 #include "service/metrics.h"
+#include "service/received_request.h"
 #include "service/request_logits.h"
 #include "service/session_stream.h"
 #include "service/shared_memory.h"
@@ -27,7 +28,10 @@
 
 namespace tokensampler::service {
 
-class SamplerService final : public v1::Sampler::CallbackService {
+// Sample is a raw method: its handler parses the request itself (ReceivedSampleRequest), leaving
+// the logits bytes where gRPC received them.
+class SamplerService final
+    : public v1::Sampler::WithRawCallbackMethod_Sample<v1::Sampler::CallbackService> {
  public:
   // `arena` runs every call's work; `guard` admits and accounts every call (and waits for the
   // tasks it enqueued); `metrics` holds the per-RPC metrics and the session gauges;
@@ -43,10 +47,10 @@ class SamplerService final : public v1::Sampler::CallbackService {
   SamplerService(const SamplerService&) = delete;
   SamplerService& operator=(const SamplerService&) = delete;
 
-  // Sample (see sampler.proto for the status codes).
+  // Sample (see sampler.proto for the status codes): a SampleRequest in, a SampleResponse out.
   grpc::ServerUnaryReactor* Sample(grpc::CallbackServerContext* context,
-                                   const v1::SampleRequest* request,
-                                   v1::SampleResponse* response) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
 
   // Verify (see sampler.proto): speculative decoding, admitted and run like Sample.
   grpc::ServerUnaryReactor* Verify(grpc::CallbackServerContext* context,
@@ -76,7 +80,7 @@ class SamplerService final : public v1::Sampler::CallbackService {
  private:
   // The body of Sample; runs in the arena. Returns OK with `response` filled, or the error
   // (CANCELLED once `cancelled` is set).
-  absl::Status SampleInArena(const v1::SampleRequest& request, v1::SampleResponse& response,
+  absl::Status SampleInArena(const ReceivedSampleRequest& request, v1::SampleResponse& response,
                              const SharedMemoryAccess& access,
                              const std::atomic<bool>& cancelled) const;
   // What a call may reach of the shared-memory registry.

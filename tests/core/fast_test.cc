@@ -21,6 +21,7 @@
 #include "core/reference.h"
 #include "core/row.h"
 #include "core/sampler.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tbb/task_arena.h"
 #include "tests/testing/core_testing.h"
@@ -295,6 +296,78 @@ TEST(FastTest, UnalignedAndSharedRowsSampleAlike) {
                  absl::StrCat(view == &*shared ? "shared " : "unaligned ", Describe(p)));
     }
   }
+}
+
+// A view in pieces (as the service receives requests: gRPC slices, rows straddling them) samples
+// each row from a contiguous copy: the same results as the contiguous view, on one thread and on
+// two (where a single row's blocks are split over both), and errors that name the request's row.
+TEST(FastTest, RowsInPiecesSampleAsContiguousRows) {
+  std::mt19937_64 rng(57);
+  constexpr size_t kVocab = 9000;
+  constexpr int kRows = 3;
+  std::vector<float> values;
+  for (int r = 0; r < kRows; ++r) {
+    const std::vector<float> row = MakeRow(Shape::kRealistic, kVocab, rng);
+    values.insert(values.end(), row.begin(), row.end());
+  }
+  const std::vector<uint8_t> bytes = testing::F32Bytes(values);
+  // Pieces of 1 to 40000 bytes (most not a whole number of floats), and a few empty ones.
+  std::vector<LogitsView::Piece> pieces;
+  for (size_t at = 0; at < bytes.size();) {
+    const size_t n =
+        std::min<size_t>(bytes.size() - at, rng() % 5 == 0 ? rng() % 3 : rng() % 40000);
+    pieces.push_back({at, absl::MakeConstSpan(bytes).subspan(at, n)});
+    at += n;
+  }
+  const auto contiguous = LogitsView::Create(DType::kFloat32, kRows, kVocab, bytes);
+  const auto in_pieces = LogitsView::CreateFromPieces(DType::kFloat32, kRows, kVocab, pieces);
+  ASSERT_TRUE(contiguous.ok() && in_pieces.ok()) << in_pieces.status();
+  ASSERT_TRUE(in_pieces->in_pieces());
+  std::vector<uint8_t> copied(contiguous->RowSize());
+  for (int r = 0; r < kRows; ++r) {
+    in_pieces->CopyRow(r, copied.data());
+    EXPECT_TRUE(std::equal(copied.begin(), copied.end(), contiguous->RowBytes(r))) << r;
+  }
+  const Sampler fast;
+  for (int i = 0; i < 40; ++i) {
+    const SamplingParams p = RandomParams(rng, kVocab);
+    std::vector<RowRequest> rows(kRows, RowRequest{&p, {}, {}, std::nullopt});
+    const auto want = RunOn(1, fast, *contiguous, rows);
+    ASSERT_TRUE(want.ok()) << want.status();
+    const auto got = RunOn(1, fast, *in_pieces, rows);
+    ASSERT_TRUE(got.ok()) << got.status();
+    ExpectSame(*got, *want, absl::StrCat("in pieces ", Describe(p)));
+    // One row on two threads: its blocks are spread over both.
+    std::vector<LogitsView::Piece> first_row;
+    for (const LogitsView::Piece& piece : pieces) {
+      if (piece.offset >= contiguous->RowSize()) break;
+      first_row.push_back(piece);
+      first_row.back().bytes = piece.bytes.subspan(
+          0, std::min(piece.bytes.size(), contiguous->RowSize() - piece.offset));
+    }
+    const auto row0 = LogitsView::CreateFromPieces(DType::kFloat32, 1, kVocab, first_row);
+    const auto row0_contiguous = LogitsView::Create(
+        DType::kFloat32, 1, kVocab, absl::MakeConstSpan(bytes).subspan(0, contiguous->RowSize()));
+    ASSERT_TRUE(row0.ok() && row0_contiguous.ok()) << row0.status();
+    const auto want_split = RunOn(2, fast, *row0_contiguous, {rows.data(), 1});
+    const auto got_split = RunOn(2, fast, *row0, {rows.data(), 1});
+    ASSERT_TRUE(want_split.ok() && got_split.ok()) << got_split.status();
+    ExpectSame(*got_split, *want_split, absl::StrCat("one row in pieces ", Describe(p)));
+  }
+  // A NaN in the last row is reported at that row of the request, not of the copy.
+  std::vector<float> with_nan = values;
+  with_nan[2 * kVocab + 17] = std::numeric_limits<float>::quiet_NaN();
+  const std::vector<uint8_t> nan_bytes = testing::F32Bytes(with_nan);
+  const std::vector<LogitsView::Piece> halves = {
+      {0, absl::MakeConstSpan(nan_bytes).subspan(0, 50001)},
+      {50001, absl::MakeConstSpan(nan_bytes).subspan(50001)}};
+  const auto nan_view = LogitsView::CreateFromPieces(DType::kFloat32, kRows, kVocab, halves);
+  ASSERT_TRUE(nan_view.ok());
+  const SamplingParams plain;
+  std::vector<RowRequest> rows(kRows, RowRequest{&plain, {}, {}, std::nullopt});
+  const auto failed = RunOn(1, fast, *nan_view, rows);
+  EXPECT_EQ(failed.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(failed.status().message(), ::testing::HasSubstr("NaN at row 2, token 17"));
 }
 
 // Penalties that only lower logits keep pass 1's maximum (unless they hit its token) and its

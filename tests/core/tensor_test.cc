@@ -109,5 +109,28 @@ TEST(LogitsViewTest, RejectsBadShapes) {
   EXPECT_TRUE(LogitsView::Create(DType::kBFloat16, 2, 3, bytes).ok());
 }
 
+TEST(LogitsViewTest, PiecesMustFollowEachOtherAndMatchTheShape) {
+  const std::vector<uint8_t> bytes(4 * 6, 0);
+  const absl::Span<const uint8_t> all(bytes);
+  // In order: a view; with one piece it is contiguous.
+  auto view = LogitsView::CreateFromPieces(DType::kFloat32, 2, 3,
+                                           {{0, all.subspan(0, 5)}, {5, all.subspan(5)}});
+  ASSERT_TRUE(view.ok()) << view.status();
+  EXPECT_TRUE(view->in_pieces());
+  view = LogitsView::CreateFromPieces(DType::kFloat32, 2, 3, {{0, all}});
+  ASSERT_TRUE(view.ok());
+  EXPECT_FALSE(view->in_pieces());
+  // A gap, or a size other than the shape's: refused, with Create's message for the size.
+  view = LogitsView::CreateFromPieces(DType::kFloat32, 2, 3,
+                                      {{0, all.subspan(0, 5)}, {6, all.subspan(6)}});
+  EXPECT_EQ(view.status().code(), absl::StatusCode::kInternal);
+  view = LogitsView::CreateFromPieces(DType::kFloat32, 2, 4,
+                                      {{0, all.subspan(0, 5)}, {5, all.subspan(5)}});
+  EXPECT_EQ(view.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(view.status().message(),
+            "logits.data has 24 bytes, expected rows × vocab_size × 4 = 2 × 4 × 4 = 32 for "
+            "float32");
+}
+
 }  // namespace
 }  // namespace tokensampler

@@ -1,7 +1,8 @@
 // Fuzz target: a request from arbitrary bytes, through the service's conversion and validation
 // and, when valid, the core. The first byte picks the message:
-//   even: a SampleRequest — BatchFromProto (logits view, row count, every row's parameters),
-//         then Sampler::Run and ResponseToProto, as SamplerService::Sample does;
+//   even: a SampleRequest — the service's own parse (ReceivedSampleRequest, differential against
+//         protobuf's), BatchFromProto (logits view, row count, every row's parameters), then
+//         Sampler::Run and ResponseToProto, as SamplerService::Sample does;
 //   odd, bit 1 clear (1, 5, 9, …): a SessionRequest applied to a fresh SequenceTable in the
 //         stream's order (release, add, fork, step) with the conversions the Session stream uses;
 //   odd, bit 1 set (3, 7, 11, …): a VerifyRequest — VerifyBatchFromProto, then Verifier::Run and
@@ -11,6 +12,10 @@
 // ALREADY_EXISTS / RESOURCE_EXHAUSTED with a message, and a success must hold one result per
 // sample (one per verified row, with num_accepted + 1 or, when finished, num_accepted tokens)
 // with token ids inside the vocabulary.
+#include <grpcpp/support/byte_buffer.h>
+#include <grpcpp/support/slice.h>
+
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <string>
@@ -23,8 +28,10 @@
 #include "core/speculative.h"
 #include "google/protobuf/stubs/logging.h"
 #include "service/convert.h"
+#include "service/received_request.h"
 #include "tests/fuzz/fuzz_core.h"
 #include "tests/fuzz/fuzz_support.h"
+#include "tests/testing/proto_testing.h"
 #include "tokensampler/v1/sampler.pb.h"
 
 namespace tokensampler::fuzzing {
@@ -168,6 +175,39 @@ void FuzzSession(const v1::SessionRequest& request) {
              static_cast<long long>(table.size()));
 }
 
+// The service's own parse of the same bytes, as gRPC would hand them over in slices (of up to
+// 1 + (first byte ÷ 4) bytes): it must succeed exactly when protobuf's does and give the same
+// message once the logits bytes it left in the slices are put back.
+void FuzzReceived(const uint8_t* data, size_t size, uint8_t first, bool parsed,
+                  const v1::SampleRequest& want) {
+  std::vector<grpc::Slice> slices;
+  const size_t max_slice = 1 + first / 4;
+  for (size_t at = 0; at < size; at += max_slice) {
+    slices.emplace_back(data + at, std::min(max_slice, size - at));
+  }
+  const grpc::ByteBuffer buffer(slices.data(), slices.size());
+  absl::StatusOr<service::ReceivedSampleRequest> got =
+      service::ReceivedSampleRequest::Parse(buffer);
+  FUZZ_CHECK(got.ok() == parsed, "ReceivedSampleRequest::Parse: %s where protobuf %s",
+             got.status().ToString().c_str(), parsed ? "parses" : "does not");
+  if (!got.ok()) {
+    FUZZ_CHECK(got.status().code() == absl::StatusCode::kInvalidArgument,
+               "ReceivedSampleRequest::Parse: %s", got.status().ToString().c_str());
+    return;
+  }
+  v1::SampleRequest whole = got->message();
+  if (!got->data_pieces().empty()) {
+    std::string& bytes = *whole.mutable_logits()->mutable_data();
+    FUZZ_CHECK(bytes.empty(), "data left in the message as well as in pieces");
+    for (const LogitsView::Piece& piece : got->data_pieces()) {
+      bytes.append(reinterpret_cast<const char*>(piece.bytes.data()), piece.bytes.size());
+    }
+  }
+  // Compared as deterministic bytes: maps in key order, and a NaN parameter equal to itself.
+  FUZZ_CHECK(testing::DeterministicBytes(whole) == testing::DeterministicBytes(want),
+             "ReceivedSampleRequest::Parse gave another message than protobuf");
+}
+
 }  // namespace
 }  // namespace tokensampler::fuzzing
 
@@ -190,7 +230,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (request.ParseFromArray(data + 1, body)) tokensampler::fuzzing::FuzzSession(request);
   } else {
     tokensampler::v1::SampleRequest request;
-    if (request.ParseFromArray(data + 1, body)) tokensampler::fuzzing::FuzzSample(request);
+    const bool parsed = request.ParseFromArray(data + 1, body);
+    tokensampler::fuzzing::FuzzReceived(data + 1, static_cast<size_t>(body), data[0], parsed,
+                                        request);
+    if (parsed) tokensampler::fuzzing::FuzzSample(request);
   }
   return 0;
 }

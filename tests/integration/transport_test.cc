@@ -2,6 +2,7 @@
 // over its Unix socket (shared memory on by default) and TCP (off by default), through the C++
 // client library.
 #include <fcntl.h>
+#include <grpc/grpc.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -26,6 +27,14 @@
 
 namespace tokensampler {
 namespace {
+
+// gRPC stays initialised for the whole test process. Otherwise each test's last channel shuts it
+// down, and after a request large enough to fill the socket gRPC 1.51's shutdown waits out the
+// 10-second sleep of the poller that finished the write (a test then takes 10 s longer).
+const bool kGrpcKept = [] {
+  grpc_init();
+  return true;
+}();
 
 using ::testing::HasSubstr;
 using ::tokensampler::testing::DaemonProcess;
@@ -128,6 +137,78 @@ TEST_F(TransportDaemonTest, SharedMemoryOverTheUnixSocketAndNotOverTcp) {
   EXPECT_TRUE(tcp.Sample(Request(bytes), absl::Seconds(10)).ok());
   EXPECT_TRUE(uds.UnregisterSharedMemory(*region, absl::Seconds(10)).ok());
   EXPECT_THAT(daemon_->Stderr(), HasSubstr("shared_memory=unix"));
+}
+
+// The daemon samples logits sent as bytes without copying them out of gRPC's slices (64 KiB
+// each: every row straddles several), row by row: the results must be those of the same tensor
+// in shared memory, which it reads in place, for every dtype and a mix of stages per row.
+TEST_F(TransportDaemonTest, BytesInSlicesSampleAsTheSameTensorInSharedMemory) {
+  Start();
+  const Client uds = Connect(1);
+  const Client tcp = Connect(0);
+  constexpr uint32_t kManyRows = 6;
+  constexpr uint32_t kWideVocab = 50000;
+  const std::vector<float> values = cli::RandomLogits(kManyRows, kWideVocab, 11);
+  const auto with_params = [](v1::Logits logits) {
+    v1::SampleRequest request;
+    *request.mutable_logits() = std::move(logits);
+    for (uint32_t r = 0; r < kManyRows; ++r) {
+      v1::SampleRow& row = *request.add_rows();
+      v1::SamplingParams& p = *row.mutable_params();
+      p.set_seed(r + 7);
+      p.set_logprobs(3);
+      p.set_temperature(0.7f + 0.1f * static_cast<float>(r));
+      switch (r % 3) {
+        case 0:
+          p.set_top_p(0.9f);
+          break;
+        case 1:
+          p.set_min_p(0.05f);
+          p.set_typical_p(0.95f);
+          break;
+        default:
+          p.set_top_k(50);
+          p.set_repetition_penalty(1.2f);
+          for (int32_t t = 0; t < 30; ++t) row.add_output_token_ids(t * 997 % 50000);
+      }
+    }
+    return request;
+  };
+  for (const v1::DType dtype : {v1::DTYPE_FLOAT32, v1::DTYPE_BFLOAT16, v1::DTYPE_FLOAT16}) {
+    const v1::Logits bytes = *MakeLogits(values, kWideVocab, dtype);
+    absl::StatusOr<SharedMemoryBuffer> buffer = SharedMemoryBuffer::Create(
+        absl::StrCat("/ts_it_slices_", getpid(), "_", static_cast<int>(dtype)),
+        bytes.data().size());
+    ASSERT_TRUE(buffer.ok()) << buffer.status();
+    std::memcpy(buffer->data(), bytes.data().data(), bytes.data().size());
+    absl::StatusOr<std::string> region =
+        uds.RegisterSharedMemory("slices", buffer->key(), 0, buffer->size(), absl::Seconds(10));
+    ASSERT_TRUE(region.ok()) << region.status();
+    absl::StatusOr<v1::SampleResponse> expected =
+        uds.Sample(with_params(SharedMemoryLogits(*region, 0, kManyRows, kWideVocab, dtype)),
+                   absl::Seconds(30));
+    ASSERT_TRUE(expected.ok()) << expected.status();
+    for (const Client* client : {&uds, &tcp}) {
+      absl::StatusOr<v1::SampleResponse> actual =
+          client->Sample(with_params(bytes), absl::Seconds(30));
+      ASSERT_TRUE(actual.ok()) << actual.status();
+      ASSERT_EQ(actual->results_size(), static_cast<int>(kManyRows));
+      for (int i = 0; i < actual->results_size(); ++i) {
+        const std::string where = absl::StrCat(v1::DType_Name(dtype), " row ", i, " over ",
+                                               client == &uds ? "uds" : "tcp");
+        EXPECT_EQ(actual->results(i).token_id(), expected->results(i).token_id()) << where;
+        EXPECT_EQ(actual->results(i).logprob(), expected->results(i).logprob()) << where;
+        ASSERT_EQ(actual->results(i).top_logprobs_size(), 3) << where;
+        ASSERT_EQ(expected->results(i).top_logprobs_size(), 3) << where;
+        for (int j = 0; j < 3; ++j) {
+          EXPECT_EQ(actual->results(i).top_logprobs(j).SerializeAsString(),
+                    expected->results(i).top_logprobs(j).SerializeAsString())
+              << where << " #" << j;
+        }
+      }
+    }
+    EXPECT_TRUE(uds.UnregisterSharedMemory(*region, absl::Seconds(10)).ok());
+  }
 }
 
 TEST_F(TransportDaemonTest, SparseCandidatesOverTcp) {
