@@ -463,6 +463,14 @@ int64_t FindFirstEqual(const float* v, size_t begin, size_t end, float target, b
 }
 
 // A vector of fp16 values from their bits.
+// Element i of a 16-bit row, which may lie at any address (a request's bytes inside gRPC's
+// slices, a region at any offset): SIMD loads are unaligned anyway, scalar ones go through memcpy.
+HWY_INLINE uint16_t Load16(const uint8_t* row, size_t i) {
+  uint16_t bits;
+  std::memcpy(&bits, row + 2 * i, sizeof(bits));
+  return bits;
+}
+
 HWY_INLINE VF DecodeF16(const uint16_t* p) {
   const DF df;
 #if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
@@ -661,13 +669,14 @@ MaxResult DecodeMaxImpl(DType dtype, const uint8_t* row, size_t begin, size_t en
           [&](size_t i) {
             return hn::BitCast(df, hn::ShiftLeft<16>(hn::PromoteTo(du, hn::LoadU(d16, src + i))));
           },
-          [&](size_t i) { return Bf16ToFloat(src[i]); }, out, begin, end, divisor, out, true, top);
+          [&](size_t i) { return Bf16ToFloat(Load16(row, i)); }, out, begin, end, divisor, out,
+          true, top);
     }
     case DType::kFloat16: {
       const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
       return DecodeMaxBody([&](size_t i) { return DecodeF16(bits + i); },
-                           [&](size_t i) { return Fp16ToFloat(bits[i]); }, out, begin, end, divisor,
-                           out, true, top);
+                           [&](size_t i) { return Fp16ToFloat(Load16(row, i)); }, out, begin, end,
+                           divisor, out, true, top);
     }
   }
   return MaxResult{kNegInf, -1, -1};

@@ -30,7 +30,9 @@ class ReceivedSampleRequest {
   // the top level and inside every `logits` field (a sender may split a message into several
   // occurrences of it, which protobuf merges — the C++ client does); a form it does not take
   // apart (groups, or bytes protobuf would refuse) is parsed whole by protobuf instead, giving
-  // protobuf's result. INVALID_ARGUMENT when protobuf cannot parse the message.
+  // protobuf's result. INVALID_ARGUMENT when protobuf cannot parse the message. The result holds
+  // its own references to the slices (a slice of up to 23 bytes keeps its bytes inline, in the
+  // reference itself).
   static absl::StatusOr<ReceivedSampleRequest> Parse(const grpc::ByteBuffer& buffer);
 
   ReceivedSampleRequest(ReceivedSampleRequest&&) = default;

@@ -283,6 +283,14 @@ TEST(FastTest, UnalignedAndSharedRowsSampleAlike) {
       LogitsView::Create(DType::kFloat32, kRows, kVocab, absl::MakeConstSpan(shifted).subspan(1));
   const auto shared = LogitsView::Create(DType::kFloat32, kRows, kVocab, bytes, /*shared=*/true);
   ASSERT_TRUE(aligned.ok() && unaligned.ok() && shared.ok());
+  // 16-bit rows at an odd address too (a request's bytes inside gRPC's slices can lie anywhere).
+  const std::vector<uint8_t> halves = testing::Half16Bytes(values, DType::kBFloat16);
+  std::vector<uint8_t> shifted_halves(halves.size() + 1);
+  std::copy(halves.begin(), halves.end(), shifted_halves.begin() + 1);
+  const auto halves_aligned = LogitsView::Create(DType::kBFloat16, kRows, kVocab, halves);
+  const auto halves_unaligned = LogitsView::Create(DType::kBFloat16, kRows, kVocab,
+                                                   absl::MakeConstSpan(shifted_halves).subspan(1));
+  ASSERT_TRUE(halves_aligned.ok() && halves_unaligned.ok());
   const Sampler fast;
   for (int i = 0; i < 40; ++i) {
     const SamplingParams p = RandomParams(rng, kVocab);
@@ -295,6 +303,10 @@ TEST(FastTest, UnalignedAndSharedRowsSampleAlike) {
       ExpectSame(*got, *want,
                  absl::StrCat(view == &*shared ? "shared " : "unaligned ", Describe(p)));
     }
+    const auto want_halves = RunOn(1, fast, *halves_aligned, rows);
+    const auto got_halves = RunOn(1, fast, *halves_unaligned, rows);
+    ASSERT_TRUE(want_halves.ok() && got_halves.ok()) << got_halves.status();
+    ExpectSame(*got_halves, *want_halves, absl::StrCat("unaligned bf16 ", Describe(p)));
   }
 }
 
