@@ -28,10 +28,17 @@
 
 namespace tokensampler::service {
 
-// Sample is a raw method: its handler parses the request itself (ReceivedSampleRequest), leaving
-// the logits bytes where gRPC received them.
-class SamplerService final
-    : public v1::Sampler::WithRawCallbackMethod_Sample<v1::Sampler::CallbackService> {
+// The generated callback service with Sample as a raw method: its handler parses the request
+// itself (ReceivedSampleRequest), leaving the logits bytes where gRPC received them. (Built from
+// the per-method classes: on v1::Sampler::CallbackService the raw Sample would hide the typed
+// one.)
+using SamplerServiceBase =
+    v1::Sampler::WithRawCallbackMethod_Sample<v1::Sampler::WithCallbackMethod_Session<
+        v1::Sampler::WithCallbackMethod_Verify<v1::Sampler::WithCallbackMethod_RegisterSharedMemory<
+            v1::Sampler::WithCallbackMethod_UnregisterSharedMemory<
+                v1::Sampler::WithCallbackMethod_ListSharedMemory<v1::Sampler::Service>>>>>>;
+
+class SamplerService final : public SamplerServiceBase {
  public:
   // `arena` runs every call's work; `guard` admits and accounts every call (and waits for the
   // tasks it enqueued); `metrics` holds the per-RPC metrics and the session gauges;
@@ -48,6 +55,7 @@ class SamplerService final
   SamplerService& operator=(const SamplerService&) = delete;
 
   // Sample (see sampler.proto for the status codes): a SampleRequest in, a SampleResponse out.
+  using SamplerServiceBase::Sample;  // the synchronous one, which the raw method disables
   grpc::ServerUnaryReactor* Sample(grpc::CallbackServerContext* context,
                                    const grpc::ByteBuffer* request,
                                    grpc::ByteBuffer* response) override;
