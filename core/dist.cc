@@ -300,10 +300,6 @@ void Dist::ToSparse(const Key& key, double cut) {
 }
 
 void Dist::ToSparseFromList(const Key& key, const Cut& cut) {
-  if (divisor_ != 1.0f) {  // not after FindCut, whose weights applied any division
-    ToSparse(key, cut.key);
-    return;
-  }
   // The list narrowed in place to key ≤ cut (SIMD; nothing else reads it) becomes the sparse set.
   const Range keep = KeyRange(key, cut.key);
   constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -316,6 +312,18 @@ void Dist::ToSparseFromList(const Key& key, const Cut& cut) {
   std::swap(s_.sparse_values, s_.list_values);
   sparse_ = true;
   count_ = static_cast<int64_t>(kept);
+}
+
+void Dist::GatherSelected(size_t m, std::vector<int32_t>& ids, std::vector<float>& values,
+                          std::vector<float>& weights) const {
+  ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
+  values.resize(m);
+  weights.resize(m);
+  for (size_t i = 0; i < m; ++i) {
+    const size_t id = static_cast<size_t>(ids[i]);
+    values[i] = values_[id];
+    weights[i] = s_.wf[id];
+  }
 }
 
 void Dist::MaybeSparse() {
@@ -367,14 +375,7 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
   double list_hi = -kDoubleInf;
   const auto band_from_list = [&] {
     const size_t m = Select(key, -kDoubleInf, hi);
-    s_.list_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
-    s_.list_values.resize(m);
-    s_.list_weights.resize(m);
-    for (size_t i = 0; i < m; ++i) {
-      const size_t id = static_cast<size_t>(s_.list_ids[i]);
-      s_.list_values[i] = values_[id];
-      s_.list_weights[i] = s_.wf[id];
-    }
+    GatherSelected(m, s_.list_ids, s_.list_values, s_.list_weights);
     listed = true;
     list_hi = hi;
     s_.band_ids = s_.list_ids;
@@ -491,15 +492,7 @@ Dist::Cut Dist::FindCut(const Key& key, double fraction, double lo_key, double l
       lo_sum = band_base;
       lo_moved = false;
     } else if (band_ids == nullptr) {
-      const size_t m = Select(key, lo, hi);
-      s_.band_ids.assign(s_.ids.begin(), s_.ids.begin() + static_cast<ptrdiff_t>(m));
-      s_.band_values.resize(m);
-      s_.band_weights.resize(m);
-      for (size_t i = 0; i < m; ++i) {
-        const size_t id = static_cast<size_t>(s_.band_ids[i]);
-        s_.band_values[i] = values_[id];
-        s_.band_weights[i] = s_.wf[id];
-      }
+      GatherSelected(Select(key, lo, hi), s_.band_ids, s_.band_values, s_.band_weights);
       band_base = lo_moved ? ExactMass(key, lo) : lo_sum;
       band_base_count = lo_count;
       lo_sum = band_base;

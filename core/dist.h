@@ -234,7 +234,8 @@ class Dist {
   // Turns sparse, keeping the tokens with key ≤ `cut` (for kNegValue keys and the default cut:
   // every kept token).
   void ToSparse(const Key& key, double cut);
-  // The same from the list of `cut` (REQUIRES: cut.listed, and nothing changed since FindCut).
+  // The same from the list of `cut` (REQUIRES: cut.listed, and nothing changed since FindCut, whose
+  // weights applied any pending division).
   void ToSparseFromList(const Key& key, const Cut& cut);
   // Sets the pending temperature division (divisor_ must be 1). When it overflows the maximum
   // to +inf, applies it at once and keeps only the overflowed tokens (uniform), as the
@@ -245,6 +246,9 @@ class Dist {
   void KeepFirst(size_t keep);
   // Selects ids with lo < key ≤ hi into scratch.ids (in id order); returns how many.
   size_t Select(const Key& key, double lo, double hi);
+  // Copies the first m selected ids (scratch.ids) to `ids`, and their values and weights.
+  void GatherSelected(size_t m, std::vector<int32_t>& ids, std::vector<float>& values,
+                      std::vector<float>& weights) const;
 
   absl::Span<const float> values_;       // the current values: the source, or row_ once written
   bool pending_ = false;                 // values_ is not complete yet: see Materialize

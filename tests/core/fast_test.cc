@@ -263,6 +263,16 @@ INSTANTIATE_TEST_SUITE_P(
       return absl::StrCat("case", param.index, "_vocab", param.param.vocab);
     });
 
+// `rows` realistic rows of `vocab` tokens, one after the other.
+std::vector<float> RealisticRows(int rows, size_t vocab, std::mt19937_64& rng) {
+  std::vector<float> values;
+  for (int r = 0; r < rows; ++r) {
+    const std::vector<float> row = MakeRow(Shape::kRealistic, vocab, rng);
+    values.insert(values.end(), row.begin(), row.end());
+  }
+  return values;
+}
+
 // A float32 row is read where it is only when that is safe: rows not aligned for float reads
 // and rows in another process's memory (shared) are copied by pass 1 instead. Every kind of
 // view gives the same results (under the sanitizers, a misaligned float read would fail here).
@@ -270,11 +280,7 @@ TEST(FastTest, UnalignedAndSharedRowsSampleAlike) {
   std::mt19937_64 rng(31);
   constexpr size_t kVocab = 9000;
   constexpr int kRows = 3;
-  std::vector<float> values;
-  for (int r = 0; r < kRows; ++r) {
-    const std::vector<float> row = MakeRow(Shape::kRealistic, kVocab, rng);
-    values.insert(values.end(), row.begin(), row.end());
-  }
+  const std::vector<float> values = RealisticRows(kRows, kVocab, rng);
   const std::vector<uint8_t> bytes = testing::F32Bytes(values);
   std::vector<uint8_t> shifted(bytes.size() + 1);
   std::copy(bytes.begin(), bytes.end(), shifted.begin() + 1);
@@ -317,11 +323,7 @@ TEST(FastTest, RowsInPiecesSampleAsContiguousRows) {
   std::mt19937_64 rng(57);
   constexpr size_t kVocab = 9000;
   constexpr int kRows = 3;
-  std::vector<float> values;
-  for (int r = 0; r < kRows; ++r) {
-    const std::vector<float> row = MakeRow(Shape::kRealistic, kVocab, rng);
-    values.insert(values.end(), row.begin(), row.end());
-  }
+  const std::vector<float> values = RealisticRows(kRows, kVocab, rng);
   const std::vector<uint8_t> bytes = testing::F32Bytes(values);
   // Pieces of 1 to 40000 bytes (most not a whole number of floats), and a few empty ones.
   std::vector<LogitsView::Piece> pieces;
