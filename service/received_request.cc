@@ -1,5 +1,7 @@
 #include "service/received_request.h"
 
+#include <grpcpp/support/proto_buffer_reader.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -182,6 +184,12 @@ bool Split(const std::vector<grpc::Slice>& slices, std::string* rest, std::vecto
   return true;
 }
 
+absl::Status NotParsed(const google::protobuf::MessageLite& message, size_t bytes,
+                       absl::string_view what = "the request") {
+  return absl::InvalidArgumentError(absl::StrCat(what, " is not a ", message.GetTypeName(),
+                                                 ": protobuf cannot parse its ", bytes, " bytes"));
+}
+
 }  // namespace
 
 absl::StatusOr<ReceivedSampleRequest> ReceivedSampleRequest::Parse(const grpc::ByteBuffer& buffer) {
@@ -207,13 +215,24 @@ absl::StatusOr<ReceivedSampleRequest> ReceivedSampleRequest::Parse(const grpc::B
     whole.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
   }
   out.message_.Clear();
-  if (!out.message_.ParseFromString(whole)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the request is not a tokensampler.v1.SampleRequest: protobuf cannot parse its ",
-        whole.size(), " bytes"));
-  }
+  if (!out.message_.ParseFromString(whole)) return NotParsed(out.message_, whole.size());
   out.slices_.clear();
   return out;
+}
+
+absl::Status ParseReceived(const grpc::ByteBuffer& buffer, google::protobuf::MessageLite& message,
+                           absl::string_view what) {
+  grpc::ByteBuffer shared(buffer);  // the same slices, one more reference
+  grpc::ProtoBufferReader reader(&shared);
+  if (!reader.status().ok() || !message.ParseFromZeroCopyStream(&reader)) {
+    return NotParsed(message, buffer.Length(), what);
+  }
+  return absl::OkStatus();
+}
+
+grpc::ByteBuffer SerializeForWire(const google::protobuf::MessageLite& message) {
+  grpc::Slice bytes(message.SerializeAsString());
+  return grpc::ByteBuffer(&bytes, 1);
 }
 
 }  // namespace tokensampler::service

@@ -15,12 +15,27 @@
 
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "core/tensor.h"
+#include "google/protobuf/message_lite.h"
 #include "tokensampler/v1/sampler.pb.h"
 
 namespace tokensampler::service {
+
+// The messages of the raw methods (every tokensampler.v1.Sampler method: gRPC 1.51 answers a
+// typed callback method's unparsable request with UNIMPLEMENTED and no message, and ends a typed
+// stream at an unparsable message as if the client had closed it).
+//
+// Parses `buffer` into `message` (cleared first) without copying its slices. Returns
+// INVALID_ARGUMENT "<what> is not a tokensampler.v1.VerifyRequest: protobuf cannot parse its
+// N bytes" when protobuf cannot.
+absl::Status ParseReceived(const grpc::ByteBuffer& buffer, google::protobuf::MessageLite& message,
+                           absl::string_view what = "the request");
+// `message` serialised, as one slice.
+grpc::ByteBuffer SerializeForWire(const google::protobuf::MessageLite& message);
 
 class ReceivedSampleRequest {
  public:

@@ -29,6 +29,9 @@ std::string BearerToken(const grpc::CallbackServerContext& context) {
   return std::string(value.substr(kPrefix.size()));
 }
 
+// The size of a request that counts no rows.
+int64_t NoRows(const google::protobuf::MessageLite& /*request*/) { return 0; }
+
 }  // namespace
 
 SamplerService::SamplerService(tbb::task_arena& arena, CallGuard& guard, Metrics& metrics,
@@ -76,57 +79,61 @@ grpc::ServerUnaryReactor* SamplerService::Sample(grpc::CallbackServerContext* co
       [this, parsed, response, access = std::move(access)](const std::atomic<bool>& cancelled) {
         v1::SampleResponse proto;
         RETURN_IF_ERROR(SampleInArena(*parsed, proto, access, cancelled));
-        grpc::Slice bytes(proto.SerializeAsString());
-        *response = grpc::ByteBuffer(&bytes, 1);
+        *response = SerializeForWire(proto);
         return absl::OkStatus();
       });
 }
 
 grpc::ServerUnaryReactor* SamplerService::RegisterSharedMemory(
-    grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request,
-    v1::RegisterSharedMemoryResponse* response) {
-  return StartUnaryCall(
-      context, guard_, arena_, register_metrics_, static_cast<int64_t>(request->ByteSizeLong()), 0,
-      [this, request, response, access = AccessOf(*context)](const std::atomic<bool>&) {
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request_bytes,
+    grpc::ByteBuffer* response_bytes) {
+  return StartRawUnaryCall<v1::RegisterSharedMemoryRequest, v1::RegisterSharedMemoryResponse>(
+      context, guard_, arena_, register_metrics_, *request_bytes, response_bytes, NoRows,
+      [this, access = AccessOf(*context)](const v1::RegisterSharedMemoryRequest& request,
+                                          v1::RegisterSharedMemoryResponse& response,
+                                          const std::atomic<bool>&) -> absl::Status {
         if (access.registry == nullptr) {
           return absl::FailedPreconditionError("this server has no shared memory");
         }
         ASSIGN_OR_RETURN(std::string handle,
-                         shared_memory_->Register(access.caller, request->name(), request->key(),
-                                                  request->offset(), request->byte_size()));
-        response->set_region(std::move(handle));
+                         shared_memory_->Register(access.caller, request.name(), request.key(),
+                                                  request.offset(), request.byte_size()));
+        response.set_region(std::move(handle));
         return absl::OkStatus();
       });
 }
 
 grpc::ServerUnaryReactor* SamplerService::UnregisterSharedMemory(
-    grpc::CallbackServerContext* context, const v1::UnregisterSharedMemoryRequest* request,
-    v1::UnregisterSharedMemoryResponse* /*response*/) {
-  return StartUnaryCall(
-      context, guard_, arena_, unregister_metrics_, static_cast<int64_t>(request->ByteSizeLong()),
-      0, [this, request, access = AccessOf(*context)](const std::atomic<bool>&) {
+    grpc::CallbackServerContext* context, const grpc::ByteBuffer* request_bytes,
+    grpc::ByteBuffer* response_bytes) {
+  return StartRawUnaryCall<v1::UnregisterSharedMemoryRequest, v1::UnregisterSharedMemoryResponse>(
+      context, guard_, arena_, unregister_metrics_, *request_bytes, response_bytes, NoRows,
+      [this, access = AccessOf(*context)](const v1::UnregisterSharedMemoryRequest& request,
+                                          v1::UnregisterSharedMemoryResponse& /*response*/,
+                                          const std::atomic<bool>&) -> absl::Status {
         if (access.registry == nullptr) {
           return absl::FailedPreconditionError("this server has no shared memory");
         }
-        return shared_memory_->Unregister(access.caller, request->region());
+        return shared_memory_->Unregister(access.caller, request.region());
       });
 }
 
-grpc::ServerUnaryReactor* SamplerService::ListSharedMemory(
-    grpc::CallbackServerContext* context, const v1::ListSharedMemoryRequest* request,
-    v1::ListSharedMemoryResponse* response) {
-  return StartUnaryCall(
-      context, guard_, arena_, list_metrics_, static_cast<int64_t>(request->ByteSizeLong()), 0,
-      [this, request, response, access = AccessOf(*context)](const std::atomic<bool>&) {
+grpc::ServerUnaryReactor* SamplerService::ListSharedMemory(grpc::CallbackServerContext* context,
+                                                           const grpc::ByteBuffer* request_bytes,
+                                                           grpc::ByteBuffer* response_bytes) {
+  return StartRawUnaryCall<v1::ListSharedMemoryRequest, v1::ListSharedMemoryResponse>(
+      context, guard_, arena_, list_metrics_, *request_bytes, response_bytes, NoRows,
+      [this, access = AccessOf(*context)](const v1::ListSharedMemoryRequest& request,
+                                          v1::ListSharedMemoryResponse& response,
+                                          const std::atomic<bool>&) -> absl::Status {
         if (access.registry == nullptr) {
           return absl::FailedPreconditionError("this server has no shared memory");
         }
-        const std::vector<std::string> handles(request->regions().begin(),
-                                               request->regions().end());
+        const std::vector<std::string> handles(request.regions().begin(), request.regions().end());
         ASSIGN_OR_RETURN(const std::vector<SharedMemoryRegionInfo> regions,
                          shared_memory_->List(access.caller, handles));
         for (const SharedMemoryRegionInfo& info : regions) {
-          v1::SharedMemoryRegionStatus& out = *response->add_regions();
+          v1::SharedMemoryRegionStatus& out = *response.add_regions();
           out.set_region(info.handle);
           out.set_name(info.name);
           out.set_key(info.key);
@@ -139,19 +146,20 @@ grpc::ServerUnaryReactor* SamplerService::ListSharedMemory(
 }
 
 grpc::ServerUnaryReactor* SamplerService::Verify(grpc::CallbackServerContext* context,
-                                                 const v1::VerifyRequest* request,
-                                                 v1::VerifyResponse* response) {
-  SharedMemoryAccess access = AccessFor(*context, request->logits());
+                                                 const grpc::ByteBuffer* request_bytes,
+                                                 grpc::ByteBuffer* response_bytes) {
   // Rows for the limits and metrics: the target rows (each is sampled at most once).
-  return StartUnaryCall(
-      context, guard_, arena_, verify_metrics_, static_cast<int64_t>(request->ByteSizeLong()),
-      request->logits().rows(),
-      [this, request, response, access = std::move(access)](const std::atomic<bool>& cancelled) {
-        return VerifyInArena(*request, *response, access, cancelled);
+  return StartRawUnaryCall<v1::VerifyRequest, v1::VerifyResponse>(
+      context, guard_, arena_, verify_metrics_, *request_bytes, response_bytes,
+      [](const v1::VerifyRequest& request) { return request.logits().rows(); },
+      [this, context](const v1::VerifyRequest& request, v1::VerifyResponse& response,
+                      const std::atomic<bool>& cancelled) {
+        // The context outlives the work: the call is finished only after it.
+        return VerifyInArena(request, response, AccessFor(*context, request.logits()), cancelled);
       });
 }
 
-grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SamplerService::Session(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SamplerService::Session(
     grpc::CallbackServerContext* context) {
   // Admitted like every call (drain, token); the stream keeps the open call until its OnDone, so
   // a drain waits until its last answer has been sent.

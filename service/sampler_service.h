@@ -28,15 +28,18 @@
 
 namespace tokensampler::service {
 
-// The generated callback service with Sample as a raw method: its handler parses the request
-// itself (ReceivedSampleRequest), leaving the logits bytes where gRPC received them. (Built from
-// the per-method classes: on v1::Sampler::CallbackService the raw Sample would hide the typed
-// one.)
-using SamplerServiceBase =
-    v1::Sampler::WithRawCallbackMethod_Sample<v1::Sampler::WithCallbackMethod_Session<
-        v1::Sampler::WithCallbackMethod_Verify<v1::Sampler::WithCallbackMethod_RegisterSharedMemory<
-            v1::Sampler::WithCallbackMethod_UnregisterSharedMemory<
-                v1::Sampler::WithCallbackMethod_ListSharedMemory<v1::Sampler::Service>>>>>>;
+// The generated callback service with every method raw: the handlers parse their messages
+// themselves — Sample without copying its logits bytes (ReceivedSampleRequest), the others with
+// protobuf (ParseReceived) — so that a message that does not parse is answered INVALID_ARGUMENT
+// naming its type. (gRPC 1.51's typed callback methods answer such a request UNIMPLEMENTED with
+// no message, and end a typed stream at such a message as if the client had closed it.) Built
+// from the per-method classes: on v1::Sampler::CallbackService a raw method would hide the
+// typed one.
+using SamplerServiceBase = v1::Sampler::WithRawCallbackMethod_Sample<
+    v1::Sampler::WithRawCallbackMethod_Session<v1::Sampler::WithRawCallbackMethod_Verify<
+        v1::Sampler::WithRawCallbackMethod_RegisterSharedMemory<
+            v1::Sampler::WithRawCallbackMethod_UnregisterSharedMemory<
+                v1::Sampler::WithRawCallbackMethod_ListSharedMemory<v1::Sampler::Service>>>>>>;
 
 class SamplerService final : public SamplerServiceBase {
  public:
@@ -54,29 +57,36 @@ class SamplerService final : public SamplerServiceBase {
   SamplerService(const SamplerService&) = delete;
   SamplerService& operator=(const SamplerService&) = delete;
 
+  // The synchronous methods, which the raw ones disable.
+  using SamplerServiceBase::ListSharedMemory;
+  using SamplerServiceBase::RegisterSharedMemory;
+  using SamplerServiceBase::Sample;
+  using SamplerServiceBase::Session;
+  using SamplerServiceBase::UnregisterSharedMemory;
+  using SamplerServiceBase::Verify;
+
   // Sample (see sampler.proto for the status codes): a SampleRequest in, a SampleResponse out.
-  using SamplerServiceBase::Sample;  // the synchronous one, which the raw method disables
   grpc::ServerUnaryReactor* Sample(grpc::CallbackServerContext* context,
                                    const grpc::ByteBuffer* request,
                                    grpc::ByteBuffer* response) override;
 
   // Verify (see sampler.proto): speculative decoding, admitted and run like Sample.
   grpc::ServerUnaryReactor* Verify(grpc::CallbackServerContext* context,
-                                   const v1::VerifyRequest* request,
-                                   v1::VerifyResponse* response) override;
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
   // RegisterSharedMemory, UnregisterSharedMemory, ListSharedMemory (see sampler.proto).
-  grpc::ServerUnaryReactor* RegisterSharedMemory(
-      grpc::CallbackServerContext* context, const v1::RegisterSharedMemoryRequest* request,
-      v1::RegisterSharedMemoryResponse* response) override;
-  grpc::ServerUnaryReactor* UnregisterSharedMemory(
-      grpc::CallbackServerContext* context, const v1::UnregisterSharedMemoryRequest* request,
-      v1::UnregisterSharedMemoryResponse* response) override;
+  grpc::ServerUnaryReactor* RegisterSharedMemory(grpc::CallbackServerContext* context,
+                                                 const grpc::ByteBuffer* request,
+                                                 grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* UnregisterSharedMemory(grpc::CallbackServerContext* context,
+                                                   const grpc::ByteBuffer* request,
+                                                   grpc::ByteBuffer* response) override;
   grpc::ServerUnaryReactor* ListSharedMemory(grpc::CallbackServerContext* context,
-                                             const v1::ListSharedMemoryRequest* request,
-                                             v1::ListSharedMemoryResponse* response) override;
+                                             const grpc::ByteBuffer* request,
+                                             grpc::ByteBuffer* response) override;
 
   // Session (see sampler.proto): one SessionStream per stream.
-  grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* Session(
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Session(
       grpc::CallbackServerContext* context) override;
 
   // Session streams open now and the sequences live in them (for tests and metrics), and the

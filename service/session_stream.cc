@@ -9,6 +9,7 @@
 #include "absl/types/span.h"
 #include "core/status_macros.h"
 #include "service/convert.h"
+#include "service/received_request.h"
 #include "service/status.h"
 
 namespace tokensampler::service {
@@ -116,8 +117,7 @@ void SessionRegistry::ReapIdleStreams() {
 namespace {
 
 // The reactor of a Session call the CallGuard refused: ends at once with the refusal.
-class RefusedSession final
-    : public grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse> {
+class RefusedSession final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   explicit RefusedSession(const grpc::Status& status) { Finish(status); }
   void OnDone() override { delete this; }
@@ -125,7 +125,7 @@ class RefusedSession final
 
 }  // namespace
 
-grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* SessionStream::Refuse(
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* SessionStream::Refuse(
     const grpc::Status& status) {
   return new RefusedSession(status);
 }
@@ -153,12 +153,27 @@ SessionStream::SessionStream(grpc::CallbackServerContext* context, CallGuard::Ca
       last_activity_(absl::Now()) {}
 
 void SessionStream::OnReadDone(bool ok) {
-  Pump([this, ok]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
+  // The buffer is the reader's alone until the next read starts: parsed without the lock.
+  v1::SessionRequest request;
+  absl::Status parsed = absl::OkStatus();
+  if (ok) {
+    ++messages_read_;
+    parsed = ParseReceived(read_buffer_, request,
+                           absl::StrCat("message ", messages_read_, " of the stream"));
+    read_buffer_.Clear();
+  }
+  Pump([this, ok, &request, &parsed]() ABSL_NO_THREAD_SAFETY_ANALYSIS {
     read_in_flight_ = false;
-    if (ok) {
-      pending_.push_back(std::move(read_buffer_));
-      read_buffer_.Clear();
+    if (ok && parsed.ok()) {
+      pending_.push_back(std::move(request));
       last_activity_ = absl::Now();
+    } else if (ok) {
+      // Nothing after it can be trusted to be what the client sent: stop reading.
+      reads_done_ = true;
+      read_error_ = ToGrpcStatus(absl::InvalidArgumentError(
+          absl::StrCat(parsed.message(),
+                       "; the stream ends here (the requests before it were "
+                       "answered, its sequences are released)")));
     } else {
       reads_done_ = true;  // half-close by the client, or the call is over
     }
@@ -303,7 +318,7 @@ SessionStream::Actions SessionStream::NextActions() {
   } else if (end_status_.has_value()) {
     if (writes_.empty()) actions.finish = *end_status_;
   } else if (reads_done_ && pending_.empty() && writes_.empty()) {
-    actions.finish = grpc::Status::OK;
+    actions.finish = read_error_.value_or(grpc::Status::OK);
   }
   if (actions.finish.has_value()) finishing_ = true;
   return actions;
@@ -338,7 +353,7 @@ void SessionStream::RunTask() {
     task_running_ = false;
     last_activity_ = absl::Now();
     // A cancelled stream writes nothing more; its response is dropped.
-    if (!cancelled_.load()) writes_.push_back(std::move(response));
+    if (!cancelled_.load()) writes_.push_back(SerializeForWire(response));
   });
   registry->TaskDone();  // last: the registry's destructor waits for it
 }

@@ -125,8 +125,10 @@ class SessionRegistry {
   std::thread reaper_;
 };
 
-class SessionStream final
-    : public grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse> {
+// The stream's messages are raw (service/received_request.h): each SessionRequest is parsed here,
+// so that one that does not parse ends the stream with INVALID_ARGUMENT (after the answers to the
+// requests before it) instead of passing for the client's half-close.
+class SessionStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   // What a stream borrows from its service; everything must outlive the stream.
   struct Env {
@@ -147,7 +149,7 @@ class SessionStream final
                               const Env& env);
 
   // A reactor that ends its stream at once with `status` (a call the CallGuard refused).
-  static grpc::ServerBidiReactor<v1::SessionRequest, v1::SessionResponse>* Refuse(
+  static grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* Refuse(
       const grpc::Status& status);
 
   SessionStream(const SessionStream&) = delete;
@@ -164,7 +166,7 @@ class SessionStream final
   // What one turn of Pump() starts, decided under mu_ and done without it.
   struct Actions {
     bool read = false;
-    const v1::SessionResponse* write = nullptr;
+    const grpc::ByteBuffer* write = nullptr;
     bool task = false;
     bool try_cancel = false;
     std::optional<grpc::Status> finish;
@@ -205,16 +207,21 @@ class SessionStream final
   absl::StatusOr<CallGuard::Request> admission_;
   // Set when the stream is cancelled or broken; read by Sampler::Run between rows.
   std::atomic<bool> cancelled_{false};
-  // Target of the read in flight (read_in_flight_).
-  v1::SessionRequest read_buffer_;
+  // Target of the read in flight (read_in_flight_), and the messages read so far.
+  grpc::ByteBuffer read_buffer_;
+  int64_t messages_read_ = 0;
 
   absl::Mutex mu_;
   bool read_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   bool reads_done_ ABSL_GUARDED_BY(mu_) = false;  // the client half-closed (or reads failed)
+  // A message that did not parse: reads stopped there, and once the requests before it are
+  // answered the stream ends with this (INVALID_ARGUMENT) instead of OK.
+  std::optional<grpc::Status> read_error_ ABSL_GUARDED_BY(mu_);
   std::deque<v1::SessionRequest> pending_ ABSL_GUARDED_BY(mu_);  // read, not yet processed
   bool task_running_ ABSL_GUARDED_BY(mu_) = false;
-  // Responses to write, in order; the front one is being written while write_in_flight_.
-  std::deque<v1::SessionResponse> writes_ ABSL_GUARDED_BY(mu_);
+  // Responses to write (serialised), in order; the front one is being written while
+  // write_in_flight_.
+  std::deque<grpc::ByteBuffer> writes_ ABSL_GUARDED_BY(mu_);
   bool write_in_flight_ ABSL_GUARDED_BY(mu_) = false;
   // Operations decided under mu_ but not yet started by Pump; Finish waits for them.
   int starting_ ABSL_GUARDED_BY(mu_) = 0;

@@ -246,6 +246,36 @@ INSTANTIATE_TEST_SUITE_P(AllErrors, SampleErrorTest, ::testing::ValuesIn(kErrorC
                            return param.param.name;
                          });
 
+// Bytes that are not the method's message: INVALID_ARGUMENT naming the message type, for every
+// unary method (gRPC's typed callback methods answer UNIMPLEMENTED with no message).
+TEST_F(SamplerServiceTest, UnparsableRequestIsInvalidArgumentNamingItsTypeAndServerKeepsServing) {
+  // Field 1, length-delimited, claiming far more bytes than follow.
+  const std::string bad("\x0a\xff\xff\xff\x0f", 5);
+  for (const std::string method :
+       {"Sample", "Verify", "RegisterSharedMemory", "UnregisterSharedMemory", "ListSharedMemory"}) {
+    std::string response;
+    const grpc::Status status = tokensampler::testing::RawUnaryCall(
+        channel_, "/tokensampler.v1.Sampler/" + method, bad, &response);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method;
+    EXPECT_EQ(status.error_message(), "the request is not a tokensampler.v1." + method +
+                                          "Request: protobuf cannot parse its 5 bytes");
+  }
+  EXPECT_EQ(SampleOk(GoodRequest()).results_size(), 2);
+}
+
+// The raw methods read and answer the same bytes as the generated stubs.
+TEST_F(SamplerServiceTest, RawBytesOfAValidRequestGetTheSameAnswer) {
+  v1::SampleRequest request = GoodRequest();
+  for (v1::SampleRow& row : *request.mutable_rows()) row.mutable_params()->set_seed(11);
+  std::string bytes;
+  const grpc::Status status = tokensampler::testing::RawUnaryCall(
+      channel_, "/tokensampler.v1.Sampler/Sample", request.SerializeAsString(), &bytes);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  v1::SampleResponse raw;
+  ASSERT_TRUE(raw.ParseFromString(bytes));
+  EXPECT_EQ(raw.SerializeAsString(), SampleOk(request).SerializeAsString());
+}
+
 TEST_F(SamplerServiceTest, InfiniteLogitsAreAllowed) {
   // -inf means "never this token"; the row samples among the rest.
   v1::SampleRequest request = MakeRequest({{kNegInf, 2, kNegInf, 1}});

@@ -954,5 +954,38 @@ TEST(SessionServerOptionsTest, RejectsBadLimits) {
   EXPECT_EQ(Server::Start(options).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// A message that is not a SessionRequest ends the stream with INVALID_ARGUMENT naming it, after
+// the answers to the requests before it; nothing after it is read (gRPC's typed stream would take
+// it for the client's half-close and end with OK). The server keeps serving.
+TEST_F(SessionServiceTest, UnparsableMessageEndsTheStreamWithInvalidArgument) {
+  v1::SessionRequest first;
+  first.set_request_id(7);
+  AddSequence(first, 1, v1::SamplingParams(), {5, 6});
+  v1::SessionRequest third;
+  third.set_request_id(9);
+  third.add_release(1);
+  const std::string bad("\x0a\xff\xff\xff\x0f", 5);
+  grpc::ChannelArguments args;
+  std::vector<std::string> responses;
+  const grpc::Status status = tokensampler::testing::RawStreamExchange(
+      server_->InProcessChannel(args), "/tokensampler.v1.Sampler/Session",
+      {first.SerializeAsString(), bad, third.SerializeAsString()}, &responses);
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(status.error_message(),
+              StartsWith("message 2 of the stream is not a tokensampler.v1.SessionRequest: "
+                         "protobuf cannot parse its 5 bytes; the stream ends here"));
+  ASSERT_EQ(responses.size(), 1u);
+  v1::SessionResponse answered;
+  ASSERT_TRUE(answered.ParseFromString(responses[0]));
+  EXPECT_EQ(answered.request_id(), 7u);
+  EXPECT_EQ(answered.error().code(), 0) << answered.error().message();
+  ExpectAllStateFreed();
+
+  TestSession session(*stub_);
+  v1::SessionRequest add;
+  AddSequence(add, 1, v1::SamplingParams());
+  session.CallOk(add);
+}
+
 }  // namespace
 }  // namespace tokensampler::service

@@ -129,6 +129,86 @@ inline grpc::Status RawUnaryCall(const std::shared_ptr<grpc::Channel>& channel,
   return status;
 }
 
+// A bidirectional stream with raw messages: writes `messages` in order (stopping at the first
+// write the stream refuses) and half-closes, while reading every response into `responses`
+// (reads run alongside the writes: the in-process transport holds a write until it is read);
+// returns the stream's status.
+inline grpc::Status RawStreamExchange(const std::shared_ptr<grpc::Channel>& channel,
+                                      const std::string& method,
+                                      const std::vector<std::string>& messages,
+                                      std::vector<std::string>* responses) {
+  grpc::GenericStub stub(channel);
+  grpc::ClientContext context;
+  SetDeadline(context);
+  grpc::CompletionQueue cq;
+  std::unique_ptr<grpc::GenericClientAsyncReaderWriter> call =
+      stub.PrepareCall(&context, method, &cq);
+  enum Tag : intptr_t { kStart = 1, kWrite, kWritesDone, kRead, kFinish };
+  responses->clear();
+  call->StartCall(reinterpret_cast<void*>(kStart));
+  grpc::ByteBuffer read_buffer;
+  size_t next = 0;
+  bool writing = true, reading = true;
+  const auto write_next = [&] {
+    if (next < messages.size()) {
+      grpc::Slice slice(messages[next++]);
+      grpc::ByteBuffer buffer(&slice, 1);
+      call->Write(buffer, reinterpret_cast<void*>(kWrite));
+    } else {
+      call->WritesDone(reinterpret_cast<void*>(kWritesDone));
+    }
+  };
+  void* tag = nullptr;
+  bool ok = false;
+  while ((writing || reading) && cq.Next(&tag, &ok)) {
+    switch (reinterpret_cast<intptr_t>(tag)) {
+      case kStart:
+        if (!ok) {
+          writing = reading = false;
+          break;
+        }
+        write_next();
+        call->Read(&read_buffer, reinterpret_cast<void*>(kRead));
+        break;
+      case kWrite:
+        if (ok) {
+          write_next();
+        } else {
+          writing = false;
+        }
+        break;
+      case kWritesDone:
+        writing = false;
+        break;
+      case kRead: {
+        if (!ok) {
+          reading = false;
+          break;
+        }
+        std::vector<grpc::Slice> slices;
+        std::string& out = responses->emplace_back();
+        if (read_buffer.Dump(&slices).ok()) {
+          for (const grpc::Slice& s : slices) {
+            out.append(reinterpret_cast<const char*>(s.begin()), s.size());
+          }
+        }
+        call->Read(&read_buffer, reinterpret_cast<void*>(kRead));
+        break;
+      }
+      default:
+        break;
+    }
+  }
+  grpc::Status status;
+  call->Finish(&status, reinterpret_cast<void*>(kFinish));
+  while (cq.Next(&tag, &ok) && reinterpret_cast<intptr_t>(tag) != kFinish) {
+  }
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  return status;
+}
+
 // grpc.health.v1.Health/Check for `service`. Returns the ServingStatus number (1 = SERVING,
 // 2 = NOT_SERVING) or nullopt with the failure in `status_out`.
 // HealthCheckRequest is `string service = 1`; HealthCheckResponse is `ServingStatus status = 1`.
