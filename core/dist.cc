@@ -656,6 +656,20 @@ void Dist::Temperature(const tokensampler::Temperature& t) {
 void Dist::SetDivisor(float d) {
   divisor_ = d;
   weights_valid_ = false;
+  if (std::isfinite(max_) && max_ / d == kNegInf) {
+    // The maximum falls below −FLT_MAX: as in the reference's Temperature, every token below it
+    // has probability 0 and the row is uniform over the tokens at it (undivided).
+    divisor_ = 1.0f;
+    Materialize();
+    const absl::Span<float> own = Own();
+    const float at = max_;
+    ForBlocks(own.size(), parallel_, [&](size_t, size_t begin, size_t end) {
+      for (size_t i = begin; i < end; ++i) own[i] = own[i] == at ? 0.0f : kNegInf;
+    });
+    max_ = 0.0f;
+    count_ = -1;
+    return;
+  }
   // Division is monotone: some value overflows to +inf exactly when the maximum does. Then, as
   // in the reference's Temperature and as for +inf input logits, the row is uniform over the
   // overflowed tokens.

@@ -234,35 +234,43 @@ absl::Status SampleRow(const LogitsView& view, int row, size_t index, const RowR
   // the row fails if it differs.
   bool deferred = !read_only && streams && !steps && !(wants_logprobs && raw_mode) &&
                   (view.dtype() != DType::kFloat32 || aligned);
-  const bool tempered =
-      TemperatureFirst(p) && !read_only && !steps && !(wants_logprobs && raw_mode);
-  const float divisor = tempered ? p.temperature : 1.0f;
+  bool tempered = TemperatureFirst(p) && !read_only && !steps && !(wants_logprobs && raw_mode);
+  float divisor = tempered ? p.temperature : 1.0f;
   std::vector<kernels::MaxResult>& blocks = scratch.block_max;
   blocks.resize(NumBlocks(v));
   absl::Span<const float> source = logits;
   if (read_only) {
     source = absl::MakeConstSpan(reinterpret_cast<const float*>(view.RowBytes(row)), v);
   }
-  scratch.streamed = false;
-  kernels::TopStream* stream = nullptr;
-  if (streams) {
-    scratch.stream =
-        kernels::TopStream::For(p.top_k, scratch.stream_ids.data(), scratch.stream_values.data(),
-                                scratch.stream_scratch.data());
-    stream = &scratch.stream;
-  }
-  ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
-    blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor,
-                                   read_only || deferred ? nullptr : logits.data(), stream);
-  });
-  scratch.streamed = stream != nullptr && !stream->overflow;
   kernels::MaxResult top{kNegInf, -1, -1};
-  for (const kernels::MaxResult& block : blocks) {
-    if (block.nan >= 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("logits.data is NaN at row ", r, ", token ", block.nan));
+  for (;;) {
+    scratch.streamed = false;
+    kernels::TopStream* stream = nullptr;
+    if (streams) {
+      scratch.stream =
+          kernels::TopStream::For(p.top_k, scratch.stream_ids.data(), scratch.stream_values.data(),
+                                  scratch.stream_scratch.data());
+      stream = &scratch.stream;
     }
-    if (block.argmax >= 0 && (top.argmax < 0 || block.max > top.max)) top = block;
+    ForBlocks(v, parallel, [&](size_t b, size_t begin, size_t end) {
+      blocks[b] = kernels::DecodeMax(view.dtype(), view.RowBytes(row), begin, end, divisor,
+                                     read_only || deferred ? nullptr : logits.data(), stream);
+    });
+    scratch.streamed = stream != nullptr && !stream->overflow;
+    top = kernels::MaxResult{kNegInf, -1, -1};
+    for (const kernels::MaxResult& block : blocks) {
+      if (block.nan >= 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("logits.data is NaN at row ", r, ", token ", block.nan));
+      }
+      if (block.argmax >= 0 && (top.argmax < 0 || block.max > top.max)) top = block;
+    }
+    // Every value −inf once divided: either the row is all −inf, or the temperature pushed its
+    // maximum below −FLT_MAX. Decoded again undivided, the temperature stage tells them apart
+    // (and makes the second uniform over the tokens at the maximum, as the reference does).
+    if (!tempered || top.argmax >= 0) break;
+    tempered = false;
+    divisor = 1.0f;
   }
   if (deferred && !scratch.streamed) {
     // The stream overflowed (ties): the row is needed after all.

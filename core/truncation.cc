@@ -76,6 +76,15 @@ void Temperature::Apply(absl::Span<float> logits, RowScratch& /*scratch*/) const
       return;
     }
   }
+  // A temperature below 1 can also push the largest logit below −FLT_MAX (a maximum below
+  // −FLT_MAX · T). Every other token lies at least a float spacing below it — about 1e31 there —
+  // so its probability, e^((l − max) / T), is 0: the row is uniform over the tokens at the
+  // maximum, which would all read −inf once divided.
+  const float max = Argmax(logits).first;
+  if (std::isfinite(max) && max / t == kNegInf) {
+    for (float& l : logits) l = l == max ? 0.0f : kNegInf;
+    return;
+  }
   bool overflow = false;
   for (float& l : logits) {
     l /= t;

@@ -531,6 +531,65 @@ TEST(FastTest, LogitsATemperaturePushesPastTheFloatRangeTakeTheMassUniformly) {
   }
 }
 
+// The other side: a temperature below 1 can push the largest logit below −FLT_MAX, and every
+// logit reads −inf once divided. Every token below the maximum lies at least a float spacing
+// (≈ 1e31 here) below it, so its probability e^((l − max) / T) is 0: the row is uniform over the
+// tokens at the maximum. Here tokens 3 and 7 hold −2e38 (÷ 0.5 = −4e38), token 9 −2.5e38 and the
+// rest −3e38: only 3 and 7 can be drawn, each with probability 1/2 — in float32 (the pending
+// temperature), bf16 (divided while decoding, then decoded again undivided), with a dynamic
+// temperature, after typical_p, and with top_k first (the sparse path). (The pipeline fuzzer
+// found an empty kept set here: the fast sampler then read before its list.)
+TEST(FastTest, AMaximumATemperaturePushesBelowTheFloatRangeKeepsItsTokensUniformly) {
+  std::vector<float> row(64, -3.0e38f);
+  row[3] = -2.0e38f;
+  row[7] = -2.0e38f;
+  row[9] = -2.5e38f;
+  const Sampler fast;
+  const ReferenceSampler reference;
+  for (const DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    const std::vector<uint8_t> bytes = dtype == DType::kFloat32
+                                           ? testing::F32Bytes(row)
+                                           : testing::Half16Bytes(row, DType::kBFloat16);
+    auto view = LogitsView::Create(dtype, 1, 64, bytes);
+    ASSERT_TRUE(view.ok());
+    for (const int variant : {0, 1, 2, 3}) {
+      std::set<int32_t> drawn;
+      for (uint64_t seed = 0; seed < 100; ++seed) {
+        SamplingParams p;
+        p.temperature = 0.5f;
+        if (variant == 1) {
+          p.temperature = 0.45f;
+          p.dynatemp_range = 0.05f;  // T in [0.4, 0.5]
+        }
+        if (variant == 2) p.typical_p = 0.9f;
+        if (variant == 3) {
+          p.top_k = 10;
+          p.sampler_order = {Stage::kTopK, Stage::kTemperature};
+        }
+        p.seed = seed;
+        p.logprobs = 0;
+        p.logprobs_mode = LogprobsMode::kProcessedLogprobs;
+        ASSERT_TRUE(ValidateParams(p, 64).ok());
+        const RowRequest request{&p, {}, {}, std::nullopt};
+        const std::string where =
+            absl::StrCat("dtype ", static_cast<int>(dtype), " variant ", variant, " seed ", seed);
+        const auto want = reference.Run(*view, {&request, 1});
+        absl::StatusOr<std::vector<SampledToken>> got;
+        tbb::task_arena arena(2);
+        arena.execute([&] { got = fast.Run(*view, {&request, 1}); });
+        ASSERT_TRUE(want.ok()) << where << ": " << want.status();
+        ASSERT_TRUE(got.ok()) << where << ": " << got.status();
+        ExpectSame(*got, *want, where);
+        const SampledToken& token = (*got)[0];
+        ASSERT_TRUE(token.token_id == 3 || token.token_id == 7) << where << ": " << token.token_id;
+        EXPECT_FLOAT_EQ(token.logprob, std::log(0.5f)) << where;
+        drawn.insert(token.token_id);
+      }
+      EXPECT_EQ(drawn, (std::set<int32_t>{3, 7})) << "100 seeds draw both tokens";
+    }
+  }
+}
+
 // Dynamic temperature's entropy has the same bits whatever the order or grouping of the tokens
 // (the fast sampler sums it per block or over its short list, the reference over the whole row):
 // a uniform row must give exactly log n, not one ulp either side (which moved the temperature by
