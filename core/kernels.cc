@@ -462,7 +462,6 @@ int64_t FindFirstEqual(const float* v, size_t begin, size_t end, float target, b
   return -1;
 }
 
-// A vector of fp16 values from their bits.
 // Element i of a 16-bit row, which may lie at any address (a request's bytes inside gRPC's
 // slices, a region at any offset): SIMD loads are unaligned anyway, scalar ones go through memcpy.
 HWY_INLINE uint16_t Load16(const uint8_t* row, size_t i) {
@@ -471,6 +470,7 @@ HWY_INLINE uint16_t Load16(const uint8_t* row, size_t i) {
   return bits;
 }
 
+// A vector of fp16 values from their bits.
 HWY_INLINE VF DecodeF16(const uint16_t* p) {
   const DF df;
 #if HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4

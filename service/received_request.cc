@@ -11,6 +11,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "core/status_macros.h"
 #include "google/protobuf/io/coded_stream.h"
 
 namespace tokensampler::service {
@@ -184,12 +185,6 @@ bool Split(const std::vector<grpc::Slice>& slices, std::string* rest, std::vecto
   return true;
 }
 
-absl::Status NotParsed(const google::protobuf::MessageLite& message, size_t bytes,
-                       absl::string_view what = "the request") {
-  return absl::InvalidArgumentError(absl::StrCat(what, " is not a ", message.GetTypeName(),
-                                                 ": protobuf cannot parse its ", bytes, " bytes"));
-}
-
 }  // namespace
 
 absl::StatusOr<ReceivedSampleRequest> ReceivedSampleRequest::Parse(const grpc::ByteBuffer& buffer) {
@@ -208,14 +203,8 @@ absl::StatusOr<ReceivedSampleRequest> ReceivedSampleRequest::Parse(const grpc::B
     }
     return out;
   }
-  // Whole, as protobuf would have parsed it.
-  std::string whole;
-  whole.reserve(out.wire_bytes_);
-  for (const grpc::Slice& slice : out.slices_) {
-    whole.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
-  }
-  out.message_.Clear();
-  if (!out.message_.ParseFromString(whole)) return NotParsed(out.message_, whole.size());
+  // Whole, by protobuf itself.
+  RETURN_IF_ERROR(ParseReceived(buffer, out.message_));
   out.slices_.clear();
   return out;
 }
@@ -225,7 +214,9 @@ absl::Status ParseReceived(const grpc::ByteBuffer& buffer, google::protobuf::Mes
   grpc::ByteBuffer shared(buffer);  // the same slices, one more reference
   grpc::ProtoBufferReader reader(&shared);
   if (!reader.status().ok() || !message.ParseFromZeroCopyStream(&reader)) {
-    return NotParsed(message, buffer.Length(), what);
+    return absl::InvalidArgumentError(absl::StrCat(what, " is not a ", message.GetTypeName(),
+                                                   ": protobuf cannot parse its ", buffer.Length(),
+                                                   " bytes"));
   }
   return absl::OkStatus();
 }
